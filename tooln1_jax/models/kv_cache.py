@@ -1,0 +1,81 @@
+"""A fixed-size KV cache and the cached forward used for prefill and decode.
+
+The cache holds one buffer per layer (a tuple), and the cached forward runs the layers
+as an unrolled Python loop, writing each layer's new keys and values with
+`dynamic_update_slice`. Measured on CPU at the W1 shapes this decodes ~2.7x faster than
+scanning over a stacked [L, ...] cache, which rewrites the whole cache every step
+(see PERFORMANCE_NOTES). The no-cache training forward keeps the scan.
+
+Every row writes at the same slot `index` (batches are left-padded); `mask` marks which
+slots hold real tokens, so padding is never attended to and positions count real tokens.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tooln1_jax.models.config import ModelConfig
+from tooln1_jax.models.layers import attention, rms_norm, rope_tables
+from tooln1_jax.models.transformer import attention_out_and_mlp, project_qkv
+
+CACHE_LOGICAL_AXES = ("batch", "cache_seq", "kv_heads_cache", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: tuple  # num_layers x [batch, max_len, kv_heads, head_dim]
+    v: tuple  # num_layers x [batch, max_len, kv_heads, head_dim]
+    mask: jax.Array  # [batch, max_len] int32, 1 where the slot holds a real token
+    index: jax.Array  # [] int32, the next slot to write
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.shape[1]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(
+        k=zeros,
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        mask=jnp.zeros((batch, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def repeat_cache(cache: KVCache, times: int) -> KVCache:
+    """Each row repeated `times` times in place: row i becomes rows i*times ... (i+1)*times-1."""
+    rep = lambda x: jnp.repeat(x, times, axis=0)
+    return KVCache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)), mask=rep(cache.mask), index=cache.index)
+
+
+def forward_cached(config: ModelConfig, params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCache):
+    """Runs `tokens` [B, T] (token_mask [B, T], 1 real / 0 pad) through the model, appending them
+    to the cache at slots index ... index+T-1. Returns (hidden [B, T, D] final-normed, new cache)."""
+    dt = jnp.dtype(config.dtype)
+    b, t = tokens.shape
+    start = cache.index
+    # Position of each new token = real tokens before it in this row.
+    positions = jnp.sum(cache.mask, axis=1, keepdims=True) + jnp.cumsum(token_mask, axis=1) - 1
+    sin, cos = rope_tables(jnp.maximum(positions, 0), config.head_dim, config.rope_theta)
+    new_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask.astype(jnp.int32), (0, start))
+    slots = jnp.arange(cache.max_len)
+    causal = slots[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
+    mask = causal[None] & (new_mask[:, None, :] > 0)  # [B, T, S]
+
+    x = params["embed"][tokens].astype(dt)
+    ks, vs = [], []
+    for i in range(config.num_layers):
+        lp = jax.tree.map(lambda a: a[i], params["layers"])
+        h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
+        q, k, v = project_qkv(config, lp, h, sin, cos)
+        k_buf = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, start, 0, 0))
+        v_buf = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), (0, start, 0, 0))
+        x = attention_out_and_mlp(config, lp, x, attention(q, k_buf.astype(dt), v_buf.astype(dt), mask))
+        ks.append(k_buf)
+        vs.append(v_buf)
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return x, KVCache(k=tuple(ks), v=tuple(vs), mask=new_mask, index=start + t)
