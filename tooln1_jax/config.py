@@ -1,0 +1,265 @@
+"""The run config: one `ml_collections.ConfigDict` schema and its validation.
+
+Config files under `configs/` start from `default_config()`, change fields, and return
+`validate_config(config)`. Every field can be overridden on the command line:
+
+    python -m tooln1_jax.train --config configs/tiny_cpu.py --config.rl.kl_coef=0.0
+
+Units: `rl.train_batch_size` and `rl.mini_batch_size` count PROMPTS (each prompt gives
+`rollout.num_samples` sequences); `rl.micro_batch_size` counts SEQUENCES. A "step" of the
+loop is one rollout batch; it makes `train_batch_size / mini_batch_size * ppo_epochs`
+optimizer updates.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+DATA_SOURCES = ("synthetic", "xlam", "toolace", "mixed")
+TOKENIZER_KINDS = ("hf", "tiny")
+MODEL_TYPES = ("qwen2", "llama")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+REWARD_VARIANTS = ("binary", "no_reason", "partial_reason", "partial_reason_funcname")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field with a default; a tiny random Qwen2 on synthetic tasks unless changed."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.output_dir = "runs/default"
+
+    # Multi-host start (TPU pods, SLURM): jax.distributed.initialize before anything else.
+    # Empty / -1 arguments are auto-detected by JAX.
+    c.distributed = ml_collections.ConfigDict(
+        dict(enabled=False, coordinator_address="", num_processes=-1, process_id=-1)
+    )
+
+    # name_or_path: an HF folder (config.json + safetensors) loaded with `load_pretrained`,
+    # or "" for random weights with the `random` spec (vocab_size 0 = the tokenizer's size).
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name_or_path="",
+            dtype="float32",  # compute dtype
+            param_dtype="float32",
+            remat="none",
+            random=dict(
+                model_type="qwen2",
+                vocab_size=0,
+                hidden_size=64,
+                intermediate_size=128,
+                num_layers=2,
+                num_heads=4,
+                num_kv_heads=2,
+                head_dim=16,
+                tie_word_embeddings=True,
+                max_position_embeddings=1024,
+                rope_theta=1_000_000.0,
+            ),
+        )
+    )
+
+    # kind "hf": AutoTokenizer from name_or_path ("" = the model folder);
+    # kind "tiny": the demo's small BPE tokenizer (tooln1_jax.data.tiny_tokenizer).
+    c.tokenizer = ml_collections.ConfigDict(dict(kind="tiny", name_or_path=""))
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="synthetic",
+            xlam_path="Salesforce/xlam-function-calling-60k",  # local json/jsonl/parquet or hub name
+            toolace_path="Team-ACE/ToolACE",
+            max_prompt_length=512,
+            val_fraction=0.1,
+            max_train_examples=0,  # 0 = all
+            split_seed=0,
+            synthetic=dict(num_examples=2000),  # the demo helper adds its knobs here
+        )
+    )
+
+    # Mesh over all devices: one size may be -1 ("the rest").
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    c.rollout = ml_collections.ConfigDict(
+        dict(num_samples=5, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0)
+    )
+
+    c.rl = ml_collections.ConfigDict(
+        dict(
+            train_batch_size=8,  # prompts per rollout batch
+            mini_batch_size=4,  # prompts per optimizer update
+            micro_batch_size=0,  # sequences per gradient-accumulation chunk; 0 = whole mini-batch
+            ppo_epochs=1,
+            total_epochs=1,
+            total_steps=0,  # rollout batches; 0 = total_epochs over the training split
+            clip_eps=0.2,
+            kl_coef=1e-3,
+            kl_estimator="k3",
+            entropy_coef=0.0,
+            aggregation="token_mean",
+            reward_variant="binary",
+            filter_zero_std_groups=False,
+            unbiased_std=True,
+            ref_in_bf16=False,
+        )
+    )
+
+    c.optim = ml_collections.ConfigDict(
+        dict(lr=1e-6, warmup_steps=0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=1.0)
+    )
+
+    # SFT warm start before RL (0 steps = none, as in the paper).
+    c.sft = ml_collections.ConfigDict(dict(warm_start_steps=0, lr=1e-4, batch_size=16))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))  # 0 = never
+
+    c.log = ml_collections.ConfigDict(dict(tensorboard=False, progress_bar=True, plot=True))
+
+    c.eval = ml_collections.ConfigDict(
+        dict(every_steps=0, num_examples=64, max_new_tokens=64, batch_size=32, at_start=True, at_end=True)
+    )
+    return c
+
+
+class ConfigError(ValueError):
+    """A bad run-config field; the message names it."""
+
+
+def _fail(field: str, value, why: str):
+    raise ConfigError(f"config.{field}={value!r} {why}")
+
+
+def _positive(c, *fields):
+    for f in fields:
+        v = _get(c, f)
+        if not v > 0:
+            _fail(f, v, "must be positive")
+
+
+def _non_negative(c, *fields):
+    for f in fields:
+        v = _get(c, f)
+        if v < 0:
+            _fail(f, v, "must be >= 0")
+
+
+def _one_of(c, field, choices):
+    v = _get(c, field)
+    if v not in choices:
+        _fail(field, v, f"is not one of {choices}")
+
+
+def _get(c, dotted: str):
+    node = c
+    for part in dotted.split("."):
+        if part not in node:
+            raise ConfigError(f"config.{dotted} is missing (start configs from tooln1_jax.config.default_config())")
+        node = node[part]
+    return node
+
+
+def _aggregations() -> tuple:
+    try:  # the loss module is the authority on its aggregation names, once it exists
+        from tooln1_jax import grpo
+
+        return tuple(getattr(grpo, "AGGREGATIONS", AGGREGATIONS))
+    except ImportError:
+        return AGGREGATIONS
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field a run depends on; raises `ConfigError` naming the first bad one.
+    Returns the config, so config files can end with `return validate_config(config)`."""
+    c = config
+    if not isinstance(_get(c, "output_dir"), str) or not c.output_dir:
+        _fail("output_dir", c.output_dir, "must be a non-empty path")
+    _non_negative(c, "seed")
+
+    _one_of(c, "model.dtype", DTYPES)
+    _one_of(c, "model.param_dtype", DTYPES)
+    _one_of(c, "model.remat", REMAT)
+    if not c.model.name_or_path:
+        r = "model.random"
+        _one_of(c, f"{r}.model_type", MODEL_TYPES)
+        _non_negative(c, f"{r}.vocab_size")
+        _positive(c, f"{r}.hidden_size", f"{r}.intermediate_size", f"{r}.num_layers", f"{r}.num_heads",
+                  f"{r}.num_kv_heads", f"{r}.head_dim", f"{r}.max_position_embeddings")
+        if c.model.random.num_heads % c.model.random.num_kv_heads:
+            _fail(f"{r}.num_heads", c.model.random.num_heads,
+                  f"must be a multiple of config.{r}.num_kv_heads={c.model.random.num_kv_heads}")
+        if c.model.random.head_dim % 2:
+            _fail(f"{r}.head_dim", c.model.random.head_dim, "must be even (rotary embeddings)")
+
+    _one_of(c, "tokenizer.kind", TOKENIZER_KINDS)
+    if c.tokenizer.kind == "hf" and not (c.tokenizer.name_or_path or c.model.name_or_path):
+        _fail("tokenizer.name_or_path", c.tokenizer.name_or_path,
+              "is empty and so is config.model.name_or_path: an hf tokenizer needs a folder or hub name")
+
+    _one_of(c, "data.source", DATA_SOURCES)
+    if c.data.source in ("xlam", "mixed") and not c.data.xlam_path:
+        _fail("data.xlam_path", c.data.xlam_path, f"is empty but config.data.source={c.data.source!r} needs it")
+    if c.data.source in ("toolace", "mixed") and not c.data.toolace_path:
+        _fail("data.toolace_path", c.data.toolace_path, f"is empty but config.data.source={c.data.source!r} needs it")
+    _positive(c, "data.max_prompt_length")
+    _non_negative(c, "data.max_train_examples")
+    if not 0.0 <= c.data.val_fraction < 1.0:
+        _fail("data.val_fraction", c.data.val_fraction, "must be in [0, 1)")
+
+    sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
+    for name, v in zip(("data", "fsdp", "tensor"), sizes):
+        if v == 0 or v < -1:
+            _fail(f"mesh.{name}", v, "must be positive or -1 (all remaining devices)")
+    if sizes.count(-1) > 1:
+        _fail("mesh", dict(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor), "has more than one -1 size")
+
+    _positive(c, "rollout.num_samples", "rollout.max_new_tokens", "rollout.temperature")
+    if not 0.0 < c.rollout.top_p <= 1.0:
+        _fail("rollout.top_p", c.rollout.top_p, "must be in (0, 1]")
+    _non_negative(c, "rollout.top_k")
+    if c.rollout.num_samples < 2:
+        _fail("rollout.num_samples", c.rollout.num_samples, "must be >= 2 (GRPO compares samples within a group)")
+
+    _positive(c, "rl.train_batch_size", "rl.mini_batch_size", "rl.ppo_epochs", "rl.clip_eps")
+    _non_negative(c, "rl.micro_batch_size", "rl.total_epochs", "rl.total_steps", "rl.kl_coef", "rl.entropy_coef")
+    if c.rl.total_steps == 0 and c.rl.total_epochs == 0:
+        _fail("rl.total_steps", 0, "and config.rl.total_epochs=0: one of them must be positive")
+    if c.rl.train_batch_size % c.rl.mini_batch_size:
+        _fail("rl.mini_batch_size", c.rl.mini_batch_size,
+              f"must divide config.rl.train_batch_size={c.rl.train_batch_size}")
+    rows = c.rl.mini_batch_size * c.rollout.num_samples
+    if c.rl.micro_batch_size and rows % c.rl.micro_batch_size:
+        _fail("rl.micro_batch_size", c.rl.micro_batch_size,
+              f"must divide the mini-batch's sequences (config.rl.mini_batch_size={c.rl.mini_batch_size} "
+              f"x config.rollout.num_samples={c.rollout.num_samples} = {rows})")
+    _one_of(c, "rl.kl_estimator", KL_ESTIMATORS)
+    _one_of(c, "rl.aggregation", _aggregations())
+    _one_of(c, "rl.reward_variant", REWARD_VARIANTS)
+
+    _positive(c, "optim.lr")
+    _non_negative(c, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip")
+    for f in ("optim.b1", "optim.b2"):
+        if not 0.0 <= _get(c, f) < 1.0:
+            _fail(f, _get(c, f), "must be in [0, 1)")
+
+    _non_negative(c, "sft.warm_start_steps")
+    if c.sft.warm_start_steps:
+        _positive(c, "sft.lr", "sft.batch_size")
+
+    _non_negative(c, "checkpoint.every_steps")
+    _positive(c, "checkpoint.keep")
+    _non_negative(c, "eval.every_steps", "eval.num_examples")
+    _positive(c, "eval.max_new_tokens", "eval.batch_size")
+    return config
+
+
+def total_rl_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
+    """Rollout batches in the run: `rl.total_steps`, or `rl.total_epochs` passes over
+    `num_train` prompts (whole batches only)."""
+    if config.rl.total_steps:
+        return int(config.rl.total_steps)
+    per_epoch = num_train // config.rl.train_batch_size
+    if per_epoch == 0:
+        raise ConfigError(
+            f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {num_train} training prompts"
+        )
+    return int(config.rl.total_epochs * per_epoch)
