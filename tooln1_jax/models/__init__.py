@@ -9,3 +9,9 @@ from tooln1_jax.models.transformer import (
     param_logical_axes,
     param_shapes,
 )
+from tooln1_jax.models.hf_io import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    load_pretrained,
+    save_pretrained,
+)
