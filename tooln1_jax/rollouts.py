@@ -1,0 +1,225 @@
+"""Rollouts: sample n completions per prompt, decode them, score them with the tool-call reward,
+and lay them out as the [rows, prompt + response] arrays the GRPO update consumes. Also the
+greedy held-out accuracy used for validation and by the demo."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from tooln1_jax import rewards as rewards_lib
+from tooln1_jax import sampling
+from tooln1_jax.data.prompt import encode_prompts
+from tooln1_jax.data.records import ToolRecord
+
+# Reward reasons that mean the answer's FORMAT was wrong (not just the call).
+FORMAT_FAILURES = ("no_call_block", "bad_json", "bad_item_format", "missing_think")
+MIN_PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutBatch:
+    """N = prompts x num_samples rows (row i*n + j is sample j of prompt i); T = P + R, with
+    P the left-padded prompt width and R = max_new_tokens.
+
+    input_ids [N, T] int32: left-padded prompt, then the completion, right-padded with pad_id.
+    attention_mask [N, T] int32: 1 on real prompt and completion tokens (stop token included).
+    loss_mask [N, T] float32: 1 on completion tokens only.
+    old_logprobs [N, T] float32: the sampler's log p(token at t) under softmax(logits / T); 0 off the loss mask.
+    rewards [N] float32 (the configured variant); correct [N] float32 (binary exact-call reward).
+    reasons, completions: N strings. lengths [N] int32: completion tokens (stop token included).
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray
+    old_logprobs: np.ndarray
+    rewards: np.ndarray
+    correct: np.ndarray
+    reasons: list[str]
+    completions: list[str]
+    lengths: np.ndarray
+    prompt_width: int
+    num_samples: int
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def summary(self) -> dict[str, float]:
+        """Per-rollout metrics: reward mean, exact-call accuracy, format-failure rate, lengths."""
+        return {
+            "reward_mean": float(np.mean(self.rewards)),
+            "accuracy": float(np.mean(self.correct)),
+            "format_failure_rate": float(np.mean([r in FORMAT_FAILURES for r in self.reasons])),
+            "response_length": float(np.mean(self.lengths)),
+            "response_length_max": float(np.max(self.lengths)),
+            "truncated_frac": float(np.mean(self.lengths >= self.input_ids.shape[1] - self.prompt_width)),
+        }
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for tok_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def stop_token_ids(tokenizer: Any, model_config: Any = None) -> tuple[int, ...]:
+    """End-of-turn ids: the tokenizer's eos, the model's eos, and `<|im_end|>` if the vocabulary has it."""
+    ids = set()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.add(int(eos))
+    model_eos = getattr(model_config, "eos_token_id", None)
+    if model_eos is not None:
+        ids.update(int(e) for e in (model_eos if isinstance(model_eos, (tuple, list)) else [model_eos]))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if isinstance(im_end, int) and im_end != unk and im_end >= 0:
+        ids.add(im_end)
+    if not ids:
+        raise ValueError("tokenizer has no eos token and the model config names none: no stop token for sampling")
+    return tuple(sorted(ids))
+
+
+def bucket_width(longest: int) -> int:
+    """Prompt width rounded up to a power of two (>= 16), so a run compiles few shapes."""
+    return max(MIN_PROMPT_BUCKET, 1 << max(0, int(longest) - 1).bit_length())
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id lists -> (ids [B, width] int32, mask [B, width] int32), padded on the left."""
+    width = width or bucket_width(max(len(p) for p in prompt_ids))
+    ids = np.full((len(prompt_ids), width), pad_id, np.int32)
+    mask = np.zeros((len(prompt_ids), width), np.int32)
+    for i, p in enumerate(prompt_ids):
+        if len(p) > width:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the width {width}")
+        if len(p):
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def decode_completions(tokenizer: Any, tokens: np.ndarray, lengths: np.ndarray, stops: Sequence[int]) -> list[str]:
+    """Completion texts: each row's tokens up to its length, without a final stop token, special
+    tokens kept (the reward looks for `<think>` / `<tool_call>`, which some vocabularies mark special)."""
+    stops = set(int(s) for s in stops)
+    rows = []
+    for row, n in zip(tokens, lengths):
+        row = [int(t) for t in row[: int(n)]]
+        if row and row[-1] in stops:
+            row = row[:-1]
+        rows.append(row)
+    return tokenizer.batch_decode(rows, skip_special_tokens=False)
+
+
+def _run_sampler(model_config, params, prompt_ids, *, num_samples, max_new_tokens, temperature, top_p, top_k,
+                 stops, pad_id, rng, mesh):
+    result = sampling.sample(
+        model_config, params, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stops, pad_id=pad_id, rng=rng, mesh=mesh,
+    )
+    tokens, logprobs, mask, lengths = jax.device_get((result.tokens, result.logprobs, result.mask, result.lengths))
+    return np.asarray(tokens), np.asarray(logprobs, np.float32), np.asarray(mask), np.asarray(lengths, np.int32)
+
+
+def generate_and_score(
+    model_config,
+    params,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    records: Sequence[ToolRecord],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    rng: jax.Array,
+    mesh=None,
+    reward_variant: str = "binary",
+    prompt_width: int | None = None,
+) -> RolloutBatch:
+    """Samples `num_samples` completions for each of B prompts (token-id lists; `records[i]` holds
+    prompt i's ground truth), scores them, and returns the N = B * num_samples row batch.
+    `prompt_width` fixes P (default: the power-of-two bucket of the longest prompt)."""
+    if len(prompt_ids) != len(records):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(records)} records")
+    pad_id = pad_id_of(tokenizer)
+    stops = stop_token_ids(tokenizer, model_config)
+    tokens, logprobs, mask, lengths = _run_sampler(
+        model_config, params, [list(p) for p in prompt_ids], num_samples=num_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, stops=stops, pad_id=pad_id, rng=rng, mesh=mesh,
+    )
+    completions = decode_completions(tokenizer, tokens, lengths, stops)
+    truths = [r.answer for r in records for _ in range(num_samples)]
+    reward, reasons = rewards_lib.batch_rewards(completions, truths, reward_variant)
+    correct = reward if reward_variant == "binary" else rewards_lib.batch_rewards(completions, truths, "binary")[0]
+
+    p_ids, p_mask = left_pad(prompt_ids, pad_id, prompt_width)
+    p_ids, p_mask = np.repeat(p_ids, num_samples, axis=0), np.repeat(p_mask, num_samples, axis=0)
+    width = p_ids.shape[1]
+    mask = mask.astype(np.int32)
+    return RolloutBatch(
+        input_ids=np.concatenate([p_ids, np.where(mask == 1, tokens, pad_id).astype(np.int32)], axis=1),
+        attention_mask=np.concatenate([p_mask, mask], axis=1),
+        loss_mask=np.concatenate([np.zeros_like(p_mask, np.float32), mask.astype(np.float32)], axis=1),
+        old_logprobs=np.concatenate([np.zeros(p_mask.shape, np.float32), np.where(mask == 1, logprobs, 0.0)], axis=1),
+        rewards=np.asarray(reward, np.float32),
+        correct=np.asarray(correct, np.float32),
+        reasons=list(reasons),
+        completions=list(completions),
+        lengths=lengths,
+        prompt_width=width,
+        num_samples=num_samples,
+    )
+
+
+def greedy_accuracy(
+    model_config,
+    params,
+    tokenizer,
+    records: Sequence[ToolRecord],
+    *,
+    max_new_tokens: int,
+    max_prompt_length: int,
+    batch_size: int = 32,
+    mesh=None,
+    for_eval: bool = False,
+    return_completions: bool = False,
+) -> dict:
+    """Greedy decoding on `records`: exact-call accuracy (binary reward 1), format-failure rate,
+    mean response length, and the count scored (prompts over `max_prompt_length` are dropped
+    and counted). `for_eval` uses the evaluation prompt (adds the empty-call rule)."""
+    prompt_ids, kept, drops = encode_prompts(tokenizer, records, max_prompt_length=max_prompt_length, for_eval=for_eval)
+    pad_id = pad_id_of(tokenizer)
+    stops = stop_token_ids(tokenizer, model_config)
+    completions, lengths = [], []
+    rng = jax.random.key(0)  # unused by greedy decoding, but the sampler takes one
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start:start + batch_size]
+        # Pad the last chunk to the batch size with copies, so every chunk compiles once.
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(prompt_ids) > batch_size else chunk
+        tokens, _, _, lens = _run_sampler(
+            model_config, params, padded, num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0,
+            top_p=1.0, top_k=0, stops=stops, pad_id=pad_id, rng=rng, mesh=mesh,
+        )
+        completions += decode_completions(tokenizer, tokens[: len(chunk)], lens[: len(chunk)], stops)
+        lengths += [int(n) for n in lens[: len(chunk)]]
+    reward, reasons = rewards_lib.batch_rewards(completions, [r.answer for r in kept], "binary")
+    n = max(len(kept), 1)
+    out = {
+        "accuracy": float(np.sum(reward) / n),
+        "format_failure_rate": float(sum(r in FORMAT_FAILURES for r in reasons) / n),
+        "response_length": float(np.mean(lengths)) if lengths else 0.0,
+        "num_scored": len(kept),
+        "num_dropped": int(sum(drops.values())),
+    }
+    if return_completions:
+        out["completions"] = completions
+        out["reasons"] = reasons
+    return out
