@@ -8,6 +8,10 @@ scanning over a stacked [L, ...] cache, which rewrites the whole cache every ste
 
 Every row writes at the same slot `index` (batches are left-padded); `mask` marks which
 slots hold real tokens, so padding is never attended to and positions count real tokens.
+
+`decode_step` is the one-token forward that sampling loops run: it takes the layer params
+already sliced out of the stacked tree (`layer_params`, done once outside the loop) and can
+attend over a static prefix of the cache (`attend_len`) instead of all of it.
 """
 from __future__ import annotations
 
@@ -79,3 +83,38 @@ def forward_cached(config: ModelConfig, params: dict, tokens: jax.Array, token_m
         vs.append(v_buf)
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     return x, KVCache(k=tuple(ks), v=tuple(vs), mask=new_mask, index=start + t)
+
+
+def layer_params(params: dict, num_layers: int) -> tuple:
+    """The stacked [L, ...] layer weights as L per-layer dicts. Slice once, outside a decode
+    loop, so the loop body reads each layer's weights directly."""
+    return tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(num_layers))
+
+
+def decode_step(config: ModelConfig, layers: tuple, params: dict, tokens: jax.Array, cache: KVCache, attend_len: int | None = None):
+    """One new token per row. tokens [B] int, written at slot `cache.index`; `layers` from
+    `layer_params`. With `attend_len` (static, > cache.index), attention reads only cache
+    slots [0, attend_len): the caller guarantees no real token sits beyond it.
+    Returns (hidden [B, D] final-normed, new cache)."""
+    dt = jnp.dtype(config.dtype)
+    b = tokens.shape[0]
+    start = cache.index
+    positions = jnp.sum(cache.mask, axis=1, keepdims=True)  # [B, 1]: real tokens before this one
+    sin, cos = rope_tables(positions, config.head_dim, config.rope_theta)
+    new_mask = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((b, 1), jnp.int32), (0, start))
+    span = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
+    visible = (new_mask[:, None, :span] > 0)  # [B, 1, span]: real tokens only (left pad and unwritten slots are 0)
+
+    x = params["embed"][tokens][:, None, :].astype(dt)  # [B, 1, D]
+    ks, vs = [], []
+    for i, lp in enumerate(layers):
+        h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
+        q, k, v = project_qkv(config, lp, h, sin, cos)
+        k_buf = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, start, 0, 0))
+        v_buf = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), (0, start, 0, 0))
+        attn = attention(q, k_buf[:, :span].astype(dt), v_buf[:, :span].astype(dt), visible)
+        x = attention_out_and_mlp(config, lp, x, attn)
+        ks.append(k_buf)
+        vs.append(v_buf)
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return x[:, 0], KVCache(k=tuple(ks), v=tuple(vs), mask=new_mask, index=start + 1)

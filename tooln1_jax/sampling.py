@@ -1,0 +1,280 @@
+"""Group rollouts: prefill each prompt once, copy its KV cache G times, decode in one `while_loop`.
+
+`sample` left-pads the prompts to a power-of-two length bucket (so a run compiles a few
+programs, not one per batch), prefills each prompt once keeping only the last position's
+logits, repeats the cache `num_samples` times (row `i*n + j` is sample j of prompt i) and
+decodes every row inside one jitted `lax.while_loop` over a fixed-size cache. A row stops at
+its first stop token (which it keeps); the loop exits when all rows have stopped or the
+budget is spent. Everything after a row's stop is `pad_id` with log-prob 0 and mask False.
+
+Sampling order follows Hugging Face: temperature, then top-k, then top-p. Tokens are drawn
+by inverse CDF with one uniform per row and step (cheaper than a Gumbel number per logit).
+Each row's uniforms come from `fold_in(fold_in(rng, row), step)`, so the result depends on
+`rng` only, not on the batch's sharding over devices.
+
+`logprobs` is always the log-probability of the sampled token under softmax(logits / T)
+over the FULL vocabulary: exactly what the GRPO loss recomputes, so the on-policy ratio
+starts at 1. With top-k / top-p active this is not the probability of the (truncated)
+distribution the token was drawn from; the truncation is treated as part of the
+environment, as TRL / verl do with vLLM. With temperature 0 (greedy) it is log_softmax(logits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tooln1_jax.models.config import ModelConfig
+from tooln1_jax.models.kv_cache import KVCache, decode_step, forward_cached, init_cache, layer_params, repeat_cache
+from tooln1_jax.models.transformer import lm_head_weight
+
+MIN_PROMPT_BUCKET = 16
+
+
+@flax.struct.dataclass
+class SampleResult:
+    """R = len(prompts) * num_samples rows; rows i*n ... (i+1)*n-1 continue prompt i."""
+
+    tokens: jax.Array  # [R, max_new_tokens] int32; pad_id after a row's stop token
+    logprobs: jax.Array  # [R, max_new_tokens] float32 log p(token) under softmax(logits/T); 0 where masked
+    mask: jax.Array  # [R, max_new_tokens] bool; True up to and including the first stop token
+    lengths: jax.Array  # [R] int32, the number of True entries of each mask row
+    num_steps: jax.Array  # [] int32, token positions generated (< max_new_tokens iff every row stopped early)
+
+
+@flax.struct.dataclass
+class SamplingState:
+    """The decode loop's carry (donated to the loop)."""
+
+    tokens: jax.Array  # [R, M] int32
+    logprobs: jax.Array  # [R, M] float32
+    lengths: jax.Array  # [R] int32
+    done: jax.Array  # [R] bool, the row has emitted a stop token
+    step: jax.Array  # [] int32, the next column of `tokens` to fill
+    row_keys: jax.Array  # [R] PRNG keys, one per row
+    cache: KVCache
+
+
+
+@dataclasses.dataclass(frozen=True)
+class _Filters:
+    """The static (compile-time) part of the sampling settings; T and top_p values are traced."""
+
+    greedy: bool
+    top_k: int  # 0: no top-k
+    use_top_p: bool
+
+
+def _uniforms(row_keys: jax.Array, step: jax.Array) -> jax.Array:
+    """[R] uniforms in [0, 1): one per row, a pure function of (row key, step)."""
+    return jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, step)))(row_keys)
+
+
+def _inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
+    """probs [R, N] (unnormalised, >= 0), u [R] -> [R] index j with P(j) = probs[j] / sum(probs).
+    The first j whose cumulative mass exceeds u * total; zero-mass entries are never picked."""
+    cdf = jnp.cumsum(probs, axis=-1)
+    idx = jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1)
+    return jnp.minimum(idx, probs.shape[-1] - 1).astype(jnp.int32)
+
+
+def sample_logits(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p: jax.Array, filters: _Filters):
+    """logits [R, V] float32, u [R] uniforms -> (tokens [R] int32, logprobs [R] float32).
+
+    Temperature, then top-k, then top-p (Hugging Face's order; top-p renormalises over the
+    top-k set). logprobs are under softmax(logits / T) over the full vocabulary (module doc)."""
+    if filters.greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        scaled = logits
+    else:
+        scaled = logits / temperature
+        if filters.top_k == 0 and not filters.use_top_p:
+            probs = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+            tokens = _inverse_cdf(probs, u)
+        else:
+            k = filters.top_k or logits.shape[-1]
+            values, order = jax.lax.top_k(scaled, min(k, logits.shape[-1]))  # [R, k], descending
+            probs = jax.nn.softmax(values, axis=-1)
+            if filters.use_top_p:
+                # HF removes tokens whose ascending cumulative mass is <= 1 - top_p, i.e. keeps a
+                # token iff the mass ranked strictly above it is < top_p (the top token always stays).
+                above = jnp.cumsum(probs, axis=-1) - probs
+                probs = jnp.where(above < top_p, probs, 0.0)
+            tokens = jnp.take_along_axis(order, _inverse_cdf(probs, u)[:, None], axis=-1)[:, 0]
+    logz = jax.nn.logsumexp(scaled, axis=-1)
+    logprobs = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - logz
+    return tokens, logprobs
+
+
+def _constrain(state: SamplingState, mesh, rules) -> SamplingState:
+    """Rows over the batch mesh axes; the cache by its logical axes."""
+    if mesh is None:
+        return state
+    from tooln1_jax.sharding import batch_sharding, cache_sharding
+
+    rows = state.tokens.shape[0]
+    shardings = state.replace(
+        tokens=batch_sharding(mesh, rules, 2, rows),
+        logprobs=batch_sharding(mesh, rules, 2, rows),
+        lengths=batch_sharding(mesh, rules, 1, rows),
+        done=batch_sharding(mesh, rules, 1, rows),
+        step=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+        row_keys=batch_sharding(mesh, rules, 1, rows),
+        cache=cache_sharding(state.cache, mesh, rules),
+    )
+    return jax.lax.with_sharding_constraint(state, shardings)
+
+
+def _next_tokens(config, params, logits, state_like, step, temperature, top_p, stop_ids, filters, pad_id):
+    """Samples column `step` for every row and marks rows that stop. Rows already done get pad_id."""
+    tokens, logprobs = sample_logits(logits, _uniforms(state_like.row_keys, step), temperature, top_p, filters)
+    live = ~state_like.done
+    tokens = jnp.where(live, tokens, pad_id)
+    logprobs = jnp.where(live, logprobs, 0.0)
+    done = state_like.done | (live & jnp.isin(tokens, stop_ids))
+    lengths = state_like.lengths + live.astype(jnp.int32)
+    return tokens, logprobs, done, lengths
+
+
+_STATIC = ("config", "num_samples", "max_new_tokens", "filters", "pad_id", "mesh", "rules")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p, stop_ids, *,
+             num_samples, max_new_tokens, filters, pad_id, mesh, rules) -> SamplingState:
+    """prompt_tokens, prompt_mask [B, P] (left-padded) -> the loop state after the first token."""
+    b, p = prompt_tokens.shape
+    rows, m = b * num_samples, max_new_tokens
+    cache = init_cache(config, b, p + m)
+    hidden, cache = forward_cached(config, params, prompt_tokens, prompt_mask, cache)
+    head = lm_head_weight(params).astype(hidden.dtype)
+    last_logits = (hidden[:, -1] @ head).astype(jnp.float32)  # [B, V]: only the last position
+    key_data = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key_data, i))(jnp.arange(rows))
+    state = SamplingState(
+        tokens=jnp.full((rows, m), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, m), jnp.float32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        done=jnp.zeros((rows,), jnp.bool_),
+        step=jnp.zeros((), jnp.int32),
+        row_keys=row_keys,
+        cache=repeat_cache(cache, num_samples),
+    )
+    logits = jnp.repeat(last_logits, num_samples, axis=0)  # [R, V]
+    tokens, logprobs, done, lengths = _next_tokens(config, params, logits, state, 0, temperature, top_p, stop_ids, filters, pad_id)
+    state = state.replace(
+        tokens=state.tokens.at[:, 0].set(tokens), logprobs=state.logprobs.at[:, 0].set(logprobs),
+        done=done, lengths=lengths, step=jnp.ones((), jnp.int32),
+    )
+    return _constrain(state, mesh, rules)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def _decode(config, params, state, temperature, top_p, stop_ids, *,
+            num_samples, max_new_tokens, filters, pad_id, mesh, rules) -> SamplingState:
+    """Runs the decode loop until every row is done or `max_new_tokens` columns are filled."""
+    layers = layer_params(params, config.num_layers)  # sliced once, outside the loop
+    head = lm_head_weight(params).astype(jnp.dtype(config.dtype))
+
+    def cond(s: SamplingState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: SamplingState):
+        prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)
+        hidden, cache = decode_step(config, layers, params, prev, s.cache)
+        logits = (hidden @ head).astype(jnp.float32)
+        tokens, logprobs, done, lengths = _next_tokens(config, params, logits, s, s.step, temperature, top_p, stop_ids, filters, pad_id)
+        new = s.replace(
+            tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tokens, s.step, axis=1),
+            logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, logprobs, s.step, axis=1),
+            done=done, lengths=lengths, step=s.step + 1, cache=cache,
+        )
+        return _constrain(new, mesh, rules)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt length: the next power of two, at least MIN_PROMPT_BUCKET."""
+    return max(MIN_PROMPT_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (tokens, mask), each [len(prompts), length] int32, prompts right-aligned."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for i, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[i, length - len(prompt):] = prompt
+            mask[i, length - len(prompt):] = 1
+    return tokens, mask
+
+
+def _check(config: ModelConfig, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_token_ids):
+    if not len(prompts):
+        raise ValueError("sample: prompts is empty")
+    for i, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise ValueError(f"sample: prompt {i} is empty")
+        bad = [t for t in prompt if not 0 <= int(t) < config.vocab_size]
+        if bad:
+            raise ValueError(f"sample: prompt {i} has token ids outside [0, vocab_size={config.vocab_size}): {bad[:5]}")
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"sample: num_samples={num_samples} and max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"sample: temperature={temperature} must be >= 0 (0 is greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"sample: top_p={top_p} must be in (0, 1]")
+    if top_k < 0:
+        raise ValueError(f"sample: top_k={top_k} must be >= 0 (0 disables top-k)")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"sample: longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_position_embeddings={config.max_position_embeddings}")
+    bad_stops = [t for t in stop_token_ids if not 0 <= int(t) < config.vocab_size]
+    if bad_stops:
+        raise ValueError(f"sample: stop_token_ids {bad_stops} are outside [0, vocab_size={config.vocab_size})")
+
+
+def sample(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
+           temperature: float, top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] = (), rng: jax.Array,
+           mesh=None, rules=None, pad_id: int = 0) -> SampleResult:
+    """`num_samples` completions of each prompt (token-id lists of any lengths).
+
+    Returns a `SampleResult` with [len(prompts) * num_samples, max_new_tokens] tokens,
+    logprobs and mask. With `mesh`, params and rows are placed under `rules`
+    (default `SAMPLE_RULES`): rows split over the batch axes, weights tensor-parallel."""
+    _check(config, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_token_ids)
+    tokens, mask = left_pad(prompts, prompt_bucket(max(len(p) for p in prompts)), pad_id)
+    stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)  # -1 never matches a token
+    if mesh is not None:
+        from tooln1_jax.sharding import SAMPLE_RULES, batch_sharding, shard_params
+
+        rules = rules or SAMPLE_RULES
+        params = shard_params(params, config, mesh, rules)
+        tokens = jax.device_put(tokens, batch_sharding(mesh, rules, 2, len(prompts)))
+        mask = jax.device_put(mask, batch_sharding(mesh, rules, 2, len(prompts)))
+    else:
+        rules = None
+    filters = _Filters(greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0)
+    static = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, filters=filters, pad_id=int(pad_id), mesh=mesh, rules=rules)
+    t = jnp.float32(temperature if temperature > 0 else 1.0)
+    p = jnp.float32(top_p)
+    state = _prefill(config, params, tokens, mask, rng, t, p, stop_ids, **static)
+    state = _decode(config, params, state, t, p, stop_ids, **static)
+    columns = jnp.arange(max_new_tokens)[None, :]
+    return SampleResult(
+        tokens=state.tokens, logprobs=state.logprobs, mask=columns < state.lengths[:, None],
+        lengths=state.lengths, num_steps=state.step,
+    )
+
+
+def compiled_program_count() -> int:
+    """How many (prefill, decode) programs are compiled so far: a bucket-reuse check."""
+    return _prefill._cache_size() + _decode._cache_size()
