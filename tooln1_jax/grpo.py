@@ -223,6 +223,14 @@ def grpo_loss_terms(
     )
 
 
+def empty_terms() -> LossTerms:
+    """The terms of an empty batch: the identity of `combine_terms` (a scan's initial carry)."""
+    zero = jnp.zeros((), jnp.float32)
+    big = jnp.finfo(jnp.float32).max
+    fields = {f: zero for f in LossTerms.__dataclass_fields__}
+    return LossTerms(**dict(fields, ratio_min=jnp.full((), big), ratio_max=jnp.full((), -big)))
+
+
 def combine_terms(a: LossTerms, b: LossTerms) -> LossTerms:
     """The terms of the union of two disjoint micro-batches."""
     sums = jax.tree.map(jnp.add, a, b)
