@@ -8,7 +8,9 @@ accepted values means "may be omitted"). Question and answer files pair by line 
 shipped live_multiple files disagree on one id (`live_multiple_1052-79-0` vs
 `live_multiple_1052-279-0`): the item index before the first `-` agrees, only the function-doc
 sub-index differs, so such a pair is kept and counted (`LoadedCategory.id_mismatches`); a
-differing item index is a real misalignment and raises.
+differing item index is a real misalignment and raises. The shipped live_relevance file uses
+`live_relevance_3-3-0` for two different questions: a repeated id gets a `#2`, `#3`, ...
+suffix (counted in `LoadedCategory.renamed_duplicates`) so that predictions stay unambiguous.
 
 Tool docs are kept exactly as given: BFCL types such as "dict", "float", "tuple", "any" and the
 Java / JavaScript types are not translated.
@@ -49,6 +51,7 @@ class BfclItem:
 class LoadedCategory:
     items: list[BfclItem]
     id_mismatches: list[tuple[str, str]]  # (question id, answer id) pairs kept by line order
+    renamed_duplicates: list[tuple[str, str]]  # (shipped id, id given here) for repeated ids
 
 
 def bfcl_data_dir() -> str:
@@ -102,15 +105,20 @@ def load_category(category: str, data_dir: str | None = None) -> LoadedCategory:
                 raise ValueError(f"{a_path}:{line_no}: answer id {a['id']!r} does not belong to "
                                  f"question {q['id']!r}")
             mismatches.append((q["id"], a["id"]))
-    items = []
+    items, seen, renamed = [], {}, []
     for q, a in zip(questions, answers):
+        item_id = q["id"]
+        seen[item_id] = seen.get(item_id, 0) + 1
+        if seen[item_id] > 1:
+            item_id = f"{q['id']}#{seen[q['id']]}"
+            renamed.append((q["id"], item_id))
         turns = q["question"]
         if len(turns) != 1:  # single-turn categories only; multi-turn BFCL is out of scope
             raise ValueError(f"{q_path}: item {q['id']!r} has {len(turns)} turns, expected 1")
-        items.append(BfclItem(id=q["id"], category=category, question=list(turns[0]),
+        items.append(BfclItem(id=item_id, category=category, question=list(turns[0]),
                               functions=list(q["function"]),
                               ground_truth=None if a is None else a["ground_truth"]))
-    return LoadedCategory(items=items, id_mismatches=mismatches)
+    return LoadedCategory(items=items, id_mismatches=mismatches, renamed_duplicates=renamed)
 
 
 # ---- possible answers -> concrete calls -------------------------------------------------------

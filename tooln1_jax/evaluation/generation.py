@@ -1,0 +1,82 @@
+"""Greedy completions of evaluation prompts through the project's sampler.
+
+`load_model` reads an HF folder (`load_pretrained`) or a training run's orbax checkpoint
+(`restore_orbax_checkpoint`, the hook onto the trainer's checkpoint module: it exports the
+policy to an HF folder first). `generate_completions` renders each record with the eval prompt,
+drops (and counts) prompts over `max_prompt_length` tokens, sorts by length so batches pad
+little, and decodes greedily (`temperature=0`) in batches.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Sequence
+
+import jax
+from tqdm import tqdm
+
+from tooln1_jax.data.prompt import encode_prompts
+from tooln1_jax.data.records import DropCounts, ToolRecord
+from tooln1_jax.models.hf_io import load_pretrained
+from tooln1_jax.sampling import sample
+
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def restore_orbax_checkpoint(path: str, *, step: int | None = None, tokenizer: Any = None):
+    """A run's orbax checkpoint (its output_dir or `checkpoints/`) -> (config, params), through
+    `checkpoint.export_hf` into a temporary HF folder."""
+    from tooln1_jax.checkpoint import export_hf
+
+    with tempfile.TemporaryDirectory(prefix="tooln1_eval_") as tmp:
+        export_hf(path, tmp, step=step, tokenizer=tokenizer)
+        return load_pretrained(tmp)
+
+
+def load_model(path: str, *, step: int | None = None):
+    """(config, params) from an HF folder, or else from an orbax checkpoint."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--checkpoint {path}: no such folder")
+    if is_hf_folder(path):
+        return load_pretrained(path)
+    return restore_orbax_checkpoint(path, step=step)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS plus the chat-turn ends it knows (`<|im_end|>`, `<|endoftext|>`)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        if token in vocab:
+            ids.add(int(vocab[token]))
+    return sorted(ids)
+
+
+def generate_completions(config, params, tokenizer: Any, records: Sequence[ToolRecord], *, batch_size: int,
+                         max_new_tokens: int, max_prompt_length: int, mesh=None,
+                         progress: bool = True) -> tuple[dict[str, str], DropCounts]:
+    """{record id: completion text} for every record whose prompt fits, and the drops."""
+    ids, kept, drops = encode_prompts(tokenizer, records, max_prompt_length=max_prompt_length, for_eval=True)
+    order = sorted(range(len(kept)), key=lambda i: len(ids[i]))
+    stops = stop_token_ids(tokenizer)
+    stop_set = set(stops)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0] if stops else 0
+    completions: dict[str, str] = {}
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generating", disable=not progress):
+        result = sample(config, params, [ids[i] for i in batch], num_samples=1, max_new_tokens=max_new_tokens,
+                        temperature=0.0, stop_token_ids=stops, rng=jax.random.PRNGKey(0), mesh=mesh,
+                        pad_id=int(pad_id))
+        tokens = jax.device_get(result.tokens)
+        lengths = jax.device_get(result.lengths)
+        for row, i in enumerate(batch):
+            out = [int(t) for t in tokens[row, : int(lengths[row])]]
+            if out and out[-1] in stop_set:
+                out = out[:-1]
+            # Keep added tokens such as <tool_call> (not special in Qwen, but be explicit).
+            completions[kept[i].id] = tokenizer.decode(out, skip_special_tokens=False)
+    return completions, drops
