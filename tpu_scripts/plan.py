@@ -1,0 +1,318 @@
+"""The pod plan for the paper's 7B and 14B runs, computed: memory per chip, mesh, step time.
+
+    python tpu_scripts/plan.py        # prints the tables that docs/pod_plan.md embeds
+
+Per-chip sizes come from the project's own sharding rules (`tooln1_jax.sharding`: TRAIN_RULES
+for the update, SAMPLE_RULES for the rollout) applied to the real parameter and KV-cache shapes
+on an abstract (data, fsdp, tensor) mesh, so a dimension the mesh does not divide stays
+replicated here exactly as it would on the pod. Times are FLOPs / (chips x peak x MFU) for
+the dense passes and bytes / (HBM bandwidth x efficiency) for decode steps; the assumed
+efficiencies are fields of `Efficiency`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (_HERE, os.path.dirname(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from jax.sharding import AbstractMesh  # noqa: E402
+
+from common import parse_accelerator  # noqa: E402
+from tooln1_jax.models.config import ModelConfig, preset  # noqa: E402
+from tooln1_jax.models.kv_cache import CACHE_LOGICAL_AXES  # noqa: E402
+from tooln1_jax.models.transformer import param_logical_axes, param_shapes  # noqa: E402
+from tooln1_jax.sharding import MESH_AXES, SAMPLE_RULES, TRAIN_RULES, ShardingRules, logical_to_spec  # noqa: E402
+
+GiB = 2**30
+F32, BF16 = 4, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Published per-chip figures (bf16 peak, HBM capacity in bytes, HBM bandwidth in bytes/s)."""
+
+    name: str
+    peak_flops: float
+    hbm_bytes: float
+    hbm_bandwidth: float
+    source: str
+
+
+CHIPS = {
+    "v4": ChipSpec("TPU v4", 275e12, 32 * GiB, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": ChipSpec("TPU v5e", 197e12, 16e9, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": ChipSpec("TPU v5p", 459e12, 95 * GiB, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": ChipSpec("TPU v6e", 918e12, 32e9, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One paper step (a rollout batch and its updates). Lengths are the padded shapes."""
+
+    prompts: int = 1024  # prompts per rollout batch
+    samples: int = 5  # GRPO group size
+    mini_batch_prompts: int = 256  # prompts per optimizer update (4 updates per step)
+    steps: int = 140  # rollout steps in the run
+    prompt_len: int = 4096  # prompt bucket (sampler pads prompts to a power of two, at most this)
+    max_new_tokens: int = 8192  # decode budget: the KV cache holds prompt_len + max_new_tokens
+    decode_steps: int = 8192  # decode iterations actually run (the loop stops when every row stopped)
+    train_len: int = 4096 + 8192  # tokens per sequence in the log-prob passes and the update
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.samples
+
+
+CEILING = Workload()
+# Illustrative, not measured: prompts fit the 2,048 bucket, the longest response in a pass is
+# 2,048 tokens, and the update trims sequences to prompt + longest response.
+TYPICAL = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class Efficiency:
+    mfu: float = 0.40  # of peak bf16 FLOP/s, for the dense passes (update, log-probs, prefill)
+    hbm_efficiency: float = 0.70  # of HBM bandwidth, for a decode step
+    usable_hbm: float = 0.90  # of HBM capacity; the rest is XLA's runtime reserve and fragmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class PodPlan:
+    name: str
+    model: str  # a PRESETS id
+    accelerator: str  # gcloud accelerator type, e.g. "v5p-64"
+    mesh: tuple  # (data, fsdp, tensor), config.mesh.*
+    micro_batch: int  # sequences per gradient-accumulation chunk, config.rl.micro_batch_size
+    generation_prompts: int  # prompts per rollout generation pass (x samples rows each)
+    logprob_chunk: int = 128  # positions per log-prob chunk (grpo.token_logprobs chunk_size)
+
+
+PLANS = (
+    PodPlan("7B on v5p-64", "Qwen/Qwen2.5-7B-Instruct", "v5p-64", (1, 8, 4), micro_batch=8, generation_prompts=256),
+    PodPlan("7B on v4-64", "Qwen/Qwen2.5-7B-Instruct", "v4-64", (1, 8, 4), micro_batch=8, generation_prompts=64),
+    PodPlan("7B on v6e-64", "Qwen/Qwen2.5-7B-Instruct", "v6e-64", (1, 16, 4), micro_batch=16, generation_prompts=128),
+    PodPlan("14B on v5p-128", "Qwen/Qwen2.5-14B-Instruct", "v5p-128", (1, 8, 8), micro_batch=8, generation_prompts=256),
+)
+# Shown to fail by the same arithmetic: 16 GB chips cannot hold 14B training state on 16 chips.
+COUNTER_EXAMPLE = PodPlan("14B on v5litepod-16", "Qwen/Qwen2.5-14B-Instruct", "v5litepod-16", (1, 4, 4),
+                          micro_batch=4, generation_prompts=16)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def abstract_mesh(mesh: tuple) -> AbstractMesh:
+    return AbstractMesh(tuple(mesh), MESH_AXES)
+
+
+def split_factor(logical_axes, shape, mesh: AbstractMesh, rules: ShardingRules) -> int:
+    """How many ways the project's rules split an array of `shape` on `mesh`."""
+    spec = logical_to_spec(logical_axes, mesh, rules, shape)
+    axes = [a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def param_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rules: ShardingRules, bytes_per_value: int) -> float:
+    shapes, axes = param_shapes(config), param_logical_axes(config)
+    leaves = [(shapes[k], axes[k]) for k in shapes if k != "layers"]
+    leaves += [(shapes["layers"][k], axes["layers"][k]) for k in shapes["layers"]]
+    return sum(math.prod(s) / split_factor(a, s, mesh, rules) * bytes_per_value for s, a in leaves)
+
+
+def kv_cache_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rows: int, length: int) -> float:
+    """K and V, every layer, [rows, length, kv_heads, head_dim] bf16, under SAMPLE_RULES."""
+    shape = (rows, length, config.num_kv_heads, config.head_dim)
+    per_layer = 2 * math.prod(shape) * BF16 / split_factor(CACHE_LOGICAL_AXES, shape, mesh, SAMPLE_RULES)
+    return config.num_layers * per_layer
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    plan: PodPlan
+    chips: int
+    chip: ChipSpec
+    budget_bytes: float
+    persistent: dict  # name -> bytes per chip, held for the whole run
+    update: dict  # name -> bytes per chip, live during the update on top of `persistent`
+    rollout: dict  # name -> bytes per chip, live during generation on top of `persistent`
+    times: dict  # scenario name -> {phase: seconds}
+
+    @property
+    def update_peak(self) -> float:
+        return sum(self.persistent.values()) + sum(self.update.values())
+
+    @property
+    def rollout_peak(self) -> float:
+        return sum(self.persistent.values()) + sum(self.rollout.values())
+
+    @property
+    def fits(self) -> bool:
+        return max(self.update_peak, self.rollout_peak) <= self.budget_bytes
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: all but the input embedding table
+    (a lookup), unless it is tied to the output head."""
+    embed = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return config.num_params - embed
+
+
+def attention_flops_per_token(config: ModelConfig, context: int) -> float:
+    """Forward QK^T and PV for one query over `context` keys, all layers. The project's
+    attention (layers.attention) computes the full masked [T, S] score matrix, so causal
+    masking saves nothing and the full context counts."""
+    return 4 * config.num_layers * context * config.num_heads * config.head_dim
+
+
+def plan_report(plan: PodPlan, scenarios=(("ceiling", CEILING), ("typical", TYPICAL)), eff: Efficiency = Efficiency()) -> Report:
+    accel = parse_accelerator(plan.accelerator)
+    chip, chips = CHIPS[accel.generation], accel.chips
+    if math.prod(plan.mesh) != chips:
+        raise ValueError(f"{plan.name}: mesh {plan.mesh} has {math.prod(plan.mesh)} devices, {plan.accelerator} has {chips} chips")
+    cfg = preset(plan.model)
+    mesh = abstract_mesh(plan.mesh)
+    w = CEILING  # memory is sized for the padded shapes, which do not shrink with shorter text
+    d, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    s = w.train_len
+    mb = plan.micro_batch
+
+    def split(logical, shape, rules=TRAIN_RULES):
+        return split_factor(logical, shape, mesh, rules)
+
+    # The float32 master copy is needed: at lr 1e-6 an update is ~1e-6 of a weight, far below
+    # bfloat16's 2^-8 relative spacing, so bf16 weights would not change at all.
+    master = param_bytes_per_chip(cfg, mesh, TRAIN_RULES, F32)
+    persistent = {
+        "policy params (fp32 master)": master,
+        "AdamW m and v (fp32)": 2 * master,
+        "reference model (bf16)": param_bytes_per_chip(cfg, mesh, TRAIN_RULES, BF16),
+    }
+    batch_split = split(("batch", "seq", "embed"), (mb, s, d))
+    head_split = split(("batch", "kv_heads", None, None), (mb, cfg.num_kv_heads, s, s))
+    update = {
+        "gradients (fp32 accumulator + micro-batch)": 2 * master,
+        # remat="full" keeps each layer's input [mb, S, D] (bf16) and recomputes the rest.
+        "saved layer inputs (remat)": L * mb * s * d * BF16 / batch_split,
+        # One layer recomputed in the backward pass: scores, probabilities and their gradient,
+        # [mb, heads, S, S] float32, split over batch and (KV-head-divisible) tensor.
+        "attention scores, one layer (x3, fp32)": 3 * mb * cfg.num_heads * s * s * F32 / head_split,
+        "MLP activations, one layer (x4, bf16)": 4 * mb * s * f * BF16 / split(("batch", "seq", "mlp"), (mb, s, f)),
+        "log-prob chunk logits (x3, fp32)": 3 * mb * plan.logprob_chunk * v * F32
+        / split(("batch", "seq", "vocab"), (mb, plan.logprob_chunk, v)),
+    }
+    rows = plan.generation_prompts * w.samples
+    cache_len = w.prompt_len + w.max_new_tokens
+    gp, p = plan.generation_prompts, w.prompt_len
+    rollout = {
+        "sampling weights (bf16, tensor-parallel)": param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, BF16),
+        f"KV cache, {rows} rows x {cache_len} (bf16)": kv_cache_bytes_per_chip(cfg, mesh, rows, cache_len),
+        f"prompt KV cache before the group copy ({gp} rows)": kv_cache_bytes_per_chip(cfg, mesh, gp, cache_len),
+        "prefill attention scores, one layer (x2, fp32)": 2 * gp * cfg.num_heads * p * p * F32
+        / split(("batch", "kv_heads", None, None), (gp, cfg.num_kv_heads, p, p), SAMPLE_RULES),
+        "decode logits (fp32)": rows * v * F32 / split(("batch", "vocab"), (rows, v), SAMPLE_RULES),
+    }
+    times = {name: step_times(cfg, plan, chip, chips, mesh, rollout, sc, eff) for name, sc in scenarios}
+    return Report(plan, chips, chip, eff.usable_hbm * chip.hbm_bytes, persistent, update, rollout, times)
+
+
+def step_times(cfg, plan, chip, chips, mesh, rollout_mem, w: Workload, eff: Efficiency) -> dict:
+    """Seconds per rollout step, by phase."""
+    n = matmul_params(cfg)
+    dense = chips * chip.peak_flops * eff.mfu  # FLOP/s of the whole slice on dense passes
+    tokens = w.rows * w.train_len
+    attn = attention_flops_per_token(cfg, w.train_len)
+    # old-policy and reference log-probs: one forward each
+    logprob_flops = 2 * (2 * n + attn) * tokens
+    # policy forward + backward (6N) plus the remat recompute of the forward (2N); attention
+    # likewise 1 + 2 + 1 forward-equivalents
+    update_flops = (8 * n + 4 * attn) * tokens
+
+    passes = math.ceil(w.prompts / plan.generation_prompts)
+    rows = plan.generation_prompts * w.samples
+    cache_len = w.prompt_len + w.max_new_tokens
+    prefill_flops = (2 * n + attention_flops_per_token(cfg, w.prompt_len)) * plan.generation_prompts * w.prompt_len
+    # A decode step reads this chip's weight shard and its whole allocated cache slice (the
+    # attention runs over the full cache length), and does 2N + attention FLOPs per row.
+    weights = next(b for k, b in rollout_mem.items() if k.startswith("sampling weights"))
+    step_bytes = weights + kv_cache_bytes_per_chip(cfg, mesh, rows, cache_len)
+    step_flops = (2 * n + attention_flops_per_token(cfg, cache_len)) * rows / chips
+    decode_step = max(step_bytes / (chip.hbm_bandwidth * eff.hbm_efficiency), step_flops / (chip.peak_flops * eff.mfu))
+    generation = passes * (prefill_flops / dense + w.decode_steps * decode_step)
+    t = {
+        "generation": generation,
+        "decode step (ms)": decode_step * 1e3,
+        "old + reference log-probs": logprob_flops / dense,
+        "policy update": update_flops / dense,
+    }
+    t["step"] = t["generation"] + t["old + reference log-probs"] + t["policy update"]
+    t["run (h)"] = t["step"] * w.steps / 3600
+    return t
+
+
+def largest_generation_prompts(plan: PodPlan) -> int:
+    """The largest power-of-two generation batch (prompts per pass) whose rollout fits, or 0."""
+    gp = CEILING.prompts
+    while gp >= 1:
+        r = plan_report(dataclasses.replace(plan, generation_prompts=gp), scenarios=())
+        if r.rollout_peak <= r.budget_bytes:
+            return gp
+        gp //= 2
+    return 0
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:,.2f}"
+
+
+def render(reports) -> str:
+    """The markdown tables of docs/pod_plan.md (between its plan:begin / plan:end markers)."""
+    out = ["| plan | chips | mesh (data, fsdp, tensor) | micro-batch | generation passes (largest fitting) "
+           "| update peak GiB | rollout peak GiB | usable GiB | fits | step s, ceiling / typical | 140 steps h, ceiling / typical |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        passes = math.ceil(CEILING.prompts / r.plan.generation_prompts)
+        c, t = r.times["ceiling"], r.times["typical"]
+        out.append(f"| {r.plan.name} | {r.chips} x {r.chip.name} | {r.plan.mesh} | {r.plan.micro_batch} | "
+                   f"{passes} x {r.plan.generation_prompts} prompts ({largest_generation_prompts(r.plan)}) | "
+                   f"{_gib(r.update_peak)} | {_gib(r.rollout_peak)} | {_gib(r.budget_bytes)} | {'yes' if r.fits else '**no**'} | "
+                   f"{c['step']:,.0f} / {t['step']:,.0f} | {c['run (h)']:,.1f} / {t['run (h)']:,.1f} |")
+    for r in reports:
+        cfg = preset(r.plan.model)
+        out += ["", f"### {r.plan.name}: memory per chip (GiB)", "",
+                f"{r.plan.model}: {cfg.num_params:,} parameters ({matmul_params(cfg):,} in matmuls), "
+                f"{cfg.num_layers} layers, {cfg.num_heads} query / {cfg.num_kv_heads} KV heads of {cfg.head_dim}. "
+                f"Mesh {dict(zip(MESH_AXES, r.plan.mesh))} on {r.plan.accelerator}.", "",
+                "| phase | item | GiB per chip |", "|---|---|---|"]
+        for phase, items in (("held", r.persistent), ("update", r.update), ("rollout", r.rollout)):
+            out += [f"| {phase} | {k} | {_gib(b)} |" for k, b in items.items()]
+        out.append(f"| | **update peak** (held + update) | **{_gib(r.update_peak)}** |")
+        out.append(f"| | **rollout peak** (held + rollout) | **{_gib(r.rollout_peak)}** |")
+        out.append(f"| | usable HBM ({Efficiency().usable_hbm:.0%} of {_gib(r.chip.hbm_bytes)}) | {_gib(r.budget_bytes)} |")
+        out += ["", f"Step time on {r.plan.accelerator} (seconds unless marked):", "",
+                "| scenario | decode step (ms) | generation | old + reference log-probs | policy update | step | 140 steps (h) |",
+                "|---|---|---|---|---|---|---|"]
+        for name, t in r.times.items():
+            out.append(f"| {name} | {t['decode step (ms)']:,.1f} | {t['generation']:,.0f} | {t['old + reference log-probs']:,.0f} | "
+                       f"{t['policy update']:,.0f} | {t['step']:,.0f} | {t['run (h)']:,.1f} |")
+    return "\n".join(out)
+
+
+def all_reports():
+    return [plan_report(p) for p in PLANS] + [plan_report(COUNTER_EXAMPLE)]
+
+
+if __name__ == "__main__":
+    print(render(all_reports()))
