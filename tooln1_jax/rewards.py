@@ -146,7 +146,7 @@ def _score(completion: Any, truth_keys: Counter | None, truth_names: Counter | N
             return 1.0, "correct"
         reward = (1.0 if variant == "binary" else think_credit + _CALL_CREDIT)
         return reward, ("correct" if think else "missing_think")
-    names = Counter(name for name, _ in keys)
+    names = Counter(name for name, _ in keys.elements())
     if names == truth_names:
         if variant == "partial_reason_funcname":
             return think_credit + _NAME_CREDIT, "wrong_arguments"
@@ -162,7 +162,7 @@ def _truth_counters(ground_truth: Any) -> tuple[Counter | None, Counter | None]:
         keys = Counter(_call_key(c) for c in calls)
     except Exception:  # e.g. mixed int/str dict keys or a non-JSON value in a Python ground truth
         return None, None
-    return keys, Counter(name for name, _ in keys)
+    return keys, Counter(name for name, _ in keys.elements())
 
 
 def score_completion(completion: str, ground_truth: Any, variant: str = "binary",
