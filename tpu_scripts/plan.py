@@ -1,6 +1,7 @@
 """The pod plan for the paper's 7B and 14B runs, computed: memory per chip, mesh, step time.
 
-    python tpu_scripts/plan.py        # prints the tables that docs/pod_plan.md embeds
+    python tpu_scripts/plan.py                              # prints the tables
+    python tpu_scripts/plan.py --update-doc docs/pod_plan.md  # rewrites them between the doc's markers
 
 Per-chip sizes come from the project's own sharding rules (`tooln1_jax.sharding`: TRAIN_RULES
 for the update, SAMPLE_RULES for the rollout) applied to the real parameter and KV-cache shapes
@@ -314,5 +315,25 @@ def all_reports():
     return [plan_report(p) for p in PLANS] + [plan_report(COUNTER_EXAMPLE)]
 
 
+BEGIN, END = "<!-- plan:begin -->\n", "\n<!-- plan:end -->"
+
+
+def update_doc(path: str) -> None:
+    """Replaces the text between the document's plan:begin / plan:end markers with `render`."""
+    with open(path, encoding="utf-8") as f:
+        doc = f.read()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path}: no '<!-- plan:begin -->' / '<!-- plan:end -->' markers to write between")
+    head, rest = doc.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + BEGIN + render(all_reports()) + END + tail)
+
+
 if __name__ == "__main__":
-    print(render(all_reports()))
+    if sys.argv[1:2] == ["--update-doc"] and len(sys.argv) == 3:
+        update_doc(sys.argv[2])
+    elif len(sys.argv) == 1:
+        print(render(all_reports()))
+    else:
+        raise SystemExit("usage: plan.py [--update-doc docs/pod_plan.md]")

@@ -1,0 +1,136 @@
+"""The pod plan's arithmetic (tpu_scripts/plan.py) and its document (docs/pod_plan.md): each
+named plan fits its slice by its own numbers, the counter-example does not, the sharding and
+FLOP figures match an independent hand computation, and the document shows exactly what the
+script prints."""
+import dataclasses
+import math
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tpu_scripts"))
+
+import plan as P  # noqa: E402
+
+GiB = 2**30
+Q7, Q14 = "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-14B-Instruct"
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {p.name: P.plan_report(p) for p in P.PLANS + (P.COUNTER_EXAMPLE,)}
+
+
+def test_the_paper_models_have_a_plan_on_named_slices():
+    named = {(p.model, p.accelerator) for p in P.PLANS}
+    assert (Q7, "v5p-64") in named and (Q14, "v5p-128") in named
+
+
+@pytest.mark.parametrize("name", [p.name for p in P.PLANS])
+def test_each_plan_fits_its_slice(reports, name):
+    r = reports[name]
+    assert r.fits
+    assert max(r.update_peak, r.rollout_peak) <= 0.9 * r.chip.hbm_bytes
+    # the generation batch is not wastefully small: twice as many prompts per pass would not fit
+    assert P.largest_generation_prompts(r.plan) == r.plan.generation_prompts
+    bigger = P.plan_report(dataclasses.replace(r.plan, generation_prompts=2 * r.plan.generation_prompts), scenarios=())
+    assert not bigger.fits
+
+
+def test_the_counter_example_does_not_fit(reports):
+    r = reports[P.COUNTER_EXAMPLE.name]
+    assert not r.fits
+    # the training state alone (params, AdamW, reference, gradients) is past the 16 GB chip
+    held_and_grads = sum(r.persistent.values()) + r.update["gradients (fp32 accumulator + micro-batch)"]
+    assert held_and_grads > r.budget_bytes
+    assert P.largest_generation_prompts(r.plan) == 0
+
+
+def test_a_mesh_that_does_not_match_the_slice_is_refused():
+    bad = dataclasses.replace(P.PLANS[0], mesh=(1, 8, 8))
+    with pytest.raises(ValueError, match="has 64 devices, v5p-64 has 32 chips"):
+        P.plan_report(bad)
+
+
+def test_sharded_state_matches_a_hand_count_for_7b_on_fsdp8_tensor4():
+    """Big matrices split 32 ways, biases over tensor only, norms replicated (the rules' logical
+    axes: vocab/heads/mlp -> tensor, embed -> fsdp, layers/norm -> none)."""
+    cfg = P.preset(Q7)
+    d, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    matrices = 2 * v * d + L * (d * q + 2 * d * kv + q * d + 3 * d * f)
+    biases = L * (q + 2 * kv)
+    norms = 2 * L * d + d
+    assert matrices + biases + norms == cfg.num_params == 7_615_616_512
+    mesh = P.abstract_mesh((1, 8, 4))
+    expected = (matrices / 32 + biases / 4 + norms) * 4
+    assert P.param_bytes_per_chip(cfg, mesh, P.TRAIN_RULES, 4) == pytest.approx(expected, rel=1e-12)
+    # rollout weights: tensor-parallel only (replicated over fsdp)
+    expected_sample = (matrices / 4 + biases / 4 + norms) * 2
+    assert P.param_bytes_per_chip(cfg, mesh, P.SAMPLE_RULES, 2) == pytest.approx(expected_sample, rel=1e-12)
+
+
+def test_kv_cache_per_layer_formula_and_the_kv_head_divisibility_rule():
+    cfg = P.preset(Q7)
+    one_sequence = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 12_288 * 2  # K and V, bf16
+    assert one_sequence == 704_643_072
+    assert P.kv_cache_bytes_per_chip(cfg, P.abstract_mesh((1, 1, 1)), 1, 12_288) == one_sequence
+    # 1,280 rows over 8 batch shards, 4 KV heads over tensor=4
+    assert P.kv_cache_bytes_per_chip(cfg, P.abstract_mesh((1, 8, 4)), 1280, 12_288) == 1280 / 8 * one_sequence / 4
+    # tensor=8 does not divide 4 KV heads: the heads stay whole, 8x the cache per chip
+    ratio = (P.kv_cache_bytes_per_chip(cfg, P.abstract_mesh((1, 4, 8)), 1280, 12_288)
+             / P.kv_cache_bytes_per_chip(cfg, P.abstract_mesh((1, 8, 4)), 1280, 12_288))
+    assert ratio == 8
+
+
+def test_step_time_of_7b_on_v5p_64_by_hand(reports):
+    r = reports["7B on v5p-64"]
+    cfg = P.preset(Q7)
+    n = cfg.num_params - cfg.vocab_size * cfg.hidden_size  # untied: the input embedding is a lookup
+    tokens = 1024 * 5 * 12_288
+    attn = 4 * cfg.num_layers * 12_288 * cfg.num_heads * cfg.head_dim
+    slice_flops = 32 * 459e12 * 0.40
+    t = r.times["ceiling"]
+    assert t["policy update"] == pytest.approx((8 * n + 4 * attn) * tokens / slice_flops)
+    assert t["old + reference log-probs"] == pytest.approx(2 * (2 * n + attn) * tokens / slice_flops)
+    # decode: bytes-bound; (bf16 weight shard + 160 rows x 1/4 of a 12,288-token cache) / (2,765 GB/s x 0.7)
+    weights = r.rollout["sampling weights (bf16, tensor-parallel)"]
+    step_bytes = weights + 1280 / 8 * 704_643_072 / 4
+    assert t["decode step (ms)"] == pytest.approx(step_bytes / (2765e9 * 0.7) * 1e3)
+    prefill = (2 * n + 4 * cfg.num_layers * 4096 * cfg.num_heads * cfg.head_dim) * 256 * 4096 / slice_flops
+    assert t["generation"] == pytest.approx(4 * (prefill + 8192 * step_bytes / (2765e9 * 0.7)))
+    assert t["run (h)"] == pytest.approx(140 * (t["generation"] + t["old + reference log-probs"] + t["policy update"]) / 3600)
+    assert reports["7B on v5p-64"].times["typical"]["step"] < t["step"]
+
+
+def test_update_activations_by_hand(reports):
+    r = reports["7B on v5p-64"]
+    cfg = P.preset(Q7)
+    # micro-batch 8 over 8 batch shards: 1 sequence per chip, replicated over tensor
+    assert r.update["saved layer inputs (remat)"] == cfg.num_layers * 12_288 * cfg.hidden_size * 2
+    assert r.update["attention scores, one layer (x3, fp32)"] == 3 * (cfg.num_heads / 4) * 12_288**2 * 4
+
+
+def test_fp32_master_weights_are_needed_at_the_paper_learning_rate():
+    """The document's reason for fp32 params: a 1e-6 relative step vanishes in bfloat16."""
+    import jax.numpy as jnp
+
+    w = jnp.asarray(0.0123, jnp.bfloat16)
+    assert (w - w * 1e-6).astype(jnp.bfloat16) == w
+    w32 = jnp.asarray(0.0123, jnp.float32)
+    assert w32 - w32 * 1e-6 != w32
+
+
+def test_the_document_shows_exactly_what_plan_py_prints(reports):
+    with open(os.path.join(REPO, "docs", "pod_plan.md"), encoding="utf-8") as f:
+        doc = f.read()
+    begin, end = P.BEGIN, P.END
+    assert begin in doc and end in doc, "docs/pod_plan.md lost its plan:begin / plan:end markers"
+    embedded = doc.split(begin, 1)[1].split(end, 1)[0]
+    assert embedded == P.render(list(reports.values())), (
+        "docs/pod_plan.md is stale: run `python tpu_scripts/plan.py --update-doc docs/pod_plan.md`")
+    for chip in P.CHIPS.values():  # every figure used is cited in the document
+        assert chip.source in doc
+    assert math.isclose(P.CHIPS["v5p"].peak_flops, 459e12) and P.CHIPS["v6e"].hbm_bandwidth == 1638e9
