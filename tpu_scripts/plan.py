@@ -72,9 +72,13 @@ class Workload:
 
 
 CEILING = Workload()
-# Illustrative, not measured: prompts fit the 2,048 bucket, the longest response in a pass is
-# 2,048 tokens, and the update trims sequences to prompt + longest response.
-TYPICAL = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 2048)
+# Illustrative, not measured: prompts fit the 2,048 bucket and the longest response of a pass is
+# 2,048 tokens. The trainer pads every completion to max_new_tokens for the update
+# (rollouts.RolloutBatch), so the update still sees 2,048 + 8,192 tokens ...
+TYPICAL = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 8192)
+# ... unless it trimmed the update's sequences to the decode loop's num_steps (not done today).
+TRIMMED = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 2048)
+SCENARIOS = (("ceiling", CEILING), ("typical", TYPICAL), ("typical, trimmed", TRIMMED))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +97,23 @@ class PodPlan:
     micro_batch: int  # sequences per gradient-accumulation chunk, config.rl.micro_batch_size
     generation_prompts: int  # prompts per rollout generation pass (x samples rows each)
     logprob_chunk: int = 128  # positions per log-prob chunk (grpo.token_logprobs chunk_size)
+    # The sampler reshards the train state's params as they are (sampling.sample -> shard_params):
+    # the fp32 master today; 2 if the trainer cast them to bf16 before sampling.
+    sampling_weight_bytes: int = F32
 
 
+# Today the trainer samples the whole rollout batch (1,024 prompts) in one sampler call; the
+# plans below with fewer prompts per pass need it to sample in passes (see docs/pod_plan.md).
 PLANS = (
     PodPlan("7B on v5p-64", "Qwen/Qwen2.5-7B-Instruct", "v5p-64", (1, 8, 4), micro_batch=8, generation_prompts=256),
     PodPlan("7B on v4-64", "Qwen/Qwen2.5-7B-Instruct", "v4-64", (1, 8, 4), micro_batch=8, generation_prompts=64),
     PodPlan("7B on v6e-64", "Qwen/Qwen2.5-7B-Instruct", "v6e-64", (1, 16, 4), micro_batch=16, generation_prompts=128),
     PodPlan("14B on v5p-128", "Qwen/Qwen2.5-14B-Instruct", "v5p-128", (1, 8, 8), micro_batch=8, generation_prompts=256),
+    # One pass of all 1,024 prompts, as the trainer samples today: it takes a 4x bigger slice.
+    PodPlan("7B on v5p-256, one pass", "Qwen/Qwen2.5-7B-Instruct", "v5p-256", (1, 32, 4), micro_batch=32,
+            generation_prompts=1024),
+    PodPlan("14B on v5p-512, one pass", "Qwen/Qwen2.5-14B-Instruct", "v5p-512", (1, 32, 8), micro_batch=32,
+            generation_prompts=1024),
 )
 # Shown to fail by the same arithmetic: 16 GB chips cannot hold 14B training state on 16 chips.
 COUNTER_EXAMPLE = PodPlan("14B on v5litepod-16", "Qwen/Qwen2.5-14B-Instruct", "v5litepod-16", (1, 4, 4),
@@ -175,7 +189,7 @@ def attention_flops_per_token(config: ModelConfig, context: int) -> float:
     return 4 * config.num_layers * context * config.num_heads * config.head_dim
 
 
-def plan_report(plan: PodPlan, scenarios=(("ceiling", CEILING), ("typical", TYPICAL)), eff: Efficiency = Efficiency()) -> Report:
+def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency()) -> Report:
     accel = parse_accelerator(plan.accelerator)
     chip, chips = CHIPS[accel.generation], accel.chips
     if math.prod(plan.mesh) != chips:
@@ -215,7 +229,7 @@ def plan_report(plan: PodPlan, scenarios=(("ceiling", CEILING), ("typical", TYPI
     cache_len = w.prompt_len + w.max_new_tokens
     gp, p = plan.generation_prompts, w.prompt_len
     rollout = {
-        "sampling weights (bf16, tensor-parallel)": param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, BF16),
+        "sampling weights (tensor-parallel copy)": param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, plan.sampling_weight_bytes),
         f"KV cache, {rows} rows x {cache_len} (bf16)": kv_cache_bytes_per_chip(cfg, mesh, rows, cache_len),
         f"prompt KV cache before the group copy ({gp} rows)": kv_cache_bytes_per_chip(cfg, mesh, gp, cache_len),
         "prefill attention scores, one layer (x2, fp32)": 2 * gp * cfg.num_heads * p * p * F32
@@ -232,8 +246,9 @@ def step_times(cfg, plan, chip, chips, mesh, rollout_mem, w: Workload, eff: Effi
     dense = chips * chip.peak_flops * eff.mfu  # FLOP/s of the whole slice on dense passes
     tokens = w.rows * w.train_len
     attn = attention_flops_per_token(cfg, w.train_len)
-    # old-policy and reference log-probs: one forward each
-    logprob_flops = 2 * (2 * n + attn) * tokens
+    # reference log-probs: one forward (inside the update step). The old-policy log-probs are
+    # the sampler's own, so they cost no pass.
+    logprob_flops = (2 * n + attn) * tokens
     # policy forward + backward (6N) plus the remat recompute of the forward (2N); attention
     # likewise 1 + 2 + 1 forward-equivalents
     update_flops = (8 * n + 4 * attn) * tokens
@@ -252,10 +267,10 @@ def step_times(cfg, plan, chip, chips, mesh, rollout_mem, w: Workload, eff: Effi
     t = {
         "generation": generation,
         "decode step (ms)": decode_step * 1e3,
-        "old + reference log-probs": logprob_flops / dense,
+        "reference log-probs": logprob_flops / dense,
         "policy update": update_flops / dense,
     }
-    t["step"] = t["generation"] + t["old + reference log-probs"] + t["policy update"]
+    t["step"] = t["generation"] + t["reference log-probs"] + t["policy update"]
     t["run (h)"] = t["step"] * w.steps / 3600
     return t
 
@@ -281,15 +296,17 @@ def _gib(b: float) -> str:
 def render(reports) -> str:
     """The markdown tables of docs/pod_plan.md (between its plan:begin / plan:end markers)."""
     out = ["| plan | chips | mesh (data, fsdp, tensor) | micro-batch | generation passes (largest fitting) "
-           "| update peak GiB | rollout peak GiB | usable GiB | fits | step s, ceiling / typical | 140 steps h, ceiling / typical |",
+           "| update peak GiB | rollout peak GiB | usable GiB | fits | step s: ceiling / typical / trimmed "
+           "| 140 steps h: ceiling / typical / trimmed |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         passes = math.ceil(CEILING.prompts / r.plan.generation_prompts)
-        c, t = r.times["ceiling"], r.times["typical"]
+        c, t, tr = (r.times[k] for k, _ in SCENARIOS)
         out.append(f"| {r.plan.name} | {r.chips} x {r.chip.name} | {r.plan.mesh} | {r.plan.micro_batch} | "
                    f"{passes} x {r.plan.generation_prompts} prompts ({largest_generation_prompts(r.plan)}) | "
                    f"{_gib(r.update_peak)} | {_gib(r.rollout_peak)} | {_gib(r.budget_bytes)} | {'yes' if r.fits else '**no**'} | "
-                   f"{c['step']:,.0f} / {t['step']:,.0f} | {c['run (h)']:,.1f} / {t['run (h)']:,.1f} |")
+                   f"{c['step']:,.0f} / {t['step']:,.0f} / {tr['step']:,.0f} | "
+                   f"{c['run (h)']:,.1f} / {t['run (h)']:,.1f} / {tr['run (h)']:,.1f} |")
     for r in reports:
         cfg = preset(r.plan.model)
         out += ["", f"### {r.plan.name}: memory per chip (GiB)", "",
@@ -303,10 +320,10 @@ def render(reports) -> str:
         out.append(f"| | **rollout peak** (held + rollout) | **{_gib(r.rollout_peak)}** |")
         out.append(f"| | usable HBM ({Efficiency().usable_hbm:.0%} of {_gib(r.chip.hbm_bytes)}) | {_gib(r.budget_bytes)} |")
         out += ["", f"Step time on {r.plan.accelerator} (seconds unless marked):", "",
-                "| scenario | decode step (ms) | generation | old + reference log-probs | policy update | step | 140 steps (h) |",
+                "| scenario | decode step (ms) | generation | reference log-probs | policy update | step | 140 steps (h) |",
                 "|---|---|---|---|---|---|---|"]
         for name, t in r.times.items():
-            out.append(f"| {name} | {t['decode step (ms)']:,.1f} | {t['generation']:,.0f} | {t['old + reference log-probs']:,.0f} | "
+            out.append(f"| {name} | {t['decode step (ms)']:,.1f} | {t['generation']:,.0f} | {t['reference log-probs']:,.0f} | "
                        f"{t['policy update']:,.0f} | {t['step']:,.0f} | {t['run (h)']:,.1f} |")
     return "\n".join(out)
 
