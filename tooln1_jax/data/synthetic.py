@@ -1,0 +1,327 @@
+"""Seeded synthetic tool-calling problems in the xLAM record schema.
+
+Each record is `{"id", "query", "tools", "answers"}` with `tools` and `answers` as JSON
+strings, exactly like xLAM function-calling-60k, so it flows through the xLAM converter:
+
+    tools   = [{"name", "description", "parameters": {p: {"type", "description", "default"?}}}]
+    answers = [{"name", "arguments": {p: value}}]
+
+A problem picks 1..`max_calls` target calls, writes one templated sentence per call (joined
+into one query for parallel calls), and shows `num_tools` tools: the targets plus distractors,
+preferring look-alike siblings (`get_weather` next to `get_weather_forecast`). Optional
+arguments appear in the answer exactly when the query mentions them, so the exact-match reward
+is well defined. The answer is built from the same sampled values as the query, never parsed
+back from text.
+
+Difficulty knobs (`SyntheticConfig`): how many tools to choose among, how many calls, which
+argument types occur, how often look-alike distractors appear, how often optional arguments
+are mentioned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from typing import Any, Callable, Sequence
+
+ARG_TYPES = ("string", "enum", "integer", "number", "boolean", "list")
+
+# xLAM writes Python-ish type names; an optional parameter gets ", optional" and a default.
+_XLAM_TYPE = {"string": "str", "enum": "str", "integer": "int", "number": "float", "boolean": "bool", "list": "List[str]"}
+
+_CITIES = ("Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Dublin",
+           "Vienna", "Prague", "Seoul", "Delhi", "Sydney", "Toronto", "Boston", "Denver", "Miami", "Austin")
+_PEOPLE = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar")
+_WORDS = ("apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano", "garden", "silver",
+          "rocket", "forest", "candle", "winter", "summer", "bridge", "meadow", "thunder", "velvet", "harbor")
+_DISHES = ("pasta", "curry", "salad", "soup", "tacos", "pizza", "risotto", "noodles", "pancakes", "stew")
+_CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "INR")
+_GENRES = ("jazz", "rock", "pop", "blues", "classical", "metal", "folk", "disco")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One tool parameter. `sample(rng)` draws a value; `phrases` render it into the query.
+
+    `phrases` are format strings with `{v}` for the rendered value. For booleans, `phrases` maps
+    each truth value to its wording instead. Optional parameters get `default` in the schema.
+    """
+
+    name: str
+    kind: str  # one of ARG_TYPES
+    description: str
+    sample: Callable[[random.Random], Any]
+    phrases: Any = ("{v}",)
+    optional: bool = False
+    default: Any = None
+
+    def schema(self) -> dict:
+        out = {"type": _XLAM_TYPE[self.kind] + (", optional" if self.optional else ""), "description": self.description}
+        if self.optional:
+            out["default"] = self.default
+        return out
+
+    def render(self, value: Any, rng: random.Random) -> str:
+        if self.kind == "boolean":
+            return rng.choice(self.phrases[bool(value)])
+        if self.kind == "list":
+            text = ", ".join(value[:-1]) + " and " + value[-1] if len(value) > 1 else value[0]
+        else:
+            text = str(value)
+        return rng.choice(self.phrases).format(v=text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """A tool: schema parts, a family (look-alike siblings share one), and query templates.
+
+    `templates` mention every required parameter as `{name}`; optional parameters are appended
+    as their own phrases when the problem includes them.
+    """
+
+    name: str
+    family: str
+    description: str
+    params: tuple[Param, ...]
+    templates: tuple[str, ...]
+
+    def schema(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "parameters": {p.name: p.schema() for p in self.params}}
+
+    @property
+    def kinds(self) -> set[str]:
+        return {p.kind for p in self.params}
+
+
+def _choice(values: Sequence[Any]) -> Callable[[random.Random], Any]:
+    return lambda rng: rng.choice(values)
+
+
+def _int(lo: int, hi: int) -> Callable[[random.Random], int]:
+    return lambda rng: rng.randint(lo, hi)
+
+
+def _money(rng: random.Random) -> float:
+    return round(rng.randint(10, 999) + rng.choice((0.0, 0.25, 0.5, 0.75)), 2)
+
+
+def _words(n_lo: int, n_hi: int, pool: Sequence[str]) -> Callable[[random.Random], list]:
+    return lambda rng: rng.sample(list(pool), rng.randint(n_lo, n_hi))
+
+
+def _bool(rng: random.Random) -> bool:
+    return rng.random() < 0.5
+
+
+_UNIT = Param("unit", "enum", 'Temperature unit, "celsius" or "fahrenheit".', _choice(("celsius", "fahrenheit")),
+              (" in {v}", " using {v} degrees"), optional=True, default="celsius")
+
+TOOLS: tuple[Tool, ...] = (
+    # weather family
+    Tool("get_weather", "weather", "Get the current weather in a city.",
+         (Param("city", "string", "Name of the city.", _choice(_CITIES)), _UNIT),
+         ("What is the weather in {city} right now", "Tell me the current weather for {city}", "How warm is it in {city} today")),
+    Tool("get_weather_forecast", "weather", "Get the weather forecast for the next days in a city.",
+         (Param("city", "string", "Name of the city.", _choice(_CITIES)),
+          Param("days", "integer", "Number of days to forecast.", _int(2, 14)), _UNIT),
+         ("Give me the {days} day forecast for {city}", "What will the weather be in {city} over the next {days} days",
+          "Forecast the next {days} days of weather in {city}")),
+    Tool("get_air_quality", "weather", "Get the air quality index of a city.",
+         (Param("city", "string", "Name of the city.", _choice(_CITIES)),
+          Param("include_pollen", "boolean", "Whether to add pollen levels.", _bool,
+                {True: (" with pollen levels", " including pollen"), False: (" without pollen levels", " skipping pollen")},
+                optional=True, default=False)),
+         ("How clean is the air in {city}", "Check the air quality in {city}")),
+    # money family
+    Tool("convert_currency", "money", "Convert an amount of money between two currencies.",
+         (Param("amount", "number", "Amount to convert.", _money),
+          Param("from_currency", "enum", "Currency code to convert from.", _choice(_CURRENCIES)),
+          Param("to_currency", "enum", "Currency code to convert to.", _choice(_CURRENCIES))),
+         ("Convert {amount} {from_currency} to {to_currency}", "How much is {amount} {from_currency} in {to_currency}")),
+    Tool("get_exchange_rate", "money", "Get the exchange rate between two currencies.",
+         (Param("from_currency", "enum", "Currency code to convert from.", _choice(_CURRENCIES)),
+          Param("to_currency", "enum", "Currency code to convert to.", _choice(_CURRENCIES))),
+         ("What is the exchange rate from {from_currency} to {to_currency}", "Show the {from_currency} to {to_currency} rate")),
+    Tool("split_bill", "money", "Split a bill between people with a tip.",
+         (Param("total", "number", "Bill total.", _money),
+          Param("people", "integer", "Number of people.", _int(2, 12)),
+          Param("tip_percent", "integer", "Tip in percent.", _int(5, 25), (" with a {v} percent tip", " adding {v} percent tip"),
+                optional=True, default=15)),
+         ("Split a bill of {total} between {people} people", "We owe {total} and there are {people} of us, split it")),
+    # time family
+    Tool("set_alarm", "time", "Set an alarm at a time of day.",
+         (Param("hour", "integer", "Hour, 0 to 23.", _int(0, 23)),
+          Param("minute", "integer", "Minute, 0 to 59.", _int(0, 59)),
+          Param("label", "string", "Alarm label.", _choice(_WORDS), (" labeled {v}", " called {v}"), optional=True, default="")),
+         ("Set an alarm for {hour} hours {minute} minutes", "Wake me up at hour {hour} minute {minute}")),
+    Tool("set_timer", "time", "Start a countdown timer.",
+         (Param("minutes", "integer", "Length in minutes.", _int(1, 90)),
+          Param("sound", "boolean", "Whether to ring when done.", _bool,
+                {True: (" with a sound", " and ring at the end"), False: (" silently", " with no sound")},
+                optional=True, default=True)),
+         ("Start a timer for {minutes} minutes", "Count down {minutes} minutes")),
+    Tool("create_event", "time", "Create a calendar event.",
+         (Param("title", "string", "Event title.", _choice(_WORDS)),
+          Param("day", "integer", "Day of the month.", _int(1, 28)),
+          Param("attendees", "list", "People invited.", _words(1, 3, _PEOPLE), (" with {v}", " inviting {v}"),
+                optional=True, default=[])),
+         ("Create an event called {title} on day {day}", "Schedule {title} for day {day} of the month")),
+    # messaging family
+    Tool("send_email", "message", "Send an email to a person.",
+         (Param("to", "string", "Recipient name.", _choice(_PEOPLE)),
+          Param("subject", "string", "Email subject.", _choice(_WORDS)),
+          Param("urgent", "boolean", "Mark as urgent.", _bool,
+                {True: (" and mark it urgent", " as urgent"), False: (" and mark it not urgent", " as not urgent")},
+                optional=True, default=False)),
+         ("Email {to} about {subject}", "Send an email to {to} with subject {subject}")),
+    Tool("send_sms", "message", "Send a text message to a person.",
+         (Param("to", "string", "Recipient name.", _choice(_PEOPLE)),
+          Param("text", "string", "Message text.", _choice(_WORDS))),
+         ("Text {to} the word {text}", "Send an SMS to {to} saying {text}")),
+    Tool("send_group_message", "message", "Send one message to several people.",
+         (Param("recipients", "list", "Recipient names.", _words(2, 3, _PEOPLE)),
+          Param("text", "string", "Message text.", _choice(_WORDS))),
+         ("Message {recipients} the word {text}", "Send {text} to {recipients}")),
+    # media / shopping family
+    Tool("create_playlist", "media", "Create a music playlist.",
+         (Param("name", "string", "Playlist name.", _choice(_WORDS)),
+          Param("songs", "list", "Song titles.", _words(2, 3, _WORDS)),
+          Param("genre", "enum", "Music genre.", _choice(_GENRES), (" in the {v} genre", " tagged {v}"), optional=True, default="pop")),
+         ("Make a playlist named {name} with {songs}", "Create the playlist {name} containing {songs}")),
+    Tool("play_music", "media", "Play music of a genre.",
+         (Param("genre", "enum", "Music genre.", _choice(_GENRES)),
+          Param("volume", "integer", "Volume, 1 to 10.", _int(1, 10), (" at volume {v}", " with volume {v}"), optional=True, default=5)),
+         ("Play some {genre}", "Put on {genre} music")),
+    Tool("search_products", "media", "Search the shop for products.",
+         (Param("query", "string", "Search words.", _choice(_WORDS)),
+          Param("max_price", "number", "Highest price.", _money, (" under {v}", " cheaper than {v}"), optional=True, default=1000.0),
+          Param("in_stock", "boolean", "Only items in stock.", _bool,
+                {True: (" that are in stock", " only in stock"), False: (" even if out of stock", " including sold out ones")},
+                optional=True, default=True)),
+         ("Find {query} products", "Search the shop for {query}")),
+    Tool("search_recipes", "media", "Search recipes by dish.",
+         (Param("dish", "string", "Dish name.", _choice(_DISHES)),
+          Param("servings", "integer", "Number of servings.", _int(1, 8), (" for {v} people", " serving {v}"), optional=True, default=2)),
+         ("Find a recipe for {dish}", "How do I cook {dish}")),
+)
+_BY_NAME = {t.name: t for t in TOOLS}
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """Difficulty knobs.
+
+    num_tools:      tools shown per problem (targets + distractors), at least `max_calls`.
+    min_calls, max_calls: calls per answer (more than one = a parallel call).
+    arg_types:      only tools whose parameters all have these kinds are used.
+    similar_distractor_prob: chance that each distractor is a look-alike of a target.
+    optional_prob:  chance that each optional parameter is mentioned (and so in the answer).
+    distinct_tools: whether the calls of one problem use different tools.
+    """
+
+    num_tools: int = 4
+    min_calls: int = 1
+    max_calls: int = 2
+    arg_types: tuple[str, ...] = ARG_TYPES
+    similar_distractor_prob: float = 0.7
+    optional_prob: float = 0.4
+    distinct_tools: bool = True
+
+    def __post_init__(self):
+        if not 1 <= self.min_calls <= self.max_calls:
+            raise ValueError(f"synthetic: need 1 <= min_calls ({self.min_calls}) <= max_calls ({self.max_calls})")
+        if self.num_tools < (self.max_calls if self.distinct_tools else 1):
+            raise ValueError(f"synthetic: num_tools={self.num_tools} is smaller than max_calls={self.max_calls}")
+        unknown = set(self.arg_types) - set(ARG_TYPES)
+        if unknown:
+            raise ValueError(f"synthetic: arg_types has unknown kinds {sorted(unknown)}; known: {ARG_TYPES}")
+        if len(self.tool_pool) < self.num_tools:
+            raise ValueError(f"synthetic: only {len(self.tool_pool)} tools use arg_types={self.arg_types}, "
+                             f"fewer than num_tools={self.num_tools}")
+        for name in ("similar_distractor_prob", "optional_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"synthetic: {name}={getattr(self, name)} must be in [0, 1]")
+
+    @property
+    def tool_pool(self) -> tuple[Tool, ...]:
+        return tuple(t for t in TOOLS if t.kinds <= set(self.arg_types))
+
+
+def _one_call(tool: Tool, rng: random.Random, optional_prob: float) -> tuple[str, dict]:
+    """(sentence, arguments) for one call; both come from the same sampled values."""
+    args: dict[str, Any] = {}
+    fields: dict[str, str] = {}
+    suffix = ""
+    for p in tool.params:
+        if p.optional and rng.random() >= optional_prob:
+            continue
+        value = p.sample(rng)
+        args[p.name] = value
+        if p.optional:
+            suffix += p.render(value, rng)
+        else:
+            fields[p.name] = p.render(value, rng)
+    return rng.choice(tool.templates).format(**fields) + suffix, args
+
+
+def _join(sentences: list[str], rng: random.Random) -> str:
+    if len(sentences) == 1:
+        return sentences[0] + rng.choice((".", "?", ", please."))
+    out = sentences[0]
+    for s in sentences[1:]:
+        out += rng.choice((". Also, ", ", and then ", ". After that, ")) + s[0].lower() + s[1:]
+    return out + "."
+
+
+def make_problem(rng: random.Random, config: SyntheticConfig, index: int) -> dict:
+    """One xLAM-schema record drawn from `rng`."""
+    pool = config.tool_pool
+    n_calls = rng.randint(config.min_calls, config.max_calls)
+    if config.distinct_tools:
+        targets = rng.sample(list(pool), n_calls)
+    else:
+        targets = [rng.choice(pool) for _ in range(n_calls)]
+    shown = list(dict.fromkeys(t.name for t in targets))
+    while len(shown) < config.num_tools:
+        siblings = [t.name for t in pool if t.family in {_BY_NAME[n].family for n in shown} and t.name not in shown]
+        others = [t.name for t in pool if t.name not in shown]
+        shown.append(rng.choice(siblings if siblings and rng.random() < config.similar_distractor_prob else others))
+    rng.shuffle(shown)
+    sentences, answers = [], []
+    for tool in targets:
+        sentence, args = _one_call(tool, rng, config.optional_prob)
+        sentences.append(sentence)
+        answers.append({"name": tool.name, "arguments": args})
+    return {
+        "id": index,
+        "query": _join(sentences, rng),
+        "tools": json.dumps([_BY_NAME[n].schema() for n in shown]),
+        "answers": json.dumps(answers),
+    }
+
+
+def generate(num: int, config: SyntheticConfig = SyntheticConfig(), seed: int = 0, start_id: int = 0) -> list[dict]:
+    """`num` records, a pure function of (config, seed): the same arguments give the same records."""
+    rng = random.Random(f"tooln1-synthetic/{seed}")
+    return [make_problem(rng, config, start_id + i) for i in range(num)]
+
+
+def template_reasoning(answer: Sequence[dict]) -> str:
+    """A short templated thought for SFT targets: which tools the answer calls, in order."""
+    names = [call["name"] for call in answer]
+    if not names:
+        return "No tool fits the request."
+    if len(names) == 1:
+        return f"The user needs {names[0]}."
+    return "The user needs " + ", ".join(names[:-1]) + " and " + names[-1] + "."
+
+
+def corpus_text(records: Sequence[dict]) -> list[str]:
+    """Every string a tokenizer should cover compactly: queries, tool JSON, answers, thoughts."""
+    out = []
+    for r in records:
+        answer = json.loads(r["answers"])
+        out += [r["query"], template_reasoning(answer), json.dumps(answer)]
+        out += [json.dumps({"type": "function", "function": t}) for t in json.loads(r["tools"])]
+    return out
