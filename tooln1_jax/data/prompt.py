@@ -74,7 +74,7 @@ def encode_prompts(tokenizer: Any, records: Sequence[ToolRecord], *, max_prompt_
             continue
         ids.append(list(token_ids))
         kept.append(record)
-    drops.report("prompts", len(kept))
+    drops.report("prompts", len(kept), echo=False)
     return ids, kept, drops
 
 

@@ -46,13 +46,15 @@ class ToolRecord:
 
 
 class DropCounts(Counter):
-    """Counted skips by reason (`counts["no_tools"] += 1`). `report()` logs and returns a line."""
+    """Counted skips by reason (`counts["no_tools"] += 1`). `report()` logs, prints and returns a line."""
 
-    def report(self, what: str, kept: int) -> str:
+    def report(self, what: str, kept: int, echo: bool = True) -> str:
         total = kept + sum(self.values())
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.items())) or "none"
         line = f"{what}: kept {kept} of {total}; dropped: {reasons}"
         logger.info(line)
+        if echo:
+            print(line, flush=True)
         return line
 
     def merged(self, other: "DropCounts") -> "DropCounts":
