@@ -116,7 +116,7 @@ def _index_key(index: tuple) -> tuple:
     return tuple((s.start, s.stop, s.step) for s in index)
 
 
-def _leaf_from_files(shape, dtype, sharding, read_slice):
+def _leaf_from_files(shape, sharding, read_slice):
     """One param leaf built shard by shard. `read_slice(index)` -> numpy for that index."""
     cache: dict = {}  # replicated shards read the same slice once
 
@@ -182,8 +182,8 @@ def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_d
                 want = expected[::-1] if transposed else expected
                 raise CheckpointFormatError(f"{weight_map[name]}: tensor {name} has shape {stored}, config.json implies {want}")
             if transposed:
-                return np.ascontiguousarray(t[index[::-1]].T.astype(np_dtype))
-            return np.ascontiguousarray(t[index].astype(np_dtype))
+                return np.ascontiguousarray(t[index[::-1]].T.astype(np_dtype, copy=False))
+            return np.ascontiguousarray(t[index].astype(np_dtype, copy=False))
 
         params: dict = {"layers": {}}
         for leaf, shape in shapes.items():
@@ -191,7 +191,7 @@ def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_d
                 continue
             name, transposed = hf_tensor_name(leaf)
             params[leaf] = _leaf_from_files(
-                shape, np_dtype, shardings[leaf], lambda idx, n=name, t=transposed, s=shape: read(n, t, s, idx)
+                shape, shardings[leaf], lambda idx, n=name, t=transposed, s=shape: read(n, t, s, idx)
             )
         for leaf, shape in shapes["layers"].items():
 
@@ -205,7 +205,7 @@ def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_d
                     out[j] = read(*hf_tensor_name(leaf, layer), shape[1:], inner)
                 return out
 
-            params["layers"][leaf] = _leaf_from_files(shape, np_dtype, shardings["layers"][leaf], read_stacked)
+            params["layers"][leaf] = _leaf_from_files(shape, shardings["layers"][leaf], read_stacked)
     return config, params
 
 
