@@ -122,6 +122,27 @@ def test_install_from_local_ships_the_committed_head_to_all_workers(tmp_path):
                                           'tar -xzf "$HOME/tooln1-jax-src.tar.gz" -C "$HOME/tooln1-jax"')
 
 
+def test_install_from_local_archive_unpacks_the_committed_tree_on_a_worker(tmp_path):
+    checkout = tmp_path / "checkout"
+    (checkout / "configs").mkdir(parents=True)
+    (checkout / "configs" / "run.py").write_text("CONFIG = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(checkout)]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "x"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    (checkout / "uncommitted.txt").write_text("not shipped\n")
+    archive = tmp_path / "src.tar.gz"
+    pack, _, ssh = dry("install", "--name", "t", "--zone", ZONE, "--from-local", str(checkout),
+                       "--local-archive", str(archive), "--skip-apt")
+    subprocess.run(pack, check=True, timeout=30)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "tooln1-jax-src.tar.gz").write_bytes(archive.read_bytes())  # what the scp step delivers
+    unpack = remote_command(ssh).split(" && python3.11 -m venv")[0]  # rm, mkdir, tar
+    subprocess.run(["bash", "-c", unpack], env={**os.environ, "HOME": str(home)}, check=True, timeout=30)
+    assert (home / "tooln1-jax" / "configs" / "run.py").read_text() == "CONFIG = 1\n"
+    assert not (home / "tooln1-jax" / "uncommitted.txt").exists()
+
+
 def test_install_rejects_bad_sources(tmp_path):
     assert "not a git checkout" in fails("install", "--name", "t", "--zone", ZONE, "--from-local", str(tmp_path))
     assert "--remote-dir='../x'" in fails("install", "--name", "t", "--zone", ZONE, "--repo-url", "u", "--remote-dir", "../x")
