@@ -38,7 +38,7 @@ def system_message(record: ToolRecord, *, for_eval: bool = False) -> str:
     if record.system.strip():
         parts.append(record.system.strip())
     parts.append("You can call the following functions to help with the user's request. "
-                 "Each line between <tools> and </tools> describes one function:")
+                 "Each line of the list below describes one function:")
     parts.append(tools_block(record.tools))
     parts.append(_FORMAT_INSTRUCTIONS + (" " + _NO_FIT if for_eval else ""))
     parts.append(_EXAMPLE)
