@@ -199,6 +199,27 @@ def test_batch_rewards_group_shares_one_truth_object():
     np.testing.assert_array_equal(rewards, np.ones(6, np.float32))
 
 
+def test_batch_rewards_with_fresh_truth_objects():
+    """A lazy sequence returns a new object per item, so freed ids get reused; the cache must not
+    confuse them (each item here holds a different truth)."""
+    class Lazy:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            if i >= self.n:
+                raise IndexError(i)
+            return [{"name": "f", "arguments": {"i": i}}]
+
+    n = 50
+    completions = [THINK + block([{"name": "f", "arguments": {"i": i}}]) for i in range(n)]
+    rewards, _ = batch_rewards(completions, Lazy(n))
+    np.testing.assert_array_equal(rewards, np.ones(n, np.float32))
+
+
 def test_oracle_completion_scores_one():
     text = format_completion(GT, "reasoning")
     assert text.startswith("<think>reasoning</think>\n<tool_call>\n") and text.endswith("\n</tool_call>")

@@ -187,12 +187,14 @@ def batch_rewards(completions: Sequence[str], ground_truths: Sequence[Any],
         raise ValueError(f"{len(completions)} completions but {len(ground_truths)} ground truths")
     rewards = np.zeros(len(completions), dtype=np.float32)
     reasons: list[str] = []
-    cache: dict[Any, tuple[Counter | None, Counter | None]] = {}
+    # Keyed by the string, or by object id with the object kept alive in the value: a lazily
+    # materialised sequence could otherwise free a truth and hand its id to a different one.
+    cache: dict[Any, tuple[Any, Counter | None, Counter | None]] = {}
     for i, (completion, truth) in enumerate(zip(completions, ground_truths)):
         cache_key = truth if isinstance(truth, str) else id(truth)
         if cache_key not in cache:
-            cache[cache_key] = _truth_counters(truth)
-        reward, reason = _score(completion, *cache[cache_key], variant, block)
+            cache[cache_key] = (truth, *_truth_counters(truth))
+        reward, reason = _score(completion, *cache[cache_key][1:], variant, block)
         rewards[i] = reward
         reasons.append(reason)
     return rewards, reasons
