@@ -281,3 +281,27 @@ def test_cli_generation_end_to_end(tiny_qwen_dir, tmp_path):
     # a random model makes no valid call; every item is scored (decoder failure), none crashes
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(results) == 20 and all(r["error_type"] for r in results if not r["valid"])
+
+
+def test_orbax_checkpoint_hook_restores_the_policy(tmp_path):
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tooln1_jax.checkpoint import RunCheckpointer
+    from tooln1_jax.evaluation.generation import load_model
+    from tooln1_jax.models.config import ModelConfig
+    from tooln1_jax.models.transformer import init_params
+
+    config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
+    params = init_params(config, jax.random.PRNGKey(1))
+    ckpt = RunCheckpointer(str(tmp_path / "run"), async_save=False)
+    ckpt.save(3, params, {"count": jnp.zeros((), jnp.int32)}, {"model_config": dataclasses.asdict(config)})
+    ckpt.close()
+    loaded_config, loaded = load_model(str(tmp_path / "run"))
+    assert loaded_config.vocab_size == 64 and loaded_config.num_layers == 1
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
