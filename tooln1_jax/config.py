@@ -61,8 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
     # kind "hf": AutoTokenizer from name_or_path ("" = the model folder);
-    # kind "tiny": the demo's small BPE tokenizer (tooln1_jax.data.tiny_tokenizer).
-    c.tokenizer = ml_collections.ConfigDict(dict(kind="tiny", name_or_path=""))
+    # kind "tiny": the demo's small BPE tokenizer (tooln1_jax.data.tiny_tokenizer) of `vocab_size`
+    # tokens, cached in name_or_path ("" = the cache dir).
+    c.tokenizer = ml_collections.ConfigDict(dict(kind="tiny", name_or_path="", vocab_size=1024))
 
     c.data = ml_collections.ConfigDict(
         dict(
@@ -191,6 +192,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             _fail(f"{r}.head_dim", c.model.random.head_dim, "must be even (rotary embeddings)")
 
     _one_of(c, "tokenizer.kind", TOKENIZER_KINDS)
+    if c.tokenizer.kind == "tiny":
+        _positive(c, "tokenizer.vocab_size")
     if c.tokenizer.kind == "hf" and not (c.tokenizer.name_or_path or c.model.name_or_path):
         _fail("tokenizer.name_or_path", c.tokenizer.name_or_path,
               "is empty and so is config.model.name_or_path: an hf tokenizer needs a folder or hub name")
