@@ -127,6 +127,13 @@ def test_malformed_checkpoints_name_the_problem(tmp_path):
     with pytest.raises(CheckpointFormatError, match="neither model.safetensors"):
         load_pretrained(tmp_path / "empty")
 
+    (tmp_path / "empty" / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 8}))
+    with pytest.raises(CheckpointFormatError, match=r"config\.json: missing field 'num_attention_heads'"):
+        load_pretrained(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointFormatError, match=r"config\.json: Expecting property name"):
+        load_pretrained(tmp_path / "empty")
+
     folder = tmp_path / "broken"
     save_pretrained(QWEN_UNTIED, random_params(QWEN_UNTIED), folder)
     tensors = load_file(folder / "model.safetensors")

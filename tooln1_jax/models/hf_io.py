@@ -139,7 +139,11 @@ def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_d
     folder = resolve_checkpoint_dir(path)
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise CheckpointNotFoundError(f"checkpoint {folder}: no config.json")
-    config = ModelConfig.from_hf(folder)
+    try:
+        config = ModelConfig.from_hf(folder)
+    except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointFormatError(f"{os.path.join(folder, 'config.json')}: {what}") from None
     if compute_dtype is not None:
         config = config.replace(dtype=str(jnp.dtype(compute_dtype)))
     weight_map = _weight_map(folder)
