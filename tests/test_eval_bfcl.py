@@ -188,9 +188,12 @@ def test_mirrored_averages_equal_the_package_code():
                 ours = getattr(bfcl, name)([dict(e) for e in entries], flag)
                 theirs = pkg[name]([dict(e) for e in entries], flag)
                 assert ours.keys() == theirs.keys()
-                for key in ours:
-                    assert ours[key] == pytest.approx(theirs[key]) if key != "display_accuracy" or theirs[key] != "N/A" \
-                        else ours[key] == "N/A"
+                assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
+                assert ours["total_count"] == theirs["total_count"]
+                if theirs["display_accuracy"] == "N/A":
+                    assert ours["display_accuracy"] == "N/A"
+                else:
+                    assert ours["display_accuracy"] == pytest.approx(theirs["display_accuracy"])
 
 
 # ---- the CLI: prediction files ----------------------------------------------------------------------
@@ -262,22 +265,32 @@ def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer):
     return save_pretrained(config, params, str(tmp_path_factory.mktemp("tiny_qwen")), tokenizer=qwen_tokenizer)
 
 
-def test_cli_generation_end_to_end(tiny_qwen_dir, tmp_path):
+def test_cli_generation_end_to_end(tiny_qwen_dir, tmp_path, items, qwen_tokenizer):
+    from tooln1_jax.data.prompt import render_prompt
     from tooln1_jax.evaluate import main
 
     out = tmp_path / "gen"
     categories = ["simple", "java", "javascript", "multiple", "parallel", "parallel_multiple", "live_simple",
                   "live_multiple", "live_parallel", "live_parallel_multiple"]
+    # a prompt-length limit that drops the longest prompts: they are scored wrong, not left out
+    lengths = sorted(len(qwen_tokenizer(render_prompt(qwen_tokenizer, bfcl.prompt_record(it), for_eval=True),
+                                        add_special_tokens=False)["input_ids"])
+                     for c in categories for it in items[c][:2])
+    limit = lengths[16]
+    too_long = sum(n > limit for n in lengths)
+    assert 0 < too_long < 20
     assert main(["bfcl", "--checkpoint", tiny_qwen_dir, "--categories", *categories, "--limit", "2",
-                 "--batch-size", "20", "--max-new-tokens", "4", "--output", str(out), "--no-progress"]) == 0
+                 "--batch-size", "20", "--max-new-tokens", "4", "--max-prompt-length", str(limit),
+                 "--output", str(out), "--no-progress"]) == 0
     for name in ("summary.json", "summary.md", "results.jsonl", "predictions.jsonl"):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert sum(summary[c]["total"] for c in categories) == 20
-    assert summary["run"]["mode"] == "generation" and summary["run"]["missing_prediction"] == 0
+    assert summary["run"]["mode"] == "generation" and summary["run"]["prompt_too_long"] == too_long
+    assert summary["run"]["prompt_drops"] == {"prompt_too_long": too_long}
     assert summary["non_live"]["accuracy"] is not None and summary["live"]["accuracy"] is not None
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 20 and all(isinstance(p["completion"], str) for p in predictions)
+    assert len(predictions) == 20 - too_long and all(isinstance(p["completion"], str) for p in predictions)
     # a random model makes no valid call; every item is scored (decoder failure), none crashes
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(results) == 20 and all(r["error_type"] for r in results if not r["valid"])

@@ -54,10 +54,10 @@ def _bfcl_task(args) -> tuple[list, Callable, Callable, dict]:
     by_id = {it.id: it for it in flat}
     records = [bfcl.prompt_record(it) for it in flat]
 
-    def score(item_id: str, completion: str | None):
+    def score(item_id: str, completion: str | None, missing: str):
         item = by_id[item_id]
         if completion is None:
-            return bfcl.ItemResult(item.id, item.category, False, None, "missing_prediction")
+            return bfcl.ItemResult(item.id, item.category, False, None, missing)
         return bfcl.score_item(item, completion)
 
     def summarize(results) -> dict:
@@ -76,10 +76,10 @@ def _api_bank_task(args) -> tuple[list, Callable, Callable, dict]:
     by_id = api_bank.items_by_id(items)
     records = [api_bank.prompt_record(it) for it in items]
 
-    def score(item_id: str, completion: str | None):
+    def score(item_id: str, completion: str | None, missing: str):
         item = by_id[item_id]
         if completion is None:
-            return api_bank.ApiBankResult(item.id, item.multi_turn, False, None, "missing_prediction")
+            return api_bank.ApiBankResult(item.id, item.multi_turn, False, None, missing)
         return api_bank.score_item(item, completion)
 
     return records, score, api_bank.summarize, {"data": os.path.abspath(path)}
@@ -157,9 +157,11 @@ def run(argv: list[str] | None = None) -> dict:
         generated = completions
         run_notes.update(mode="generation", checkpoint=os.path.abspath(args.checkpoint), prompt_drops=drops,
                          max_new_tokens=args.max_new_tokens, decoding="greedy")
-    results = [score(i, completions.get(i)) for i in ids]
-    missing = Counter(r.error_type for r in results)["missing_prediction"]
-    run_notes["missing_prediction"] = missing
+    # An item without a completion is scored wrong, never dropped from the totals.
+    missing_reason = "missing_prediction" if args.predictions else "prompt_too_long"
+    results = [score(i, completions.get(i), missing_reason) for i in ids]
+    missing = Counter(r.error_type for r in results)[missing_reason]
+    run_notes[missing_reason] = missing
     summary = {**summarize(results), "run": run_notes}
     out_dir = args.output or f"eval_{args.benchmark}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d_%H%M%S}"
     _write(out_dir, results, summary, generated)
@@ -167,7 +169,7 @@ def run(argv: list[str] | None = None) -> dict:
     for line in run_notes.get("problems", [])[:10]:
         print("skipped:", line, file=sys.stderr)
     if missing:
-        print(f"warning: {missing} items had no prediction and are scored wrong", file=sys.stderr)
+        print(f"warning: {missing} items had no completion ({missing_reason}) and are scored wrong", file=sys.stderr)
     print(f"wrote {os.path.abspath(out_dir)}/summary.json, summary.md, results.jsonl")
     return summary
 

@@ -59,6 +59,8 @@ class ApiBankItem:
 
 _CALL = re.compile(r"^\s*\[\s*([A-Za-z_][\w.]*)\s*\((.*)\)\s*\]\s*$", re.DOTALL)
 _NEXT_KEY = re.compile(r"\s*,\s*[A-Za-z_]\w*\s*=")
+_KEY = re.compile(r"\s*([A-Za-z_]\w*)\s*=\s*")
+_COMMA = re.compile(r"\s*,")
 
 
 def _scan_arguments(text: str) -> dict[str, Any] | None:
@@ -67,7 +69,7 @@ def _scan_arguments(text: str) -> dict[str, Any] | None:
     args: dict[str, Any] = {}
     pos = 0
     while pos < len(text):
-        m = re.compile(r"\s*([A-Za-z_]\w*)\s*=\s*").match(text, pos)
+        m = _KEY.match(text, pos)
         if m is None:
             return None if text[pos:].strip() else args
         key, pos = m.group(1), m.end()
@@ -94,7 +96,7 @@ def _scan_arguments(text: str) -> dict[str, Any] | None:
             except (ValueError, SyntaxError):
                 return None
             pos = end
-        comma = re.compile(r"\s*,").match(text, pos)
+        comma = _COMMA.match(text, pos)
         if comma:
             pos = comma.end()
     return args

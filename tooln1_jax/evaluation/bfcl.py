@@ -72,19 +72,20 @@ def prompt_tools(functions: Sequence[dict], category: str) -> list[dict]:
     functions = copy.deepcopy(list(functions))
     language = {"java": "Java", "javascript": "JavaScript"}.get(category)
     for doc in functions:
-        doc["description"] = doc.get("description", "") + _language_hint(category)
+        doc["description"] = (doc.get("description") or "") + _language_hint(category)
         if language is None:
             continue
         for param in doc.get("parameters", {}).get("properties", {}).values():
             ptype = param.get("type")
+            param["description"] = param.get("description") or ""
             if ptype == "any":
                 param["description"] += f" This parameter can be of any type of {language} object in string representation."
             else:
                 param["description"] += f" This is {language} {ptype} type parameter in string representation."
             if ptype in (("ArrayList", "Array") if language == "Java" else ("array",)):
-                param["description"] += (f" The list elements are of type {param['items']['type']}; "
+                element_type = (param.pop("items", None) or {}).get("type")
+                param["description"] += (f" The list elements are of type {element_type}; "
                                          "they are not in string representation.")
-                del param["items"]
             if language == "JavaScript" and ptype == "dict" and "properties" in param:
                 param["description"] += (" The dictionary entries have the following schema; they are not "
                                          f"in string representation. {json.dumps(param['properties'])}")
