@@ -133,6 +133,7 @@ def test_prompt_tools_follow_bfcl_language_rules(items):
     py = bfcl.prompt_tools(items["simple"][0].functions, "simple")
     assert py[0]["parameters"] == items["simple"][0].functions[0]["parameters"]
     assert bfcl.prompt_record(java).tools == tools
+    assert bfcl.prompt_record(java, bfcl_tool_docs=False).tools == java.functions
 
 
 # ---- aggregation ------------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-length", type=int, default=4096)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint folder)")
     p.add_argument("--step", type=int, default=None, help="orbax checkpoint step (default: latest)")
+    p.add_argument("--tool-docs", choices=("bfcl", "raw"), default="bfcl",
+                   help="BFCL prompts: tool docs as BFCL's pipeline rewrites them (language hints; Java/JS "
+                        "parameters as strings), or exactly as shipped")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -52,7 +55,7 @@ def _bfcl_task(args) -> tuple[list, Callable, Callable, dict]:
     items, quirks = bfcl.load_items(categories, limit=args.limit)
     flat = [it for cat in categories for it in items[cat]]
     by_id = {it.id: it for it in flat}
-    records = [bfcl.prompt_record(it) for it in flat]
+    records = [bfcl.prompt_record(it, bfcl_tool_docs=args.tool_docs == "bfcl") for it in flat]
 
     def score(item_id: str, completion: str | None, missing: str):
         item = by_id[item_id]
@@ -64,7 +67,7 @@ def _bfcl_task(args) -> tuple[list, Callable, Callable, dict]:
         per_cat = bfcl.category_scores(results)
         return {**per_cat, **bfcl.summarize(per_cat)}
 
-    meta = {"categories": categories, "data_id_quirks": quirks}
+    meta = {"categories": categories, "tool_docs": args.tool_docs, "data_id_quirks": quirks}
     return records, score, summarize, meta
 
 

@@ -94,12 +94,15 @@ def prompt_tools(functions: Sequence[dict], category: str) -> list[dict]:
     return functions
 
 
-def prompt_record(item: BfclItem) -> ToolRecord:
-    """The record a model is prompted with (render with `for_eval=True`). Its `answer` is the
+def prompt_record(item: BfclItem, *, bfcl_tool_docs: bool = True) -> ToolRecord:
+    """The record a model is prompted with (render with `for_eval=True`). Tools: `prompt_tools`
+    (BFCL's rewrite), or the docs as shipped with `bfcl_tool_docs=False`. Its `answer` is the
     oracle (first checker-accepted values) for reference only; scoring uses the checker."""
     answer = [] if item.ground_truth is None else (
         possible_answer_calls(item.ground_truth, strict=False, functions=item.functions) or [])
     record = to_record(item, answer)
+    if not bfcl_tool_docs:
+        return record
     return dataclasses.replace(record, tools=prompt_tools(item.functions, item.category))
 
 
