@@ -447,17 +447,33 @@ def default_config_path() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
 
 
+def define_config_flag(flag_values=None, sys_argv: Sequence[str] | None = None):
+    """The `--config` flag (a config file) with `--config.a.b=value` overrides, on `flag_values`
+    (default: absl's global FLAGS). Returns its holder; `.value` is the overridden ConfigDict."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    return config_flags.DEFINE_config_file("config", default_config_path(), "Run config file (configs/*.py).",
+                                           flag_values=flags.FLAGS if flag_values is None else flag_values,
+                                           sys_argv=None if sys_argv is None else list(sys_argv))
+
+
+def parse_config_args(argv: Sequence[str]):
+    """argv (program name first) -> the run config, exactly as the CLI reads it (not validated)."""
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    holder = define_config_flag(flag_values, argv)  # the overrides are read from argv at definition
+    flag_values(list(argv))
+    return holder.value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m tooln1_jax.train [--config configs/x.py] [--config.a.b=value ...]`."""
     from absl import app
-    from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", default_config_path(), "Run config file (configs/*.py).")
-
-    def _main(_):
-        train(config_flag.value)
-
-    app.run(_main, argv=argv)
+    holder = define_config_flag(sys_argv=argv)
+    app.run(lambda _: train(holder.value), argv=argv)
 
 
 class _CallableModule(types.ModuleType):
