@@ -1,0 +1,222 @@
+"""Supervised fine-tuning: cross-entropy on the assistant tokens only.
+
+Used as the demo's warm start before GRPO and as the paper's SFT baseline. The target of a
+record is `format_completion(answer, template_reasoning(answer))` followed by the end-of-turn
+token, so the model learns to stop. Each example is laid out like a rollout row:
+
+    [pad ... pad, prompt (left-padded to P)] [completion, <|im_end|>, pad ... (right-padded to C)]
+
+so every completion starts at column P, and the loss reads the hidden states of columns
+P-1 ... P+C-2 only (no lm_head work on prompt tokens). Log-probs go through the GRPO module's
+chunked `token_logprobs`, so no [batch, seq, vocab] array of the whole batch is ever made.
+
+    python -m tooln1_jax.sft --config configs/tiny_cpu.py [--config.sft.steps=400]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tooln1_jax.data.prompt import encode_prompts, format_completion
+from tooln1_jax.data.records import DropCounts, ToolRecord
+from tooln1_jax.data.synthetic import template_reasoning
+from tooln1_jax.grpo import token_logprobs
+from tooln1_jax.models import ModelConfig, hidden_states, lm_head_weight
+from tooln1_jax.sharding import TRAIN_RULES, batch_sharding, shard_params
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTData:
+    """Encoded examples. input_ids / attention_mask [N, P + C] int32; loss_mask [N, C] float32
+    (1 on completion tokens, the stop token included); records [N] (kept, in order)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray
+    prompt_width: int
+    records: list
+    drops: DropCounts
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def completion_text(record: ToolRecord) -> str:
+    return format_completion(record.answer, template_reasoning(record.answer))
+
+
+def encode_sft(tokenizer: Any, records: Sequence[ToolRecord], *, max_prompt_length: int, max_completion_length: int,
+               prompt_width: int | None = None) -> SFTData:
+    """Records -> `SFTData`. Prompts over `max_prompt_length` tokens (`prompt_too_long`) and
+    targets over `max_completion_length` tokens (`completion_too_long`) are dropped and counted.
+    `prompt_width` P defaults to the longest kept prompt; C is `max_completion_length`."""
+    prompts, kept, drops = encode_prompts(tokenizer, records, max_prompt_length=max_prompt_length)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos_token: SFT targets need an end-of-turn token")
+    targets = tokenizer([completion_text(r) for r in kept], add_special_tokens=False)["input_ids"] if kept else []
+    rows = []
+    for p, t, r in zip(prompts, targets, kept):
+        if len(t) + 1 > max_completion_length:
+            drops["completion_too_long"] += 1
+            continue
+        rows.append((p, list(t) + [eos], r))
+    if not rows:
+        raise ValueError(f"SFT: no example left after filtering ({dict(drops)}); raise the length limits")
+    width = prompt_width or max(len(p) for p, _, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    n, c = len(rows), max_completion_length
+    ids = np.full((n, width + c), pad, np.int32)
+    attn = np.zeros((n, width + c), np.int32)
+    loss = np.zeros((n, c), np.float32)
+    for i, (p, t, _) in enumerate(rows):
+        if len(p) > width:
+            raise ValueError(f"SFT: prompt of record {rows[i][2].id!r} has {len(p)} tokens > prompt_width {width}")
+        ids[i, width - len(p):width] = p
+        ids[i, width:width + len(t)] = t
+        attn[i, width - len(p):width + len(t)] = 1
+        loss[i, :len(t)] = 1.0
+    return SFTData(ids, attn, loss, width, [r for _, _, r in rows], drops)
+
+
+def completion_logprobs(model_config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array,
+                        prompt_width: int) -> jax.Array:
+    """input_ids / attention_mask [B, P + C] -> log p(completion token) [B, C] float32.
+    Position P-1+j predicts token P+j, so only those C hidden states meet the lm_head."""
+    hidden = hidden_states(model_config, params, input_ids, attention_mask)
+    c = input_ids.shape[1] - prompt_width
+    h = jax.lax.dynamic_slice_in_dim(hidden, prompt_width - 1, c, axis=1)
+    lp, _ = token_logprobs(h, lm_head_weight(params), input_ids[:, prompt_width:])
+    return lp
+
+
+def sft_loss(model_config: ModelConfig, params: dict, input_ids, attention_mask, loss_mask, prompt_width: int):
+    """Mean negative log-likelihood over the loss-mask tokens. loss_mask [B, C]."""
+    lp = completion_logprobs(model_config, params, input_ids, attention_mask, prompt_width)
+    return -jnp.sum(lp * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
+
+
+@flax.struct.dataclass
+class SFTState:
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+def make_optimizer(lr: float, weight_decay: float = 0.01, grad_clip: float = 1.0, warmup_steps: int = 0,
+                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+    """AdamW with a constant lr after an optional linear warmup, after global-norm clipping."""
+    schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps else lr
+    chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    return optax.chain(*chain, optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "optimizer", "prompt_width"), donate_argnums=(0,))
+def sft_step(state: SFTState, input_ids, attention_mask, loss_mask, *, model_config: ModelConfig,
+             optimizer: optax.GradientTransformation, prompt_width: int) -> tuple[SFTState, jax.Array]:
+    """One AdamW update on a batch; returns (new state, loss before the update)."""
+    loss, grads = jax.value_and_grad(
+        lambda p: sft_loss(model_config, p, input_ids, attention_mask, loss_mask, prompt_width))(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return SFTState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+
+
+def _sft_settings(config) -> dict:
+    s, o = config.sft, config.optim
+    return dict(
+        lr=float(s.lr), batch_size=int(s.batch_size),
+        weight_decay=float(s.get("weight_decay", o.weight_decay)),
+        grad_clip=float(s.get("grad_clip", o.grad_clip)),
+        warmup_steps=int(s.get("warmup_steps", 0)),
+        max_completion_length=int(s.get("max_completion_length", config.rollout.max_new_tokens)),
+        log_every=int(s.get("log_every", 25)),
+    )
+
+
+def run_sft(config, model_config: ModelConfig, params: dict, tokenizer: Any, records: Sequence[ToolRecord], *,
+            mesh=None, steps: int | None = None, data: SFTData | None = None, start_step: int = 0,
+            log_fn=None) -> tuple[dict, dict]:
+    """SFT for `steps` updates (default `config.sft.warm_start_steps`) on `records`, cycling a
+    seeded shuffle of them. Returns (params, metrics: losses, step times, example counts).
+
+    `start_step` continues the data order of an earlier call (the control run resumes where
+    the warm start stopped); `data` reuses an already encoded `SFTData`; `log_fn(step, dict)`
+    receives the periodic loss line."""
+    settings = _sft_settings(config)
+    steps = int(config.sft.warm_start_steps if steps is None else steps)
+    data = data or encode_sft(tokenizer, records, max_prompt_length=int(config.data.max_prompt_length),
+                              max_completion_length=settings["max_completion_length"])
+    bs = settings["batch_size"]
+    optimizer = make_optimizer(settings["lr"], settings["weight_decay"], settings["grad_clip"], settings["warmup_steps"],
+                               float(config.optim.b1), float(config.optim.b2))
+    if mesh is not None:
+        params = shard_params(params, model_config, mesh, TRAIN_RULES)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its state; the caller keeps its params
+    state = SFTState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+    put = (lambda x: jax.device_put(x, batch_sharding(mesh, TRAIN_RULES, x.ndim, x.shape[0]))) if mesh else jnp.asarray
+
+    n = len(data)
+    rng = np.random.default_rng(int(config.seed) + 7919)
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-(start_step + steps) * bs // n) + 1)])
+    losses, times = [], []
+    t_start = time.perf_counter()
+    for step in range(start_step, start_step + steps):
+        idx = order[step * bs:(step + 1) * bs]
+        t0 = time.perf_counter()
+        state, loss = sft_step(state, put(data.input_ids[idx]), put(data.attention_mask[idx]), put(data.loss_mask[idx]),
+                               model_config=model_config, optimizer=optimizer, prompt_width=data.prompt_width)
+        loss = float(loss)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"SFT loss is {loss} at step {step}: lower config.sft.lr")
+        losses.append(loss)
+        times.append(time.perf_counter() - t0)
+        if log_fn is not None and (step + 1 - start_step) % settings["log_every"] == 0:
+            log_fn(step + 1, {"sft_loss": float(np.mean(losses[-settings["log_every"]:])), "sft_step_time": times[-1]})
+    metrics = {
+        "sft_steps": steps, "sft_examples": n, "sft_drops": dict(data.drops),
+        "sft_losses": losses, "sft_final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+        "sft_seconds": time.perf_counter() - t_start, "sft_step_times": times,
+    }
+    return state.params, metrics
+
+
+def main(argv=None):
+    """`python -m tooln1_jax.sft --config configs/tiny_cpu.py`: SFT only (the paper's SFT baseline),
+    then greedy held-out accuracy; writes `sft_summary.json` and an HF folder under output_dir."""
+    from absl import app, flags  # noqa: F401  (ml_collections config flags run on absl)
+    from ml_collections import config_flags
+
+    from tooln1_jax import train as train_lib
+
+    default_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
+    _CONFIG = config_flags.DEFINE_config_file("config", default_cfg, "Run config file.")
+
+    def _main(_):
+        config = _CONFIG.value
+        steps = int(config.sft.get("steps", 0) or config.sft.warm_start_steps)
+        setup = train_lib.setup_run(config)
+        params, metrics = run_sft(config, setup.model_config, setup.params, setup.tokenizer, setup.train_records,
+                                  mesh=setup.mesh, steps=steps,
+                                  log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True))
+        acc = train_lib.held_out_accuracy(config, setup, params)
+        print(f"SFT {steps} steps: held-out exact-call accuracy {acc['accuracy']:.3f} "
+              f"on {acc['num_scored']} prompts ({metrics['sft_seconds']:.0f} s of SFT)", flush=True)
+        os.makedirs(config.output_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, "sft_summary.json"), "w") as f:
+            json.dump({"accuracy": acc, **{k: v for k, v in metrics.items() if k != "sft_step_times"}}, f, indent=1)
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
