@@ -137,16 +137,17 @@ def main():
           f"first step: loss {float(metrics['loss']):.5f} kl {float(metrics['kl']):.2e} ratio [{float(metrics['ratio_min']):.6f}, "
           f"{float(metrics['ratio_max']):.6f}] grad_norm {float(metrics['grad_norm']):.3f} finite {bool(metrics['finite'])}")
 
-    step_times, old_times = [], []
+    step_times, old_times, step_cpu = [], [], []
     for _ in range(args.reps):
         probe.sample()
         t0 = time.perf_counter()
         jax.block_until_ready(old_fn(state.params, batch))
         old_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, metrics = compiled(state, ref, batch)
         jax.block_until_ready(metrics)
         step_times.append(time.perf_counter() - t0)
+        step_cpu.append(time.process_time() - c0)
     probe.sample()
     peak = probe.gflops
     step_s, old_s = statistics.median(step_times), statistics.median(old_times)
@@ -157,7 +158,8 @@ def main():
     gf = flops_step / step_s / 1e9
     gf_all = (flops_step + flops_old) / (step_s + old_s) / 1e9
     print(f"update (ref log-probs inside, old log-probs given): {step_s:.2f} s median of {[round(t, 2) for t in step_times]}; "
-          f"{gf:.0f} GFLOP/s nominal = {gf / peak:.0%} of matmul peak")
+          f"{gf:.0f} GFLOP/s nominal = {gf / peak:.0%} of matmul peak; CPU time {statistics.median(step_cpu):.1f} s "
+          f"({os.cpu_count()} cores)")
     print(f"old log-probs recompute: {old_s:.2f} s median of {[round(t, 2) for t in old_times]}; "
           f"update with old log-probs: {step_s + old_s:.2f} s, {gf_all:.0f} GFLOP/s = {gf_all / peak:.0%} of peak")
     print(f"peak RSS {peak_rss_gb():.2f} GB; load avg {load_avg()}")
