@@ -156,6 +156,8 @@ def make_grpo_step(model_config: ModelConfig, optimizer: optax.GradientTransform
     mini-batch (see the module docstring for `batch`). `ref_params` may be bfloat16 (see
     `reference_params`) or None when kl_coef == 0. With a mesh, state, reference and batch
     are sharded by `rules` (put the batch with `shard_batch`); the state is donated.
+    With `completion_len` C, log-probs are computed for the last C positions only, so the
+    loss mask must be 0 before them (true when C >= the longest completion).
 
     A non-finite loss or gradient norm applies no update (params, optimizer state and step
     stay as they were) and sets metrics["finite"] to False. Metrics: those of `grpo_loss`
