@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
             source="synthetic",
             xlam_path="Salesforce/xlam-function-calling-60k",  # local json/jsonl/parquet or hub name
             toolace_path="Team-ACE/ToolACE",
-            max_prompt_length=512,
+            max_prompt_length=1024,
             val_fraction=0.1,
             max_train_examples=0,  # 0 = all
             split_seed=0,

@@ -38,7 +38,7 @@ from tooln1_jax.data.records import DropCounts, ToolRecord, train_val_split
 from tooln1_jax.grpo import group_advantages, nonzero_std_groups
 from tooln1_jax.metrics import MetricsLogger
 from tooln1_jax.models import ModelConfig, init_params, param_shapes
-from tooln1_jax.sharding import TRAIN_RULES, make_mesh, maybe_initialize_distributed, param_sharding
+from tooln1_jax.sharding import TRAIN_RULES, make_mesh, maybe_initialize_distributed, param_sharding, shard_params
 from tooln1_jax.train_step import (
     init_train_state,
     make_grpo_step,
@@ -319,6 +319,7 @@ def train(config) -> dict:
                 config, model_config, params, tokenizer, setup.train_records, mesh=mesh,
                 log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True) if is_main else None)
             summary["sft"] = {k: v for k, v in sft_metrics.items() if not isinstance(v, list)}
+        params = shard_params(params, model_config, mesh, TRAIN_RULES)  # SFT may leave other shardings
         state = init_train_state(params, optimizer, model_config=model_config, mesh=mesh)
         ref = None
         if rl.kl_coef:

@@ -1,0 +1,82 @@
+"""A few-step end-to-end GRPO run of the demo config inside the suite, sharded over the suite's
+8 virtual devices: SFT warm start, rollouts, updates, held-out eval, logs and the reward curve."""
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+
+import tooln1_jax
+import tooln1_jax.train as train_lib
+from tooln1_jax.config import default_config, validate_config
+from tooln1_jax.metrics import read_jsonl
+
+TINY_CPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
+
+
+def demo_config(output_dir):
+    if os.path.exists(TINY_CPU):  # the demo's config, shrunk below
+        spec = importlib.util.spec_from_file_location("tiny_cpu", TINY_CPU)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+    else:  # the schema's defaults are already a tiny random model on synthetic tasks
+        c = default_config()
+    c.output_dir = str(output_dir)
+    # The demo's pipeline at test size: a 2-step warm start, 2 GRPO steps of 2 updates each.
+    c.data.synthetic.num_examples = 40
+    c.sft.warm_start_steps = 2
+    c.sft.batch_size = 8
+    if "max_completion_length" not in c.sft:  # SFT targets are longer than the test's rollouts
+        c.sft.max_completion_length = 96
+    c.rl.train_batch_size = 4
+    c.rl.mini_batch_size = 2
+    c.rl.micro_batch_size = 0
+    c.rl.total_steps = 2
+    c.rollout.num_samples = 4
+    c.rollout.max_new_tokens = 16
+    c.eval.at_start = True
+    c.eval.every_steps = 0
+    c.eval.num_examples = 4
+    c.eval.batch_size = 4
+    c.eval.max_new_tokens = 16
+    c.checkpoint.every_steps = 0
+    c.log.tensorboard = True
+    c.log.progress_bar = True
+    c.log.plot = True
+    return validate_config(c)
+
+
+def test_demo_config_runs_end_to_end(tmp_path):
+    config = demo_config(tmp_path)
+    summary = tooln1_jax.train(config)  # the package-level Python API
+
+    rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        missing = set(train_lib.STEP_METRICS) - set(row)
+        assert not missing, f"metrics.jsonl lacks {sorted(missing)}"
+        for key in train_lib.STEP_METRICS:
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (key, row[key])
+        assert 0.0 <= row["reward_mean"] <= 1.0 and 0.0 <= row["format_failure_rate"] <= 1.0
+        assert row["kl"] >= 0.0 and row["entropy"] > 0.0 and row["response_length"] > 0
+        # On-policy: the first update after a rollout recomputes the sampler's log-probs.
+        assert row["first_ratio_max_dev"] < 1e-5
+    assert rows[-1]["num_updates"] == 4
+
+    evals = read_jsonl(os.path.join(tmp_path, "eval.jsonl"))
+    assert [e["step"] for e in evals] == [0, 2]
+    assert all(0.0 <= e["accuracy"] <= 1.0 and e["num_scored"] == 4 for e in evals)
+    assert summary["accuracy_start"] == evals[0]["accuracy"] and summary["accuracy_end"] == evals[1]["accuracy"]
+    assert summary["sft"]["sft_steps"] == 2
+
+    png = os.path.join(tmp_path, "reward_curve.png")
+    assert summary["curve_png"] == png
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(os.path.join(tmp_path, "tensorboard"))
+    with open(os.path.join(tmp_path, "summary.json")) as f:
+        saved = json.load(f)
+    assert saved["steps_done"] == 2 and saved["num_updates"] == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(summary["params"]))
