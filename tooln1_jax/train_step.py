@@ -186,7 +186,8 @@ def make_grpo_step(model_config: ModelConfig, optimizer: optax.GradientTransform
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)
     state_sh = state_sharding(model_config, optimizer, mesh, rules)
-    ref_sh = param_sharding(model_config, mesh, rules)
+    # kl_coef == 0: the reference is None (an empty pytree), so its sharding must be None too.
+    ref_sh = param_sharding(model_config, mesh, rules) if loss_kwargs.get("kl_coef", 1e-3) != 0 else None
     batch_sh = batch_sharding(mesh, rules, 1, micro_batch_size)  # a prefix: splits every leaf's rows
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step, in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=donate_argnums)
