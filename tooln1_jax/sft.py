@@ -143,50 +143,61 @@ def _sft_settings(config) -> dict:
     )
 
 
-def run_sft(config, model_config: ModelConfig, params: dict, tokenizer: Any, records: Sequence[ToolRecord], *,
-            mesh=None, steps: int | None = None, data: SFTData | None = None, start_step: int = 0,
-            log_fn=None) -> tuple[dict, dict]:
-    """SFT for `steps` updates (default `config.sft.warm_start_steps`) on `records`, cycling a
-    seeded shuffle of them. Returns (params, metrics: losses, step times, example counts).
-
-    `start_step` continues the data order of an earlier call (the control run resumes where
-    the warm start stopped); `data` reuses an already encoded `SFTData`; `log_fn(step, dict)`
-    receives the periodic loss line."""
-    settings = _sft_settings(config)
-    steps = int(config.sft.warm_start_steps if steps is None else steps)
-    data = data or encode_sft(tokenizer, records, max_prompt_length=int(config.data.max_prompt_length),
-                              max_completion_length=settings["max_completion_length"])
-    bs = settings["batch_size"]
-    optimizer = make_optimizer(settings["lr"], settings["weight_decay"], settings["grad_clip"], settings["warmup_steps"],
+def init_sft_state(config, model_config: ModelConfig, params: dict, *, mesh=None) -> tuple[SFTState, optax.GradientTransformation]:
+    """A fresh SFT state (params copied, since the step donates its state) and its optimizer."""
+    st = _sft_settings(config)
+    optimizer = make_optimizer(st["lr"], st["weight_decay"], st["grad_clip"], st["warmup_steps"],
                                float(config.optim.b1), float(config.optim.b2))
     if mesh is not None:
         params = shard_params(params, model_config, mesh, TRAIN_RULES)
-    params = jax.tree.map(jnp.copy, params)  # the step donates its state; the caller keeps its params
-    state = SFTState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
-    put = (lambda x: jax.device_put(x, batch_sharding(mesh, TRAIN_RULES, x.ndim, x.shape[0]))) if mesh else jnp.asarray
+    params = jax.tree.map(jnp.copy, params)
+    return SFTState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32)), optimizer
 
-    n = len(data)
+
+def sft_loop(config, model_config: ModelConfig, state: SFTState, optimizer, data: SFTData, *, mesh=None,
+             start_step: int = 0, steps: int, time_budget_s: float | None = None, log_fn=None) -> tuple[SFTState, dict]:
+    """Runs up to `steps` updates from data position `start_step` (a seeded shuffle of the
+    examples, cycled), stopping early once `time_budget_s` seconds of steps have passed.
+    `log_fn(step, dict)` receives the periodic mean loss."""
+    st = _sft_settings(config)
+    bs, n = st["batch_size"], len(data)
+    put = (lambda x: jax.device_put(x, batch_sharding(mesh, TRAIN_RULES, x.ndim, x.shape[0]))) if mesh else jnp.asarray
     rng = np.random.default_rng(int(config.seed) + 7919)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-(start_step + steps) * bs // n) + 1)])
     losses, times = [], []
     t_start = time.perf_counter()
     for step in range(start_step, start_step + steps):
+        if time_budget_s is not None and time.perf_counter() - t_start >= time_budget_s:
+            break
         idx = order[step * bs:(step + 1) * bs]
         t0 = time.perf_counter()
         state, loss = sft_step(state, put(data.input_ids[idx]), put(data.attention_mask[idx]), put(data.loss_mask[idx]),
                                model_config=model_config, optimizer=optimizer, prompt_width=data.prompt_width)
         loss = float(loss)
         if not np.isfinite(loss):
-            raise FloatingPointError(f"SFT loss is {loss} at step {step}: lower config.sft.lr")
+            raise FloatingPointError(f"SFT loss is {loss} at step {step + 1}: lower config.sft.lr")
         losses.append(loss)
         times.append(time.perf_counter() - t0)
-        if log_fn is not None and (step + 1 - start_step) % settings["log_every"] == 0:
-            log_fn(step + 1, {"sft_loss": float(np.mean(losses[-settings["log_every"]:])), "sft_step_time": times[-1]})
+        if log_fn is not None and len(losses) % st["log_every"] == 0:
+            log_fn(step + 1, {"sft_loss": float(np.mean(losses[-st["log_every"]:])), "sft_step_time": times[-1]})
     metrics = {
-        "sft_steps": steps, "sft_examples": n, "sft_drops": dict(data.drops),
+        "sft_steps": len(losses), "sft_examples": n, "sft_drops": dict(data.drops),
         "sft_losses": losses, "sft_final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
         "sft_seconds": time.perf_counter() - t_start, "sft_step_times": times,
     }
+    return state, metrics
+
+
+def run_sft(config, model_config: ModelConfig, params: dict, tokenizer: Any, records: Sequence[ToolRecord], *,
+            mesh=None, steps: int | None = None, data: SFTData | None = None, log_fn=None) -> tuple[dict, dict]:
+    """SFT for `steps` updates (default `config.sft.warm_start_steps`) on `records`, cycling a
+    seeded shuffle of them. Returns (params, metrics: losses, step times, example counts).
+    The caller's `params` are left intact; `data` reuses an already encoded `SFTData`."""
+    steps = int(config.sft.warm_start_steps if steps is None else steps)
+    data = data or encode_sft(tokenizer, records, max_prompt_length=int(config.data.max_prompt_length),
+                              max_completion_length=_sft_settings(config)["max_completion_length"])
+    state, optimizer = init_sft_state(config, model_config, params, mesh=mesh)
+    state, metrics = sft_loop(config, model_config, state, optimizer, data, mesh=mesh, steps=steps, log_fn=log_fn)
     return state.params, metrics
 
 

@@ -17,6 +17,7 @@ with `save_pretrained`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Iterable, Sequence
@@ -46,7 +47,9 @@ CHAT_TEMPLATE = (
 _TOOL_LINE_PHRASES = ('{"type": "function", "function": {"name": "', '", "description": "', '", "parameters": {',
                       '": {"type": "')
 
-_SPLIT = Regex(r"[A-Za-z]+|[0-9]|[^A-Za-z0-9]+")
+_SPLIT_PATTERN = r"[A-Za-z]+|[0-9]|[^A-Za-z0-9]+"
+_SPLIT = Regex(_SPLIT_PATTERN)
+_FORMAT_VERSION = 1  # bump when the build changes in a way the fingerprint cannot see
 
 
 def phrase_tokens() -> tuple[str, ...]:
@@ -82,7 +85,7 @@ def default_corpus(num_records: int = 600, seed: int = 12345) -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1536) -> PreTrainedTokenizerFast:
     """Trains the BPE on `texts` (default: `default_corpus()`) and wraps it for transformers.
 
     The same texts and vocab_size always give the same tokenizer.
@@ -108,12 +111,26 @@ def build_tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1
     )
 
 
-def load_or_build_tiny_tokenizer(path: str | os.PathLike | None = None, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Loads a saved tiny tokenizer from `path` if it holds one; otherwise builds it (and saves
-    it to `path` when given)."""
-    if path and os.path.exists(os.path.join(path, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    tokenizer = build_tiny_tokenizer(vocab_size=vocab_size)
+def _fingerprint(texts: Sequence[str], vocab_size: int) -> str:
+    """Identifies what a build depends on (corpus, vocab size, split rule, added tokens)."""
+    spec = json.dumps([_FORMAT_VERSION, vocab_size, _SPLIT_PATTERN, SPECIAL_TOKENS, MARKUP_TOKENS, list(texts)])
+    return hashlib.sha256(spec.encode("utf-8")).hexdigest()[:16]
+
+
+def load_or_build_tiny_tokenizer(path: str | os.PathLike | None = None, vocab_size: int = 1536) -> PreTrainedTokenizerFast:
+    """Loads the tiny tokenizer saved in `path` if it was built from the current corpus and
+    settings; otherwise builds it (and saves it to `path` when given). A stale cache (older
+    prompt wording or generator) is rebuilt, never silently reused."""
+    texts = default_corpus()
+    fingerprint = _fingerprint(texts, vocab_size)
+    stamp = os.path.join(path, "tiny_tokenizer_fingerprint.txt") if path else None
+    if stamp and os.path.exists(stamp) and os.path.exists(os.path.join(path, "tokenizer.json")):
+        with open(stamp, encoding="utf-8") as f:
+            if f.read().strip() == fingerprint:
+                return PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer = build_tiny_tokenizer(texts, vocab_size=vocab_size)
     if path:
         tokenizer.save_pretrained(path)
+        with open(stamp, "w", encoding="utf-8") as f:
+            f.write(fingerprint + "\n")
     return tokenizer
