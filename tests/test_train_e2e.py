@@ -1,5 +1,5 @@
-"""A few-step end-to-end GRPO run of the demo config inside the suite, sharded over the suite's
-8 virtual devices: SFT warm start, rollouts, updates, held-out eval, logs and the reward curve."""
+"""A few-step end-to-end GRPO run of the demo config inside the suite, sharded over a (data 2,
+fsdp 2) mesh of the suite's virtual devices: SFT warm start, rollouts, updates, held-out eval, logs and the reward curve."""
 import importlib.util
 import json
 import math
@@ -42,6 +42,7 @@ def demo_config(output_dir):
     c.eval.batch_size = 4
     c.eval.max_new_tokens = 16
     c.checkpoint.every_steps = 0
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 1  # data and FSDP sharding, on 4 of the 8 devices
     c.log.tensorboard = True
     c.log.progress_bar = True
     c.log.plot = True

@@ -29,8 +29,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """Drops lines logged after `step` (by a run that died before its next checkpoint)."""
-    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    """Drops lines logged after `step` (by a run that died before its next checkpoint);
+    a fresh run (step 0) starts the file anew."""
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step] if step else []
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -36,7 +36,7 @@ from tooln1_jax.config import ConfigError, total_rl_steps, validate_config
 from tooln1_jax.data.prompt import encode_prompts
 from tooln1_jax.data.records import DropCounts, ToolRecord, train_val_split
 from tooln1_jax.grpo import group_advantages, nonzero_std_groups
-from tooln1_jax.metrics import MetricsLogger
+from tooln1_jax.metrics import EVAL_FILE, MetricsLogger, read_jsonl
 from tooln1_jax.models import ModelConfig, init_params, param_shapes
 from tooln1_jax.sharding import TRAIN_RULES, make_mesh, maybe_initialize_distributed, param_sharding, shard_params
 from tooln1_jax.train_step import (
@@ -338,12 +338,14 @@ def train(config) -> dict:
             ref = reference_params(ref, jnp.bfloat16 if rl.ref_in_bf16 else None)
         start_step = int(meta["step"])
         summary["sft"] = meta.get("sft")
+        earlier = [r for r in read_jsonl(os.path.join(out_dir, EVAL_FILE)) if r.get("step") == 0]
+        if earlier:  # the held-out result before RL, from the run's first start
+            summary["eval_start"] = earlier[0]
         if is_main:
             print(f"resuming from {checkpointer.directory}/{start_step} (step {start_step} of {total})", flush=True)
 
     log = MetricsLogger(out_dir, total_steps=total, start_step=start_step, tensorboard=config.log.tensorboard,
                         progress_bar=config.log.progress_bar, is_main=is_main)
-    updates_per_step = rl.train_batch_size // rl.mini_batch_size * rl.ppo_epochs
     eval_rows: list[dict] = []
     last_row = None
 
@@ -409,7 +411,6 @@ def train(config) -> dict:
                 "tokens_per_s": generated / step_time, "rollout_tokens_per_s": generated / t_rollout,
                 "step_time": step_time, "rollout_time": t_rollout, "update_time": t_update,
             }
-            assert updates_per_step == len(update_metrics)
             last_row = log.log_step(step + 1, row)
             done = step + 1
             if config.eval.every_steps and done % config.eval.every_steps == 0 and done != total:
@@ -474,7 +475,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from absl import app
 
     holder = define_config_flag(sys_argv=argv)
-    app.run(lambda _: train(holder.value), argv=argv)
+
+    def run(_argv) -> None:  # app.run exits with main's return value: return nothing
+        train(holder.value)
+
+    app.run(run, argv=argv)
 
 
 class _CallableModule(types.ModuleType):
