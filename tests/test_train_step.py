@@ -192,3 +192,18 @@ def test_bad_batch_fails_clearly(params):
     del batch["loss_mask"]
     with pytest.raises(KeyError, match="loss_mask"):
         make_grpo_step(CFG, opt, kl_coef=0.0)(init_train_state(params, opt), None, batch)
+
+
+def test_optimizer_warmup_and_decoupled_weight_decay():
+    # Zero gradients isolate AdamW's decoupled decay: update = -lr(t) * weight_decay * p.
+    p = {"w": jnp.array([1.0, -2.0])}
+    zero = {"w": jnp.zeros(2)}
+    opt = make_optimizer(0.1, warmup_steps=2, weight_decay=0.5)
+    s = opt.init(p)
+    lrs = []
+    for _ in range(4):
+        u, s = opt.update(zero, s, p)
+        lrs.append(float(-u["w"][0] / (0.5 * p["w"][0])))
+    np.testing.assert_allclose(lrs, [0.0, 0.05, 0.1, 0.1], rtol=1e-6)
+    with pytest.raises(ValueError, match="learning_rate"):
+        make_optimizer(0.0)
