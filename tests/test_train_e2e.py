@@ -81,3 +81,46 @@ def test_demo_config_runs_end_to_end(tmp_path):
         saved = json.load(f)
     assert saved["steps_done"] == 2 and saved["num_updates"] == 4
     assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(summary["params"]))
+
+
+def test_rollout_batch_layout_and_on_policy_logprobs():
+    """The rollout rows line up with what the update recomputes: prompt left-padded, completion
+    after it, masks consistent, and the sampler's log-probs equal recomputed ones (ratio 1)."""
+    import jax
+
+    from tooln1_jax import rewards, rollouts
+    from tooln1_jax.data.prompt import encode_prompts
+    from tooln1_jax.train_step import compute_logprobs
+
+    config = default_config()
+    config.data.synthetic.num_examples = 6
+    config.data.synthetic.num_tools = 2
+    tokenizer = train_lib.build_tokenizer(config)
+    model_config, params = train_lib.build_model(config, tokenizer, train_lib.make_mesh(1, 1, 1))
+    records, _ = train_lib.load_records(config)
+    prompt_ids, kept, _ = encode_prompts(tokenizer, records[:2], max_prompt_length=1024)
+    n, new, temperature = 3, 8, 0.7
+    batch = rollouts.generate_and_score(model_config, params, tokenizer, prompt_ids, kept, num_samples=n,
+                                        max_new_tokens=new, temperature=temperature, rng=jax.random.key(1))
+    width = batch.prompt_width
+    assert batch.input_ids.shape == (2 * n, width + new) and batch.num_rows == 2 * n
+    for row in range(2 * n):
+        prompt = prompt_ids[row // n]
+        np.testing.assert_array_equal(batch.input_ids[row, width - len(prompt):width], prompt)
+        assert batch.attention_mask[row, :width].sum() == len(prompt)
+        length = batch.lengths[row]
+        assert batch.loss_mask[row].sum() == length and batch.loss_mask[row, :width].sum() == 0
+        np.testing.assert_array_equal(batch.attention_mask[row, width:], batch.loss_mask[row, width:])
+        tokens = batch.input_ids[row, width:width + length].tolist()
+        if batch.stopped[row]:
+            tokens = tokens[:-1]
+        assert batch.completions[row] == tokenizer.decode(tokens, skip_special_tokens=False)
+    want, reasons = rewards.batch_rewards(batch.completions, [r.answer for r in kept for _ in range(n)], "binary")
+    np.testing.assert_array_equal(batch.rewards, want)
+    assert batch.reasons == reasons
+
+    recomputed = np.asarray(compute_logprobs(model_config, params, {"input_ids": batch.input_ids,
+                                                                    "attention_mask": batch.attention_mask}, temperature))
+    on = batch.loss_mask == 1
+    assert on.sum() > 2 * n
+    assert np.max(np.abs(np.exp(recomputed[on] - batch.old_logprobs[on]) - 1.0)) < 1e-5

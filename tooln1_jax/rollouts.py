@@ -30,6 +30,7 @@ class RolloutBatch:
     old_logprobs [N, T] float32: the sampler's log p(token at t) under softmax(logits / T); 0 off the loss mask.
     rewards [N] float32 (the configured variant); correct [N] float32 (binary exact-call reward).
     reasons, completions: N strings. lengths [N] int32: completion tokens (stop token included).
+    stopped [N] bool: the completion ended with a stop token (False: cut at max_new_tokens).
     """
 
     input_ids: np.ndarray
@@ -41,6 +42,7 @@ class RolloutBatch:
     reasons: list[str]
     completions: list[str]
     lengths: np.ndarray
+    stopped: np.ndarray
     prompt_width: int
     num_samples: int
 
@@ -56,7 +58,7 @@ class RolloutBatch:
             "format_failure_rate": float(np.mean([r in FORMAT_FAILURES for r in self.reasons])),
             "response_length": float(np.mean(self.lengths)),
             "response_length_max": float(np.max(self.lengths)),
-            "truncated_frac": float(np.mean(self.lengths >= self.input_ids.shape[1] - self.prompt_width)),
+            "truncated_frac": float(1.0 - np.mean(self.stopped)),
         }
 
 
@@ -156,6 +158,8 @@ def generate_and_score(
         temperature=temperature, top_p=top_p, top_k=top_k, stops=stops, pad_id=pad_id, rng=rng, mesh=mesh,
     )
     completions = decode_completions(tokenizer, tokens, lengths, stops)
+    last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+    stopped = (lengths > 0) & np.isin(last, np.asarray(stops))
     truths = [r.answer for r in records for _ in range(num_samples)]
     reward, reasons = rewards_lib.batch_rewards(completions, truths, reward_variant)
     correct = reward if reward_variant == "binary" else rewards_lib.batch_rewards(completions, truths, "binary")[0]
@@ -174,6 +178,7 @@ def generate_and_score(
         reasons=list(reasons),
         completions=list(completions),
         lengths=lengths,
+        stopped=stopped,
         prompt_width=width,
         num_samples=num_samples,
     )

@@ -413,7 +413,8 @@ def train(config) -> dict:
             }
             last_row = log.log_step(step + 1, row)
             done = step + 1
-            if config.eval.every_steps and done % config.eval.every_steps == 0 and done != total:
+            final_eval_follows = done == total and config.eval.at_end
+            if config.eval.every_steps and done % config.eval.every_steps == 0 and not final_eval_follows:
                 evaluate(done, state.params)
             if checkpointer and (done % config.checkpoint.every_steps == 0 or done == total):
                 save(done)
