@@ -8,6 +8,9 @@ prompts per rollout; PPO mini-batch 256 prompts (4 updates per rollout); 1 PPO e
 AdamW lr 1e-6 constant, no warmup, betas (0.9, 0.999), weight decay 0.01, grad clip 1.0;
 temperature 0.7, top_p 1, no top-k; KL k3 coefficient 1e-3 to the frozen initial model; clip
 0.2; unbiased group std; token-mean loss; prompts up to 4,096 tokens, responses up to 8,192.
+
+`distributed.enabled` starts `jax.distributed.initialize()` (auto-detected on TPU pods and
+SLURM/MPI clusters); on a single host add `--config.distributed.enabled=False`.
 """
 from tooln1_jax.config import default_config, validate_config
 

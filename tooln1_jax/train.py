@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import os
 import sys
 import time
@@ -49,7 +48,6 @@ from tooln1_jax.train_step import (
     TrainState,
 )
 
-logger = logging.getLogger(__name__)
 
 # Per-step metric keys (always present in metrics.jsonl).
 STEP_METRICS = (
