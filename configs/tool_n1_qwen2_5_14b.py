@@ -22,4 +22,5 @@ def get_config():
     # activations; FSDP over the remaining devices.
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 2
     c.rl.micro_batch_size = 16
+    c.rollout.prompts_per_call = 32  # the 14B KV cache is 3.4x the 7B's per token
     return validate_config(c)

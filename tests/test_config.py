@@ -63,6 +63,7 @@ BAD_FIELDS = [
     (None, ("mesh", "fsdp", 0), "config.mesh.fsdp=0 must be positive or -1"),
     (("mesh", "data", -1), ("mesh", "fsdp", -1), "has more than one -1 size"),
     (None, ("model", "remat", "some"), "config.model.remat='some'"),
+    (None, ("rollout", "prompts_per_call", 3), "config.rollout.prompts_per_call=3 must divide config.rl.train_batch_size=8"),
     (None, ("model.random", "num_kv_heads", 3), "config.model.random.num_heads=4 must be a multiple of config.model.random.num_kv_heads=3"),
     (None, ("data", "val_fraction", 1.0), "config.data.val_fraction=1.0 must be in [0, 1)"),
     (None, ("checkpoint", "keep", 0), "config.checkpoint.keep=0 must be positive"),

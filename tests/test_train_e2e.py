@@ -101,7 +101,8 @@ def test_rollout_batch_layout_and_on_policy_logprobs():
     prompt_ids, kept, _ = encode_prompts(tokenizer, records[:2], max_prompt_length=1024)
     n, new, temperature = 3, 8, 0.7
     batch = rollouts.generate_and_score(model_config, params, tokenizer, prompt_ids, kept, num_samples=n,
-                                        max_new_tokens=new, temperature=temperature, rng=jax.random.key(1))
+                                        max_new_tokens=new, temperature=temperature, rng=jax.random.key(1),
+                                        prompts_per_call=1)  # one sampler call per prompt, rows concatenated
     width = batch.prompt_width
     assert batch.input_ids.shape == (2 * n, width + new) and batch.num_rows == 2 * n
     for row in range(2 * n):

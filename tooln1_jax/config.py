@@ -81,8 +81,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Mesh over all devices: one size may be -1 ("the rest").
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
+    # prompts_per_call: prompts per sampler call (0 = the whole rollout batch at once); bounds
+    # the KV cache, which is rows x (prompt + response) long.
     c.rollout = ml_collections.ConfigDict(
-        dict(num_samples=5, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0)
+        dict(num_samples=5, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0, prompts_per_call=0)
     )
 
     c.rl = ml_collections.ConfigDict(
@@ -218,7 +220,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _positive(c, "rollout.num_samples", "rollout.max_new_tokens", "rollout.temperature")
     if not 0.0 < c.rollout.top_p <= 1.0:
         _fail("rollout.top_p", c.rollout.top_p, "must be in (0, 1]")
-    _non_negative(c, "rollout.top_k")
+    _non_negative(c, "rollout.top_k", "rollout.prompts_per_call")
     if c.rollout.num_samples < 2:
         _fail("rollout.num_samples", c.rollout.num_samples, "must be >= 2 (GRPO compares samples within a group)")
 
@@ -234,6 +236,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         _fail("rl.micro_batch_size", c.rl.micro_batch_size,
               f"must divide the mini-batch's sequences (config.rl.mini_batch_size={c.rl.mini_batch_size} "
               f"x config.rollout.num_samples={c.rollout.num_samples} = {rows})")
+    if c.rollout.prompts_per_call and c.rl.train_batch_size % c.rollout.prompts_per_call:
+        _fail("rollout.prompts_per_call", c.rollout.prompts_per_call,
+              f"must divide config.rl.train_batch_size={c.rl.train_batch_size}")
     _one_of(c, "rl.kl_estimator", KL_ESTIMATORS)
     _one_of(c, "rl.aggregation", _aggregations())
     _one_of(c, "rl.reward_variant", REWARD_VARIANTS)

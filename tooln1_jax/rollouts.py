@@ -145,18 +145,27 @@ def generate_and_score(
     mesh=None,
     reward_variant: str = "binary",
     prompt_width: int | None = None,
+    prompts_per_call: int = 0,
 ) -> RolloutBatch:
     """Samples `num_samples` completions for each of B prompts (token-id lists; `records[i]` holds
     prompt i's ground truth), scores them, and returns the N = B * num_samples row batch.
-    `prompt_width` fixes P (default: the power-of-two bucket of the longest prompt)."""
+    `prompt_width` fixes P (default: the power-of-two bucket of the longest prompt).
+    `prompts_per_call` > 0 samples that many prompts per sampler call (bounds the KV cache)."""
     if len(prompt_ids) != len(records):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(records)} records")
     pad_id = pad_id_of(tokenizer)
     stops = stop_token_ids(tokenizer, model_config)
-    tokens, logprobs, mask, lengths = _run_sampler(
-        model_config, params, [list(p) for p in prompt_ids], num_samples=num_samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, stops=stops, pad_id=pad_id, rng=rng, mesh=mesh,
-    )
+    per_call = prompts_per_call or len(prompt_ids)
+    chunks = []
+    for i, start in enumerate(range(0, len(prompt_ids), per_call)):
+        # One key per chunk, so a chunk's samples do not depend on how many chunks came before.
+        chunk_rng = rng if per_call >= len(prompt_ids) else jax.random.fold_in(rng, i)
+        chunks.append(_run_sampler(
+            model_config, params, [list(p) for p in prompt_ids[start:start + per_call]], num_samples=num_samples,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stops=stops,
+            pad_id=pad_id, rng=chunk_rng, mesh=mesh,
+        ))
+    tokens, logprobs, mask, lengths = (np.concatenate(parts) for parts in zip(*chunks))
     completions = decode_completions(tokenizer, tokens, lengths, stops)
     last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
     stopped = (lengths > 0) & np.isin(last, np.asarray(stops))

@@ -372,7 +372,7 @@ def train(config) -> dict:
                 model_config, state.params, tokenizer, [setup.train_prompt_ids[i] for i in idx],
                 [setup.train_records[i] for i in idx], num_samples=ro.num_samples, max_new_tokens=ro.max_new_tokens,
                 temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, rng=rng, mesh=mesh,
-                reward_variant=rl.reward_variant,
+                reward_variant=rl.reward_variant, prompts_per_call=int(ro.prompts_per_call),
             )
             t_rollout = time.perf_counter() - t0
             rewards = jnp.asarray(batch.rewards)
