@@ -282,7 +282,12 @@ def _summary_value(row: dict | None, key: str):
 
 
 def train(config) -> dict:
-    """Runs (or resumes) GRPO for `config`; returns a summary dict (also in summary.json)."""
+    """Runs (or resumes from the latest checkpoint in `output_dir`) GRPO for `config`.
+
+    Returns the run summary (written to `summary.json` too, except `params`): steps and updates
+    done, the last step's metrics (`final`), held-out results before RL (`eval_start`, after the
+    SFT warm start if any) and after it (`eval_end`), their accuracies, the reward-curve path,
+    drop counts, and `params`, the final policy parameters."""
     t_run = time.perf_counter()
     config = validate_config(config)
     out_dir = config.output_dir
