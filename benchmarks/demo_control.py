@@ -1,23 +1,29 @@
-"""The demo's control: the GRPO phase's wall-clock time spent on more SFT instead.
+"""The demo's control: the compute of the GRPO phase spent on more SFT instead.
 
-    python benchmarks/demo_control.py                          # runs the demo, then the control
-    python benchmarks/demo_control.py --demo_dir runs/tiny_cpu   # reuses a finished demo run
-    python benchmarks/demo_control.py --config configs/tiny_cpu.py --config.rl.total_steps=10
+    python benchmarks/demo_control.py                            # the demo, then the control
+    python benchmarks/demo_control.py --demo_dir runs/tiny_cpu     # reuse a finished demo run
+    python benchmarks/demo_control.py --match=wallclock            # match seconds, not FLOPs
 
 1. The demo (`tooln1_jax.train(config)`): SFT warm start, held-out accuracy A_sft, GRPO,
-   held-out accuracy A_grpo. Its GRPO time is the sum of the per-step `step_time` in
-   metrics.jsonl (rollouts + updates; the held-out evaluations are not counted).
-2. The control, in the same process and on the same machine right after: the same seed and
-   data give the same warm start (its accuracy is re-measured and must equal A_sft), then
-   SFT continues (same optimizer state, the next examples in the same order) until it has
-   used the same wall-clock seconds as GRPO; held-out accuracy A_ctrl.
+   held-out accuracy A_grpo (skipped with --demo_dir, or with --match=flops --no_demo).
+2. The control: the same seed and data give the same warm start (its accuracy is
+   re-measured), then SFT continues (same optimizer state, the next examples in order) for
+   the matched compute; held-out accuracy A_ctrl.
 
-Compute is matched in wall-clock seconds on this machine (what a user of the demo spends),
-not in FLOPs: a GRPO step also samples (decode-bound), so per second it does fewer
-matmul FLOPs than SFT, which favours the control. Writes `<output_dir>/control.json`.
+Matching (`--match`):
+- `flops` (default; machine- and load-independent): model FLOPs counted as token passes of
+  the decoder, a training token (forward + backward) = 3 forward passes. A GRPO step costs
+  B*P (prefill) + N*R (decode) + 3*N*(P+R)*ppo_epochs (update) [+ N*(P+R) reference forward if
+  kl_coef > 0], with B prompts, N = B*n rows, P the rollout prompt width (the power-of-two
+  bucket of the longest training prompt, what the sampler pads to), R = max_new_tokens. An
+  SFT step costs 3*batch*(P_sft + C). Attention's length-dependent part is ignored.
+- `wallclock`: the sum of the demo's per-step `step_time` (rollouts + updates, no evals), spent
+  on SFT in this process right after (noisy on a shared machine).
+Writes `<output_dir>/control_<match>.json`.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -27,11 +33,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from tooln1_jax import train as train_lib  # noqa: E402
+train_lib = importlib.import_module("tooln1_jax.train")  # the module (the package attribute is a function)
 from tooln1_jax.metrics import METRICS_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.sft import _sft_settings, encode_sft, init_sft_state, sft_loop  # noqa: E402
 
 _DEMO_DIR = flags.DEFINE_string("demo_dir", "", "A finished demo run's output_dir to reuse (skip step 1).")
+_MATCH = flags.DEFINE_enum("match", "flops", ["flops", "wallclock"], "How the control's compute is matched.")
+_NO_DEMO = flags.DEFINE_bool("no_demo", False, "With --match=flops: run the control only.")
+
+
+def matched_sft_steps(config, grpo_steps: int, rl_prompt_width: int, sft_width: int) -> tuple[int, dict]:
+    """SFT steps with the token-pass FLOPs of `grpo_steps` GRPO steps (see the module doc)."""
+    b, n, r = int(config.rl.train_batch_size), int(config.rollout.num_samples), int(config.rollout.max_new_tokens)
+    rows, t = b * n, rl_prompt_width + r
+    grpo = b * rl_prompt_width + rows * r + 3 * rows * t * int(config.rl.ppo_epochs)
+    if config.rl.kl_coef:
+        grpo += rows * t
+    sft = 3 * int(config.sft.batch_size) * sft_width
+    return max(1, round(grpo_steps * grpo / sft)), {"grpo_step_token_passes": grpo, "sft_step_token_passes": sft}
 
 
 def grpo_seconds(output_dir: str) -> tuple[float, int]:
@@ -42,8 +61,11 @@ def grpo_seconds(output_dir: str) -> tuple[float, int]:
     return float(sum(r["step_time"] for r in rows)), len(rows)
 
 
-def control(config, seconds: float) -> dict:
-    """Warm start as in the demo, then more SFT for `seconds`; held-out accuracy after each."""
+def control(config, *, seconds: float | None = None, grpo_steps: int | None = None) -> dict:
+    """Warm start as in the demo, then more SFT for `seconds` (wall-clock matching) or for the
+    FLOPs of `grpo_steps` GRPO steps; held-out accuracy after each."""
+    from tooln1_jax.rollouts import bucket_width
+
     setup = train_lib.setup_run(config)
     data = encode_sft(setup.tokenizer, setup.train_records, max_prompt_length=int(config.data.max_prompt_length),
                       max_completion_length=_sft_settings(config)["max_completion_length"])
@@ -52,40 +74,54 @@ def control(config, seconds: float) -> dict:
     state, m_warm = sft_loop(config, setup.model_config, state, optimizer, data, mesh=setup.mesh, steps=warm)
     acc_warm = train_lib.held_out_accuracy(config, setup, state.params)
     print(f"control: warm start ({warm} SFT steps) held-out accuracy {acc_warm['accuracy']:.3f}", flush=True)
+    flops = {}
+    if seconds is None:
+        rl_width = bucket_width(max(len(p) for p in setup.train_prompt_ids))
+        steps, flops = matched_sft_steps(config, grpo_steps, rl_width, data.input_ids.shape[1])
+        flops.update(rl_prompt_width=rl_width, sft_width=int(data.input_ids.shape[1]))
     t0 = time.perf_counter()
     state, m_more = sft_loop(config, setup.model_config, state, optimizer, data, mesh=setup.mesh, start_step=warm,
-                             steps=10**9, time_budget_s=seconds)
+                             steps=10**9 if seconds is not None else steps, time_budget_s=seconds)
     spent = time.perf_counter() - t0
     acc_more = train_lib.held_out_accuracy(config, setup, state.params)
     print(f"control: +{m_more['sft_steps']} SFT steps in {spent:.0f} s held-out accuracy {acc_more['accuracy']:.3f}",
           flush=True)
     return {"warm_steps": warm, "accuracy_warm": acc_warm["accuracy"], "extra_sft_steps": m_more["sft_steps"],
             "extra_sft_seconds": spent, "accuracy_more_sft": acc_more["accuracy"],
-            "num_scored": acc_more["num_scored"], "sft_final_loss": m_more["sft_final_loss"]}
+            "num_scored": acc_more["num_scored"], "sft_final_loss": m_more["sft_final_loss"], **flops}
 
 
 def main(_):
     config = _CONFIG.value
-    out = config.output_dir
+    out = _DEMO_DIR.value or config.output_dir
+    summary = {}
     if _DEMO_DIR.value:
-        out = _DEMO_DIR.value
         with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
-    else:
+    elif not (_NO_DEMO.value and _MATCH.value == "flops"):
         summary = train_lib.train(config)
-    seconds, steps = grpo_seconds(out)
-    ctrl = control(config, seconds)
+    if _MATCH.value == "wallclock":
+        seconds, steps = grpo_seconds(out)
+        ctrl = control(config, seconds=seconds)
+    else:
+        if not config.rl.total_steps:
+            raise SystemExit("--match=flops needs config.rl.total_steps (the GRPO steps to match)")
+        steps, seconds = int(config.rl.total_steps), None
+        ctrl = control(config, grpo_steps=steps)
     result = {
-        "accuracy_after_sft": summary["accuracy_start"], "accuracy_after_grpo": summary["accuracy_end"],
+        "accuracy_after_sft": summary.get("accuracy_start"), "accuracy_after_grpo": summary.get("accuracy_end"),
         "grpo_steps": steps, "grpo_seconds": seconds, "demo_wall_s": summary.get("wall_s"), **ctrl,
-        "compute_matched_by": "wall-clock seconds of the GRPO steps (rollouts + updates), same process",
+        "compute_matched_by": _MATCH.value,
     }
-    with open(os.path.join(out, "control.json"), "w", encoding="utf-8") as f:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"control_{_MATCH.value}.json")
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
-    print(f"held-out exact-call accuracy: after SFT {result['accuracy_after_sft']:.3f}; "
-          f"+GRPO ({steps} steps, {seconds:.0f} s) {result['accuracy_after_grpo']:.3f}; "
-          f"+SFT instead ({ctrl['extra_sft_steps']} steps, {ctrl['extra_sft_seconds']:.0f} s) "
-          f"{ctrl['accuracy_more_sft']:.3f}  [{out}/control.json]", flush=True)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"held-out exact-call accuracy: after SFT {fmt(result['accuracy_after_sft'])}; "
+          f"+GRPO ({steps} steps) {fmt(result['accuracy_after_grpo'])}; "
+          f"+SFT instead ({ctrl['extra_sft_steps']} steps, {_MATCH.value}-matched) "
+          f"{ctrl['accuracy_more_sft']:.3f}  [{path}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -202,29 +202,30 @@ def run_sft(config, model_config: ModelConfig, params: dict, tokenizer: Any, rec
 
 
 def main(argv=None):
-    """`python -m tooln1_jax.sft --config configs/tiny_cpu.py`: SFT only (the paper's SFT baseline),
-    then greedy held-out accuracy; writes `sft_summary.json` and an HF folder under output_dir."""
-    from absl import app, flags  # noqa: F401  (ml_collections config flags run on absl)
-    from ml_collections import config_flags
+    """`python -m tooln1_jax.sft [--config configs/tiny_cpu.py] [--config.sft.warm_start_steps=N]`:
+    SFT only (the paper's SFT baseline) for `sft.warm_start_steps` steps, then greedy held-out
+    accuracy; writes `<output_dir>/sft_summary.json`."""
+    from absl import app
 
-    from tooln1_jax import train as train_lib
+    import importlib
 
-    default_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
-    _CONFIG = config_flags.DEFINE_config_file("config", default_cfg, "Run config file.")
+    train_lib = importlib.import_module("tooln1_jax.train")
+
+    holder = train_lib.define_config_flag(sys_argv=argv)
 
     def _main(_):
-        config = _CONFIG.value
-        steps = int(config.sft.get("steps", 0) or config.sft.warm_start_steps)
+        config = holder.value
         setup = train_lib.setup_run(config)
         params, metrics = run_sft(config, setup.model_config, setup.params, setup.tokenizer, setup.train_records,
-                                  mesh=setup.mesh, steps=steps,
+                                  mesh=setup.mesh,
                                   log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True))
         acc = train_lib.held_out_accuracy(config, setup, params)
-        print(f"SFT {steps} steps: held-out exact-call accuracy {acc['accuracy']:.3f} "
-              f"on {acc['num_scored']} prompts ({metrics['sft_seconds']:.0f} s of SFT)", flush=True)
+        print(f"SFT {metrics['sft_steps']} steps ({metrics['sft_seconds']:.0f} s): held-out exact-call accuracy "
+              f"{acc['accuracy']:.3f} on {acc['num_scored']} prompts", flush=True)
         os.makedirs(config.output_dir, exist_ok=True)
-        with open(os.path.join(config.output_dir, "sft_summary.json"), "w") as f:
-            json.dump({"accuracy": acc, **{k: v for k, v in metrics.items() if k != "sft_step_times"}}, f, indent=1)
+        with open(os.path.join(config.output_dir, "sft_summary.json"), "w", encoding="utf-8") as f:
+            json.dump({"accuracy": {k: v for k, v in acc.items() if not isinstance(v, list)},
+                       **{k: v for k, v in metrics.items() if k != "sft_step_times"}}, f, indent=1)
 
     app.run(_main, argv=argv)
 

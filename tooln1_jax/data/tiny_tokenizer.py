@@ -5,6 +5,9 @@ synthetic tool-calling text: the rendered Tool-N1 system prompt, queries, tool J
 answers. Pre-tokenization isolates letter runs, single digits and runs of other characters,
 so a value such as `Paris` or `42` is the same tokens in the query and in the JSON answer
 (easy to copy for a tiny model), while JSON punctuation like `", "` merges into one token.
+A JSON key with its colon (`city": "`) is one piece: the token just before a value then
+names the argument being filled, so a one-layer attention can find the value in the query
+(measured: without it, a 2-layer model had not learned to copy values after 300 SFT steps).
 
 Phrase tokens keep CPU prompts short: the constant paragraphs of the Tool-N1 system prompt
 (taken from `prompt.system_message`, so they follow its wording) and the JSON skeleton of a
@@ -47,9 +50,9 @@ CHAT_TEMPLATE = (
 _TOOL_LINE_PHRASES = ('{"type": "function", "function": {"name": "', '", "description": "', '", "parameters": {',
                       '": {"type": "')
 
-_SPLIT_PATTERN = r"[A-Za-z]+|[0-9]|[^A-Za-z0-9]+"
+_SPLIT_PATTERN = r"[A-Za-z_]+\": \"?|[A-Za-z]+|[0-9]|[^A-Za-z0-9]+"
 _SPLIT = Regex(_SPLIT_PATTERN)
-_FORMAT_VERSION = 1  # bump when the build changes in a way the fingerprint cannot see
+_FORMAT_VERSION = 2  # bump when the build changes in a way the fingerprint cannot see
 
 
 def phrase_tokens() -> tuple[str, ...]:
