@@ -1,12 +1,15 @@
 """Rollout speed on workload W1 (../shared/benchmarks/W1.md): 8 prompts x 8 samples, 128-token
 prompts, exactly 128 new tokens, temperature 0.7, random Qwen2 (27M params, float32).
 
-    python benchmarks/rollout.py [--compare-hf] [--reps 3]
+    python benchmarks/rollout.py [--compare-hf] [--reps 3] [--threads 1]
 
 Prints generated tokens/s (median of --reps timed runs after a compile run), compile seconds
 and peak resident memory. With --compare-hf, transformers' `generate` runs on the same weights
 and prompts in the same process (sampling, temperature 0.7, top_p 1, top_k 0, exactly 128 new
-tokens) and the ratio is printed. The machine may be shared: compare ratios, not absolutes.
+tokens), its repetitions interleaved with ours so both see the same machine load, and the
+ratios of wall time and of process CPU time are printed. On a shared machine compare ratios,
+not absolutes; `--threads 1` pins XLA and torch to one thread each, which keeps the
+comparison fair when other processes contend for the cores.
 """
 from __future__ import annotations
 
@@ -19,6 +22,17 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _threads_from_argv() -> int | None:
+    """--threads must act before JAX starts (XLA reads its flags once)."""
+    if "--threads" in sys.argv:
+        return int(sys.argv[sys.argv.index("--threads") + 1])
+    return None
+
+
+if _threads_from_argv() == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -42,23 +56,23 @@ def load_avg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def run_jax(params, prompts, reps: int) -> dict:
-    def once(seed):
-        t0 = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def jax_rollout(params, prompts):
+    def once(seed=0):
         result = sample(W1, params, prompts, num_samples=GROUP, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE,
                         stop_token_ids=[], rng=jax.random.PRNGKey(seed))
         jax.block_until_ready(result.tokens)
-        seconds = time.perf_counter() - t0
         assert int(result.num_steps) == NEW_TOKENS and bool(result.mask.all()), "W1 needs exactly 128 new tokens per row"
-        return seconds
-
-    first = once(0)  # compile + one run
-    times = [once(seed) for seed in range(1, reps + 1)]
-    run = statistics.median(times)
-    return {"tok_s": PROMPTS * GROUP * NEW_TOKENS / run, "seconds": run, "compile_s": first - run, "times": times}
+    return once
 
 
-def run_hf(params, prompts, reps: int) -> dict:
+def hf_rollout(params, prompts):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -69,7 +83,6 @@ def run_hf(params, prompts, reps: int) -> dict:
     input_ids = torch.tensor(prompts, dtype=torch.long)
 
     def once():
-        t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=TEMPERATURE,
@@ -77,32 +90,52 @@ def run_hf(params, prompts, reps: int) -> dict:
                 num_return_sequences=GROUP, pad_token_id=0,
             )
         assert out.shape == (PROMPTS * GROUP, PROMPT_LEN + NEW_TOKENS), out.shape
-        return time.perf_counter() - t0
+    return once
 
-    once()  # warm-up
-    times = [once() for _ in range(reps)]
-    run = statistics.median(times)
-    return {"tok_s": PROMPTS * GROUP * NEW_TOKENS / run, "seconds": run, "times": times}
+
+def summary(name: str, runs: list[tuple[float, float]]) -> tuple[float, float]:
+    wall = statistics.median(w for w, _ in runs)
+    cpu = statistics.median(c for _, c in runs)
+    tokens = PROMPTS * GROUP * NEW_TOKENS
+    print(f"{name}: {tokens / wall:.0f} tok/s (median wall {wall:.2f} s of {[round(w, 2) for w, _ in runs]}; "
+          f"{tokens / cpu:.0f} tok per CPU-second, median CPU {cpu:.2f} s)")
+    return wall, cpu
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same process")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions after compile (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="1: XLA and torch single-threaded")
     args = parser.parse_args()
 
     params = init_params(W1, jax.random.PRNGKey(0))
     prompts = np.random.default_rng(0).integers(0, W1.vocab_size, (PROMPTS, PROMPT_LEN)).tolist()
     print(f"W1 rollout: {PROMPTS} prompts x {GROUP} samples, {PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, "
-          f"T={TEMPERATURE}; {len(jax.devices())} {jax.devices()[0].platform} device(s), load avg {load_avg()}")
-    ours = run_jax(params, prompts, args.reps)
-    print(f"tooln1_jax.sampling: {ours['tok_s']:.0f} tok/s (median {ours['seconds']:.2f} s of "
-          f"{[round(t, 2) for t in ours['times']]}), compile {ours['compile_s']:.1f} s, peak RSS {peak_rss_gb():.2f} GB")
+          f"T={TEMPERATURE}; {len(jax.devices())} {jax.devices()[0].platform} device(s), threads "
+          f"{args.threads or 'default'}, load avg {load_avg()}")
+    ours = jax_rollout(params, prompts)
+    first, _ = timed(ours)  # compile + one run
+    jax_peak = peak_rss_gb()
+    hf = None
     if args.compare_hf:
-        hf = run_hf(params, prompts, args.reps)
-        print(f"transformers generate: {hf['tok_s']:.0f} tok/s (median {hf['seconds']:.2f} s of "
-              f"{[round(t, 2) for t in hf['times']]}), peak RSS (both) {peak_rss_gb():.2f} GB")
-        print(f"ratio: {ours['tok_s'] / hf['tok_s']:.2f}x transformers; load avg {load_avg()}")
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        hf = hf_rollout(params, prompts)
+        timed(hf)  # warm-up
+    ours_runs, hf_runs = [], []
+    for _ in range(args.reps):  # interleaved, so both see the same load
+        ours_runs.append(timed(ours))
+        if hf:
+            hf_runs.append(timed(hf))
+    wall, cpu = summary("tooln1_jax.sampling", ours_runs)
+    print(f"compile {first - wall:.1f} s; peak RSS {jax_peak:.2f} GB after our compile and first run"
+          + (f", {peak_rss_gb():.2f} GB with transformers too" if hf else ""))
+    if hf:
+        hf_wall, hf_cpu = summary("transformers generate", hf_runs)
+        print(f"ratio: {hf_wall / wall:.2f}x transformers by wall time, {hf_cpu / cpu:.2f}x by CPU time; load avg {load_avg()}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tooln1_jax.models import ModelConfig, init_params, load_pretrained, logits, save_pretrained
-from tooln1_jax.sampling import compiled_program_count, prompt_bucket, sample
+from tooln1_jax.sampling import compiled_program_count, decode_segments, prompt_bucket, sample
 from tooln1_jax.sharding import SAMPLE_RULES, make_mesh
 
 TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -80,7 +80,9 @@ def test_greedy_matches_transformers_smollm2(smollm2_dir):
 
 def test_logprobs_equal_full_sequence_log_softmax(tiny_params):
     temperature = 0.7
-    result = sample(TINY, tiny_params, PROMPTS, num_samples=3, max_new_tokens=8, temperature=temperature,
+    # 64 new tokens: the decode loop runs in several attention-window segments (decode_segments).
+    assert len(decode_segments(64)) > 1
+    result = sample(TINY, tiny_params, PROMPTS, num_samples=3, max_new_tokens=64, temperature=temperature,
                     stop_token_ids=[1, 2, 3], rng=jax.random.PRNGKey(3))
     tokens, lps, mask = map(np.asarray, (result.tokens, result.logprobs, result.mask))
     for row in range(len(PROMPTS) * 3):

@@ -9,9 +9,10 @@ scanning over a stacked [L, ...] cache, which rewrites the whole cache every ste
 Every row writes at the same slot `index` (batches are left-padded); `mask` marks which
 slots hold real tokens, so padding is never attended to and positions count real tokens.
 
-`decode_step` is the one-token forward that sampling loops run: it takes the layer params
-already sliced out of the stacked tree (`layer_params`, done once outside the loop) and can
-attend over a static prefix of the cache (`attend_len`) instead of all of it.
+`group_decode_step` is the one-token forward of group sampling: n rows per prompt read the
+prompt's prefilled cache in place (shared, not copied) plus their own continuation cache.
+It takes the layer params already sliced out of the stacked tree (`layer_params`, done once
+outside the decode loop).
 """
 from __future__ import annotations
 
@@ -91,29 +92,57 @@ def layer_params(params: dict, num_layers: int) -> tuple:
     return tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(num_layers))
 
 
-def decode_step(config: ModelConfig, layers: tuple, params: dict, tokens: jax.Array, cache: KVCache, attend_len: int | None = None):
-    """One new token per row. tokens [B] int, written at slot `cache.index`; `layers` from
-    `layer_params`. With `attend_len` (static, > cache.index), attention reads only cache
-    slots [0, attend_len): the caller guarantees no real token sits beyond it.
-    Returns (hidden [B, D] final-normed, new cache)."""
-    dt = jnp.dtype(config.dtype)
-    b = tokens.shape[0]
-    start = cache.index
-    positions = jnp.sum(cache.mask, axis=1, keepdims=True)  # [B, 1]: real tokens before this one
-    sin, cos = rope_tables(positions, config.head_dim, config.rope_theta)
-    new_mask = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((b, 1), jnp.int32), (0, start))
-    span = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
-    visible = (new_mask[:, None, :span] > 0)  # [B, 1, span]: real tokens only (left pad and unwritten slots are 0)
+def _prefix_suffix_attention(q, prefix: KVCache, layer: int, k_suffix, v_suffix, suffix_mask):
+    """Attention of R = B * n one-token queries over their group's shared prompt prefix and
+    their own continuation, in one softmax.
 
-    x = params["embed"][tokens][:, None, :].astype(dt)  # [B, 1, D]
+    q [R, 1, H, hd]; prefix k/v [B, P, K, hd] (row b serves query rows b*n ... b*n+n-1);
+    k_suffix, v_suffix [R, S, K, hd]; suffix_mask [R, S]. Returns [R, 1, H * hd]."""
+    r, _, h, hd = q.shape
+    b, p, kv_heads, _ = prefix.k[layer].shape
+    n, g = r // b, h // kv_heads
+    neg = jnp.finfo(jnp.float32).min
+    # The n queries of a group share the prefix: one [n*g, hd] x [hd, P] matmul per (group, kv head).
+    q_groups = q.reshape(b, n, kv_heads, g, hd)
+    s_prefix = jnp.einsum("bnkgd,bpkd->bnkgp", q_groups, prefix.k[layer].astype(q.dtype), preferred_element_type=jnp.float32)
+    s_prefix = jnp.where(prefix.mask[:, None, None, None, :] > 0, s_prefix, neg)
+    q_rows = q.reshape(r, kv_heads, g, hd)
+    s_suffix = jnp.einsum("rkgd,rskd->rkgs", q_rows, k_suffix.astype(q.dtype), preferred_element_type=jnp.float32)
+    s_suffix = jnp.where(suffix_mask[:, None, None, :] > 0, s_suffix, neg).reshape(b, n, kv_heads, g, -1)
+    probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_suffix], axis=-1) * (hd ** -0.5), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bnkgp,bpkd->bnkgd", probs[..., :p], prefix.v[layer].astype(q.dtype))
+    out_suffix = jnp.einsum("rkgs,rskd->rkgd", probs[..., p:].reshape(r, kv_heads, g, -1), v_suffix.astype(q.dtype))
+    return (out.reshape(r, kv_heads, g, hd) + out_suffix).reshape(r, 1, h * hd)
+
+
+def group_decode_step(config: ModelConfig, layers: tuple, params: dict, tokens: jax.Array, prefix: KVCache, cache: KVCache,
+                      attend_len: int | None = None):
+    """One new token for each of R = B * n rows that continue B shared prompts.
+
+    tokens [R] int. `prefix` is the prompts' prefilled cache ([B, P] slots, read only, never
+    copied n times: reading n copies of the prompt was most of a decode step's attention
+    cost); `cache` holds each row's own generated tokens ([R, S] slots), and the new token
+    is written at its slot `cache.index`. `layers` from `layer_params`. With `attend_len`
+    (static, > cache.index), attention reads only the first `attend_len` slots of `cache`.
+    Returns (hidden [R, D] final-normed, new cache)."""
+    dt = jnp.dtype(config.dtype)
+    r = tokens.shape[0]
+    n = r // prefix.mask.shape[0]
+    start = cache.index
+    prompt_lengths = jnp.repeat(jnp.sum(prefix.mask, axis=1), n)  # [R]
+    positions = (prompt_lengths + jnp.sum(cache.mask, axis=1))[:, None]  # [R, 1]
+    sin, cos = rope_tables(positions, config.head_dim, config.rope_theta)
+    new_mask = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((r, 1), jnp.int32), (0, start))
+    span = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
+
+    x = params["embed"][tokens][:, None, :].astype(dt)  # [R, 1, D]
     ks, vs = [], []
     for i, lp in enumerate(layers):
         h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
         q, k, v = project_qkv(config, lp, h, sin, cos)
         k_buf = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, start, 0, 0))
         v_buf = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), (0, start, 0, 0))
-        attn = attention(q, k_buf[:, :span].astype(dt), v_buf[:, :span].astype(dt), visible)
-        x = attention_out_and_mlp(config, lp, x, attn)
+        x = attention_out_and_mlp(config, lp, x, _prefix_suffix_attention(q, prefix, i, k_buf[:, :span], v_buf[:, :span], new_mask[:, :span]))
         ks.append(k_buf)
         vs.append(v_buf)
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
