@@ -64,7 +64,6 @@ class SamplingState:
     cache: KVCache  # each row's generated tokens, [R, M] slots
 
 
-
 @dataclasses.dataclass(frozen=True)
 class _Filters:
     """The static (compile-time) part of the sampling settings; T and top_p values are traced."""
