@@ -10,7 +10,7 @@ so every completion starts at column P, and the loss reads the hidden states of 
 P-1 ... P+C-2 only (no lm_head work on prompt tokens). Log-probs go through the GRPO module's
 chunked `token_logprobs`, so no [batch, seq, vocab] array of the whole batch is ever made.
 
-    python -m tooln1_jax.sft --config configs/tiny_cpu.py [--config.sft.steps=400]
+    python -m tooln1_jax.sft --config configs/tiny_cpu.py [--config.sft.warm_start_steps=1000]
 """
 from __future__ import annotations
 
