@@ -319,3 +319,27 @@ def test_orbax_checkpoint_hook_restores_the_policy(tmp_path):
     assert loaded_config.vocab_size == 64 and loaded_config.num_layers == 1
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prompts_beyond_the_model_positions_are_dropped_not_fatal(items, qwen_tokenizer):
+    """A model with few positions drops (and counts) the prompts that leave no room for the answer."""
+    import jax
+
+    from tooln1_jax.data.prompt import render_prompt
+    from tooln1_jax.evaluation.generation import generate_completions
+    from tooln1_jax.models.config import ModelConfig
+    from tooln1_jax.models.transformer import init_params
+
+    records = [bfcl.prompt_record(it) for it in items["multiple"][:4]]
+    lengths = [len(qwen_tokenizer(render_prompt(qwen_tokenizer, r, for_eval=True), add_special_tokens=False)["input_ids"])
+               for r in records]
+    positions, new_tokens = sorted(lengths)[1] + 4, 4  # room for the two shortest prompts only
+    config = ModelConfig(vocab_size=len(qwen_tokenizer), hidden_size=16, intermediate_size=32, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True,
+                         max_position_embeddings=positions)
+    params = init_params(config, jax.random.PRNGKey(0))
+    completions, drops = generate_completions(config, params, qwen_tokenizer, records, batch_size=4,
+                                              max_new_tokens=new_tokens, max_prompt_length=4096, progress=False)
+    expected = sum(n > positions - new_tokens for n in lengths)
+    assert expected >= 1 and drops["prompt_too_long"] == expected
+    assert len(completions) == len(records) - expected

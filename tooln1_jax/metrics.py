@@ -107,17 +107,17 @@ def plot_reward_curve(output_dir: str, out_path: str | None = None) -> str | Non
     rows = read_jsonl(os.path.join(output_dir, METRICS_FILE))
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot) draws off-screen without switching the process-wide backend,
+    # which would break plt.show() in a notebook that calls this.
+    from matplotlib.figure import Figure
 
     steps = [r["step"] for r in rows]
     reward = [float(r.get("reward_mean", float("nan"))) for r in rows]
     window = max(1, len(reward) // 10)
     smooth = [sum(reward[max(0, i - window + 1):i + 1]) / len(reward[max(0, i - window + 1):i + 1])
               for i in range(len(reward))]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.subplots()
     ax.plot(steps, reward, color="tab:blue", alpha=0.35, label="train reward (mean over rollouts)")
     ax.plot(steps, smooth, color="tab:blue", label=f"train reward, running mean of {window}")
     evals = [r for r in read_jsonl(os.path.join(output_dir, EVAL_FILE)) if "accuracy" in r]
@@ -132,5 +132,4 @@ def plot_reward_curve(output_dir: str, out_path: str | None = None) -> str | Non
     fig.tight_layout()
     out_path = out_path or os.path.join(output_dir, CURVE_FILE)
     fig.savefig(out_path)
-    plt.close(fig)
     return out_path

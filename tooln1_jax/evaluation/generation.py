@@ -60,6 +60,9 @@ def generate_completions(config, params, tokenizer: Any, records: Sequence[ToolR
                          max_new_tokens: int, max_prompt_length: int, mesh=None,
                          progress: bool = True) -> tuple[dict[str, str], DropCounts]:
     """{record id: completion text} for every record whose prompt fits, and the drops."""
+    # A prompt that leaves no room for the answer within the model's positions is dropped and
+    # counted (scored wrong as prompt_too_long), not an error that ends the whole evaluation.
+    max_prompt_length = min(max_prompt_length, config.max_position_embeddings - max_new_tokens)
     ids, kept, drops = encode_prompts(tokenizer, records, max_prompt_length=max_prompt_length, for_eval=True)
     order = sorted(range(len(kept)), key=lambda i: len(ids[i]))
     stops = stop_token_ids(tokenizer)
