@@ -160,3 +160,21 @@ def test_export_hf_loads_in_transformers(uninterrupted, tmp_path):
     with open(os.path.join(run_dir, "summary.json")) as f:
         assert json.load(f)["steps_done"] == 3
     assert not math.isnan(summary["final"]["loss"])
+
+
+def test_bucket_output_dir_keeps_urls_and_logs_locally():
+    """On a pod, checkpoints go to a shared gs:// output_dir (orbax writes URLs itself) while
+    metrics and summaries go to a local folder; no URL is turned into a local path."""
+    from tooln1_jax.config import default_config
+    from tooln1_jax.train import log_directory
+
+    assert ckpt_lib.reference_dir("gs://bucket/runs/7b") == "gs://bucket/runs/7b/reference"
+    assert ckpt_lib._resolve("gs://bucket/runs/7b/checkpoints") == "gs://bucket/runs/7b/checkpoints"
+    assert os.path.isabs(ckpt_lib.reference_dir("runs/local"))
+    config = default_config()
+    config.output_dir = "gs://bucket/runs/7b/"
+    assert log_directory(config) == os.path.join("runs", "7b")
+    config.log.dir = "/tmp/logs"
+    assert log_directory(config) == "/tmp/logs"
+    config.output_dir, config.log.dir = "runs/local", ""
+    assert log_directory(config) == "runs/local"

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -28,11 +29,16 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+def _resolve(path: str) -> str:
+    """Absolute local paths; URLs (gs://, which orbax writes to directly) stay as they are."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 class RunCheckpointer:
     """A `CheckpointManager` for one run's `checkpoints/` folder."""
 
     def __init__(self, output_dir: str, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
+        self.directory = _resolve(os.path.join(output_dir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )
@@ -75,13 +81,13 @@ class RunCheckpointer:
 
 
 def reference_dir(output_dir: str) -> str:
-    return os.path.abspath(os.path.join(output_dir, "reference"))
+    return _resolve(os.path.join(output_dir, "reference"))
 
 
 def save_reference(output_dir: str, params: Any) -> None:
     """The frozen reference parameters, written once (atomically) per run."""
     path = reference_dir(output_dir)
-    if os.path.exists(path):
+    if epath.Path(path).exists():
         return
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params)
@@ -99,8 +105,8 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None, tok
     from tooln1_jax.models.config import ModelConfig
     from tooln1_jax.models.hf_io import save_pretrained
 
-    directory = os.path.abspath(checkpoint_dir)
-    if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = _resolve(checkpoint_dir)
+    if epath.Path(directory, "checkpoints").is_dir():
         directory = os.path.join(directory, "checkpoints")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS)
     step = manager.latest_step() if step is None else step

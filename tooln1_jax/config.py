@@ -116,7 +116,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))  # 0 = never
 
-    c.log = ml_collections.ConfigDict(dict(tensorboard=False, progress_bar=True, plot=True))
+    # log.dir: where metrics/summary/plots go ('' = output_dir; required local when output_dir is gs://).
+    c.log = ml_collections.ConfigDict(dict(dir="", tensorboard=False, progress_bar=True, plot=True))
 
     c.eval = ml_collections.ConfigDict(
         dict(every_steps=0, num_examples=64, max_new_tokens=64, batch_size=32, at_start=True, at_end=True)

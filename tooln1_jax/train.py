@@ -281,6 +281,16 @@ def _summary_value(row: dict | None, key: str):
     return None if row is None else row.get(key)
 
 
+def log_directory(config) -> str:
+    """The local folder for metrics.jsonl, eval.jsonl, summary.json and the reward curve:
+    `log.dir`, else `output_dir`; with a gs:// output_dir and no `log.dir`, runs/<run name>."""
+    if config.log.dir:
+        return config.log.dir
+    if "://" in config.output_dir:
+        return os.path.join("runs", config.output_dir.rstrip("/").rsplit("/", 1)[-1])
+    return config.output_dir
+
+
 def train(config) -> dict:
     """Runs (or resumes from the latest checkpoint in `output_dir`) GRPO for `config`.
 
@@ -290,7 +300,8 @@ def train(config) -> dict:
     drop counts, and `params`, the final policy parameters."""
     t_run = time.perf_counter()
     config = validate_config(config)
-    out_dir = config.output_dir
+    out_dir = config.output_dir  # checkpoints (may be a gs:// URL, shared by all hosts)
+    log_dir = log_directory(config)  # metrics, summary, plots: always a local folder
     checkpointer = ckpt_lib.RunCheckpointer(out_dir, keep=int(config.checkpoint.keep)) if config.checkpoint.every_steps else None
     resume_step = checkpointer.latest_step() if checkpointer else None
     setup = setup_run(config, load_weights=resume_step is None)
@@ -309,7 +320,7 @@ def train(config) -> dict:
         kl_estimator=str(rl.kl_estimator), entropy_coef=float(rl.entropy_coef), aggregation=str(rl.aggregation),
     )
     param_dtype = jnp.dtype(config.model.param_dtype)
-    summary: dict[str, Any] = {"output_dir": out_dir, "total_steps": total, "drops": dict(setup.drops),
+    summary: dict[str, Any] = {"output_dir": out_dir, "log_dir": log_dir, "total_steps": total, "drops": dict(setup.drops),
                                "num_train": len(setup.train_records), "num_val": len(setup.val_records)}
 
     sft_metrics = None
@@ -341,13 +352,13 @@ def train(config) -> dict:
             ref = reference_params(ref, jnp.bfloat16 if rl.ref_in_bf16 else None)
         start_step = int(meta["step"])
         summary["sft"] = meta.get("sft")
-        earlier = [r for r in read_jsonl(os.path.join(out_dir, EVAL_FILE)) if r.get("step") == 0]
+        earlier = [r for r in read_jsonl(os.path.join(log_dir, EVAL_FILE)) if r.get("step") == 0]
         if earlier:  # the held-out result before RL, from the run's first start
             summary["eval_start"] = earlier[0]
         if is_main:
             print(f"resuming from {checkpointer.directory}/{start_step} (step {start_step} of {total})", flush=True)
 
-    log = MetricsLogger(out_dir, total_steps=total, start_step=start_step, tensorboard=config.log.tensorboard,
+    log = MetricsLogger(log_dir, total_steps=total, start_step=start_step, tensorboard=config.log.tensorboard,
                         progress_bar=config.log.progress_bar, is_main=is_main)
     eval_rows: list[dict] = []
     last_row = None
@@ -436,7 +447,7 @@ def train(config) -> dict:
     })
     summary["params"] = state.params  # not written to JSON
     if is_main:
-        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(log_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump({k: v for k, v in summary.items() if k != "params"}, f, indent=1, default=str)
         start, end = summary["accuracy_start"], summary["accuracy_end"]
         if start is not None and end is not None:
