@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import time
@@ -32,23 +31,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tooln1_jax.grpo import group_advantages  # noqa: E402
-from tooln1_jax.models import ModelConfig, init_params  # noqa: E402
+from tooln1_jax.models import init_params  # noqa: E402
+from w1 import W1, load_avg, peak_rss_gb  # noqa: E402
 from tooln1_jax.train_step import compute_logprobs, init_train_state, make_grpo_step, make_optimizer, reference_params  # noqa: E402
 
-W1 = ModelConfig(
-    vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=2,
-    head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True,
-    max_position_embeddings=1024, model_type="qwen2",
-)
 ROWS, GROUP, PROMPT_LEN, COMPLETION_LEN, TEMPERATURE = 64, 8, 128, 128, 0.7
 
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 class MatmulProbe:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -37,23 +36,9 @@ if _threads_from_argv() == 1:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tooln1_jax.models import ModelConfig, init_params, save_pretrained  # noqa: E402
+from tooln1_jax.models import init_params, save_pretrained  # noqa: E402
+from w1 import GROUP, NEW_TOKENS, PROMPT_LEN, PROMPTS, TEMPERATURE, W1, load_avg, peak_rss_gb  # noqa: E402
 from tooln1_jax.sampling import sample  # noqa: E402
-
-W1 = ModelConfig(
-    vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=2,
-    head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True,
-    max_position_embeddings=1024, model_type="qwen2",
-)
-PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS, TEMPERATURE = 8, 8, 128, 128, 0.7
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def timed(fn) -> tuple[float, float]:
