@@ -19,7 +19,8 @@ SFT instead, for comparison.
 STATUS (2026-11-24, one seed, measured on the shared 2-core machine): the 10-point goal is NOT
 met yet. With these settings: held-out exact-call accuracy 0.229 after 1,000 SFT steps ->
 0.300 after 30 GRPO steps (+7.1 points, 170 prompts), 480 s wall in all (368 s SFT, 98 s of
-GRPO steps). The model learns format and tool names early but copies argument values only
+GRPO steps). Control (benchmarks/demo_control.py, FLOP-matched: 267 more SFT steps instead of
+the 30 GRPO steps): 0.600, so at this point more SFT beats GRPO by far. The model learns format and tool names early but copies argument values only
 after ~700+ SFT steps (600 steps: 0.024, and GRPO then finds almost no positive samples).
 """
 from tooln1_jax.config import default_config, validate_config
