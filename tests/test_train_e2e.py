@@ -26,6 +26,7 @@ def demo_config(output_dir):
     c.output_dir = str(output_dir)
     # The demo's pipeline at test size: a 2-step warm start, 2 GRPO steps of 2 updates each.
     c.data.synthetic.num_examples = 40
+    c.data.max_prompt_length = 256  # keep every held-out prompt: the counts below are exact
     c.sft.warm_start_steps = 2
     c.sft.batch_size = 8
     if "max_completion_length" not in c.sft:  # SFT targets are longer than the test's rollouts
