@@ -66,7 +66,8 @@ def test_readme_command_is_exercised(command, tmp_path):
         # Benchmarks are not run in the suite (minutes each); their flags must exist.
         proc = subprocess.run([sys.executable, argv[1], "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env={**os.environ, "XLA_FLAGS": ""})
-        assert proc.returncode == 0, proc.stderr
+        # argparse exits 0 after --help; absl (demo_control.py) exits 1 after printing its flags.
+        assert proc.returncode == 0 or (proc.returncode == 1 and "flags:" in proc.stdout), proc.stderr[-3000:]
         for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
             assert flag in proc.stdout, f"{argv[1]} has no flag {flag}"
     else:
