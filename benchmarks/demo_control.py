@@ -64,7 +64,7 @@ def grpo_seconds(output_dir: str) -> tuple[float, int]:
 def control(config, *, seconds: float | None = None, grpo_steps: int | None = None) -> dict:
     """Warm start as in the demo, then more SFT for `seconds` (wall-clock matching) or for the
     FLOPs of `grpo_steps` GRPO steps; held-out accuracy after each."""
-    from tooln1_jax.rollouts import bucket_width
+    from tooln1_jax.sampling import prompt_bucket
 
     setup = train_lib.setup_run(config)
     data = encode_sft(setup.tokenizer, setup.train_records, max_prompt_length=int(config.data.max_prompt_length),
@@ -76,7 +76,7 @@ def control(config, *, seconds: float | None = None, grpo_steps: int | None = No
     print(f"control: warm start ({warm} SFT steps) held-out accuracy {acc_warm['accuracy']:.3f}", flush=True)
     flops = {}
     if seconds is None:
-        rl_width = bucket_width(max(len(p) for p in setup.train_prompt_ids))
+        rl_width = prompt_bucket(max(len(p) for p in setup.train_prompt_ids))
         steps, flops = matched_sft_steps(config, grpo_steps, rl_width, data.input_ids.shape[1])
         flops.update(rl_prompt_width=rl_width, sft_width=int(data.input_ids.shape[1]))
     t0 = time.perf_counter()

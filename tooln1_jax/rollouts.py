@@ -16,7 +16,6 @@ from tooln1_jax.data.records import ToolRecord
 
 # Reward reasons that mean the answer's FORMAT was wrong (not just the call).
 FORMAT_FAILURES = ("no_call_block", "bad_json", "bad_item_format", "missing_think")
-MIN_PROMPT_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,23 +86,15 @@ def stop_token_ids(tokenizer: Any, model_config: Any = None) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def bucket_width(longest: int) -> int:
-    """Prompt width rounded up to a power of two (>= 16), so a run compiles few shapes."""
-    return max(MIN_PROMPT_BUCKET, 1 << max(0, int(longest) - 1).bit_length())
-
-
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Token-id lists -> (ids [B, width] int32, mask [B, width] int32), padded on the left."""
-    width = width or bucket_width(max(len(p) for p in prompt_ids))
-    ids = np.full((len(prompt_ids), width), pad_id, np.int32)
-    mask = np.zeros((len(prompt_ids), width), np.int32)
-    for i, p in enumerate(prompt_ids):
-        if len(p) > width:
-            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the width {width}")
-        if len(p):
-            ids[i, width - len(p):] = p
-            mask[i, width - len(p):] = 1
-    return ids, mask
+    """Token-id lists -> (ids [B, width] int32, mask [B, width] int32), padded on the left; the
+    width defaults to the sampler's power-of-two bucket of the longest prompt."""
+    longest = max(len(p) for p in prompt_ids)
+    width = width or sampling.prompt_bucket(longest)
+    if longest > width:
+        i = next(i for i, p in enumerate(prompt_ids) if len(p) > width)
+        raise ValueError(f"prompt {i} has {len(prompt_ids[i])} tokens, more than the width {width}")
+    return sampling.left_pad(prompt_ids, width, pad_id)
 
 
 def decode_completions(tokenizer: Any, tokens: np.ndarray, lengths: np.ndarray, stops: Sequence[int]) -> list[str]:
