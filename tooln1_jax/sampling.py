@@ -5,8 +5,10 @@ programs, not one per batch) and prefills each prompt once, keeping only the las
 logits. Row `i*n + j` is sample j of prompt i. The n rows of a group read their prompt's cache
 in place rather than n copies of it (`group_decode_step`: the numbers of `repeat_cache`, about 15%
 less CPU time on W1 with 64 new tokens), and write their own tokens into a fixed-size [R, max_new_tokens]
-cache. Decoding runs inside one jitted, donated `lax.while_loop`, split into a few segments
-whose attention reads only the slots that can be filled by then. A row stops at its first
+cache (`models/group_decode.py`). Decoding runs inside one jitted, donated `lax.while_loop`
+whose step reads weights fused and rotary tables built once before the loop. (Splitting the
+loop into segments that attend over fewer slots cost more in slice copies than it saved.)
+A row stops at its first
 stop token (which it keeps); the loop exits when all rows have stopped or the budget is
 spent. Everything after a row's stop is `pad_id` with log-prob 0 and mask False.
 
@@ -33,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tooln1_jax.models.config import ModelConfig
-from tooln1_jax.models.kv_cache import KVCache, forward_cached, group_decode_step, init_cache, layer_params
+from tooln1_jax.models.group_decode import decode_layer_params, group_decode_step, rope_table
+from tooln1_jax.models.kv_cache import KVCache, forward_cached, init_cache
 from tooln1_jax.models.transformer import lm_head_weight
 
 MIN_PROMPT_BUCKET = 16
@@ -79,8 +82,28 @@ def _uniforms(row_keys: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def _inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
-    """probs [R, N] (unnormalised, >= 0), u [R] -> [R] index j with P(j) = probs[j] / sum(probs).
-    The first j whose cumulative mass exceeds u * total; zero-mass entries are never picked."""
+    """probs [R, N] (unnormalised, >= 0), u [R] -> [R] index j with P(j) = probs[j] / sum(probs):
+    the first j whose cumulative mass exceeds u * total; zero-mass entries are never picked.
+
+    Two levels (blocks of ~sqrt(N), then within the chosen block): a cumulative sum over the full
+    vocabulary was about 3% of a decode step on CPU."""
+    r, n = probs.shape
+    block = 1 << max(0, (n.bit_length() - 1) // 2)
+    if n % block or n <= 2 * block:
+        return _inverse_cdf_flat(probs, u)
+    blocks = probs.reshape(r, n // block, block)
+    block_cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [R, N/block]
+    target = u * block_cdf[:, -1]
+    b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), n // block - 1)  # [R]
+    inner = jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0]  # [R, block]
+    before = jnp.where(b > 0, jnp.take_along_axis(block_cdf, jnp.maximum(b - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    j = jnp.sum(before[:, None] + jnp.cumsum(inner, axis=-1) <= target[:, None], axis=-1)
+    # Rounding between the two sums can push j past the block's last positive entry: clamp to it.
+    last_positive = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    return (b * block + jnp.minimum(j, last_positive)).astype(jnp.int32)
+
+
+def _inverse_cdf_flat(probs: jax.Array, u: jax.Array) -> jax.Array:
     cdf = jnp.cumsum(probs, axis=-1)
     idx = jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1)
     return jnp.minimum(idx, probs.shape[-1] - 1).astype(jnp.int32)
@@ -182,16 +205,16 @@ def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p
 def _decode(config, params, state, temperature, top_p, stop_ids, *,
             num_samples, max_new_tokens, filters, pad_id, mesh, rules) -> SamplingState:
     """Runs the decode loop until every row is done or `max_new_tokens` columns are filled."""
-    layers = layer_params(params, config.num_layers)  # sliced once, outside the loop
+    layers = decode_layer_params(config, params)  # sliced and fused once, outside the loop
+    rope = rope_table(config, state.prefix.max_len + max_new_tokens)
     head = lm_head_weight(params).astype(jnp.dtype(config.dtype))
 
-    def cond(s: SamplingState, end):
-        return (s.step < end) & ~jnp.all(s.done)
+    def cond(s: SamplingState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-    def body(s: SamplingState, end):
+    def body(s: SamplingState):
         prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)
-        # Steps before `end` write cache slots < end - 1: attend over `end` slots, not all M.
-        hidden, cache = group_decode_step(config, layers, params, prev, s.prefix, s.cache, attend_len=end)
+        hidden, cache = group_decode_step(config, layers, params, prev, s.prefix, s.cache, rope=rope)
         logits = (hidden @ head).astype(jnp.float32)
         tokens, logprobs, done, lengths = _next_tokens(logits, s, s.step, temperature, top_p, stop_ids, filters, pad_id)
         new = s.replace(
@@ -201,18 +224,7 @@ def _decode(config, params, state, temperature, top_p, stop_ids, *,
         )
         return _constrain(new, mesh, rules)
 
-    for end in decode_segments(max_new_tokens):
-        state = jax.lax.while_loop(functools.partial(cond, end=end), functools.partial(body, end=end), state)
-    return state
-
-
-def decode_segments(max_new_tokens: int) -> tuple[int, ...]:
-    """The decode loop's segment ends: each segment is a `while_loop` whose attention reads only
-    the generated-token slots that can be filled by then (about 10% faster on W1). Each
-    segment compiles one more copy of the decode step, so short budgets use one."""
-    count = 4 if max_new_tokens >= 64 else 1
-    size = -(-max_new_tokens // count)
-    return tuple(min(max_new_tokens, size * (i + 1)) for i in range(count))
+    return jax.lax.while_loop(cond, body, state)
 
 
 def prompt_bucket(length: int) -> int:

@@ -165,16 +165,16 @@ def batch_sharding(mesh: Mesh, rules: ShardingRules, ndim: int, batch_size: int 
 
 def cache_sharding(cache: Any, mesh: Mesh, rules: ShardingRules) -> Any:
     """A `KVCache` (or its `jax.eval_shape`) -> the same KVCache structure of `NamedSharding`:
-    k/v buffers by `CACHE_LOGICAL_AXES`, the mask as [batch, cache_seq], the index replicated."""
-    from tooln1_jax.models.kv_cache import CACHE_LOGICAL_AXES
+    keys by `KEY_CACHE_LOGICAL_AXES`, values by `CACHE_LOGICAL_AXES`, the mask as [batch, cache_seq], the index replicated."""
+    from tooln1_jax.models.kv_cache import CACHE_LOGICAL_AXES, KEY_CACHE_LOGICAL_AXES
 
-    def buf(x):
-        return NamedSharding(mesh, logical_to_spec(CACHE_LOGICAL_AXES, mesh, rules, x.shape))
+    def buf(axes):
+        return lambda x: NamedSharding(mesh, logical_to_spec(axes, mesh, rules, x.shape))
 
     return cache.replace(
-        k=tuple(map(buf, cache.k)),
-        v=tuple(map(buf, cache.v)),
-        mask=NamedSharding(mesh, logical_to_spec(CACHE_LOGICAL_AXES[:2], mesh, rules, cache.mask.shape)),
+        k=tuple(map(buf(KEY_CACHE_LOGICAL_AXES), cache.k)),
+        v=tuple(map(buf(CACHE_LOGICAL_AXES), cache.v)),
+        mask=NamedSharding(mesh, logical_to_spec(("batch", "cache_seq"), mesh, rules, cache.mask.shape)),
         index=NamedSharding(mesh, PartitionSpec()),
     )
 

@@ -142,8 +142,9 @@ def param_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rules: Shardin
 
 
 def kv_cache_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rows: int, length: int) -> float:
-    """K and V, every layer, [rows, length, kv_heads, head_dim] bf16, under SAMPLE_RULES."""
-    shape = (rows, length, config.num_kv_heads, config.head_dim)
+    """K and V, every layer, [rows, kv_heads, length, head_dim] bf16 (keys store the last two
+    transposed: the same bytes and split), under SAMPLE_RULES."""
+    shape = (rows, config.num_kv_heads, length, config.head_dim)
     per_layer = 2 * math.prod(shape) * BF16 / split_factor(CACHE_LOGICAL_AXES, shape, mesh, SAMPLE_RULES)
     return config.num_layers * per_layer
 
