@@ -60,15 +60,18 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_mask, k_suffix, v_suf
     # The n queries of a group share the prefix: one [n*g, hd] x [hd, P] matmul per (prompt, kv head).
     q_groups = q.reshape(b, n, kv_heads, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, n * g, hd)
     s_prefix = jnp.einsum("bkmd,bkdp->bkmp", q_groups, prefix_k.astype(q.dtype), preferred_element_type=jnp.float32)
-    s_prefix = jnp.where(prefix_mask[:, None, None, :] > 0, s_prefix, neg)
-    s_prefix = s_prefix.reshape(b, kv_heads, n, g, p).transpose(0, 2, 1, 3, 4).reshape(r, kv_heads, g, p)
+    s_prefix = jnp.where(prefix_mask[:, None, None, :] > 0, s_prefix * (hd ** -0.5), neg)
     s_suffix = jnp.einsum("rkgd,rkds->rkgs", q, k_suffix.astype(q.dtype), preferred_element_type=jnp.float32)
-    s_suffix = jnp.where(suffix_mask[:, None, None, :] > 0, s_suffix, neg)
-    probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_suffix], axis=-1) * (hd ** -0.5), axis=-1).astype(q.dtype)
-    p_prefix = probs[..., :p].reshape(b, n, kv_heads, g, p).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, n * g, p)
-    out = jnp.einsum("bkmp,bkpd->bkmd", p_prefix, prefix_v.astype(q.dtype))
-    out = out.reshape(b, kv_heads, n, g, hd).transpose(0, 2, 1, 3, 4).reshape(r, kv_heads, g, hd)
-    out = out + jnp.einsum("rkgs,rksd->rkgd", probs[..., p:], v_suffix.astype(q.dtype))
+    s_suffix = jnp.where(suffix_mask[:, None, None, :] > 0, s_suffix * (hd ** -0.5), neg)
+    # One softmax over both parts without concatenating them: a shared max, then each part's sum.
+    to_rows = lambda a: a.reshape(b, kv_heads, n, g, *a.shape[3:]).swapaxes(1, 2).reshape(r, kv_heads, g, *a.shape[3:])
+    to_groups = lambda a: a.reshape(b, n, kv_heads, g, *a.shape[3:]).swapaxes(1, 2).reshape(b, kv_heads, n * g, *a.shape[3:])
+    top = jnp.maximum(to_rows(jnp.max(s_prefix, axis=-1, keepdims=True)), jnp.max(s_suffix, axis=-1, keepdims=True))  # [R, K, g, 1]
+    e_prefix = jnp.exp(s_prefix - to_groups(top))
+    e_suffix = jnp.exp(s_suffix - top)
+    total = to_rows(jnp.sum(e_prefix, axis=-1, keepdims=True)) + jnp.sum(e_suffix, axis=-1, keepdims=True)
+    out = to_rows(jnp.einsum("bkmp,bkpd->bkmd", e_prefix.astype(q.dtype), prefix_v.astype(q.dtype)))
+    out = (out + jnp.einsum("rkgs,rksd->rkgd", e_suffix.astype(q.dtype), v_suffix.astype(q.dtype))) / total.astype(q.dtype)
     return out.reshape(r, h * hd)
 
 
