@@ -1,7 +1,7 @@
 """Rollout speed on workload W1 (../shared/benchmarks/W1.md): 8 prompts x 8 samples, 128-token
 prompts, exactly 128 new tokens, temperature 0.7, random Qwen2 (27M params, float32).
 
-    python benchmarks/rollout.py [--compare-hf] [--reps 3] [--threads 1]
+    python benchmarks/rollout.py [--compare-hf] [--floor] [--reps 3] [--threads 1]
 
 Prints generated tokens/s (median of --reps timed runs after a compile run), compile seconds
 and peak resident memory. With --compare-hf, transformers' `generate` runs on the same weights
@@ -10,6 +10,10 @@ tokens), its repetitions interleaved with ours so both see the same machine load
 ratios of wall time and of process CPU time are printed. On a shared machine compare ratios,
 not absolutes; `--threads 1` pins XLA and torch to one thread each, which keeps the
 comparison fair when other processes contend for the cores.
+
+--floor also times, in the same process, the rollout's weight matmuls alone (the prefill's
+and 127 decode steps' q/k/v, o, gate/up, down and LM-head products, float32, with nothing
+between them): no sampler can beat that time here, so it bounds the reachable tokens/s.
 """
 from __future__ import annotations
 
@@ -78,6 +82,37 @@ def hf_rollout(params, prompts):
     return once
 
 
+def matmul_floor(params):
+    """Times the rollout's weight matmuls alone: prefill (B*P rows, LM head on the last
+    position only) plus NEW_TOKENS - 1 decode steps of PROMPTS * GROUP rows."""
+    import jax.numpy as jnp
+
+    from tooln1_jax.models.group_decode import decode_layer_params
+
+    layers = decode_layer_params(W1, params)
+    head = params["embed"].T.copy()
+
+    @jax.jit
+    def matmuls(x, layers, head):
+        for lp in layers:  # each product feeds the next, as in the model
+            qkv = x @ lp["qkv"]
+            x = x + qkv[:, : x.shape[1]] @ lp["o_proj"]
+            x = x + (x @ lp["gate_up"])[:, : W1.intermediate_size] @ lp["down_proj"]
+        return x[-PROMPTS:] @ head if x.shape[0] > PROMPTS * GROUP else x @ head
+
+    def once(rows):
+        x = jnp.ones((rows, W1.hidden_size), jnp.float32) * 0.01
+        jax.block_until_ready(matmuls(x, layers, head))
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            jax.block_until_ready(matmuls(x, layers, head))
+            runs.append(time.perf_counter() - start)
+        return statistics.median(runs)
+
+    return once(PROMPTS * PROMPT_LEN) + (NEW_TOKENS - 1) * once(PROMPTS * GROUP)
+
+
 def summary(name: str, runs: list[tuple[float, float]]) -> tuple[float, float]:
     wall = statistics.median(w for w, _ in runs)
     cpu = statistics.median(c for _, c in runs)
@@ -90,6 +125,7 @@ def summary(name: str, runs: list[tuple[float, float]]) -> tuple[float, float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same process")
+    parser.add_argument("--floor", action="store_true", help="also time the weight matmuls alone (a lower bound)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions after compile (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="1: XLA and torch single-threaded")
     args = parser.parse_args()
@@ -121,6 +157,11 @@ def main():
     if hf:
         hf_wall, hf_cpu = summary("transformers generate", hf_runs)
         print(f"ratio: {hf_wall / wall:.2f}x transformers by wall time, {hf_cpu / cpu:.2f}x by CPU time; load avg {load_avg()}")
+    if args.floor:
+        floor = matmul_floor(params)
+        tokens = PROMPTS * GROUP * NEW_TOKENS
+        print(f"matmul floor: the weight matmuls alone take {floor:.2f} s = {tokens / floor:.0f} tok/s at most; "
+              f"the sampler reaches {floor / wall:.0%} of it" + (f"; the floor is {hf_wall / floor:.2f}x transformers" if hf else ""))
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ PLANS = (
     PodPlan("7B on v5p-64", "Qwen/Qwen2.5-7B-Instruct", "v5p-64", (1, 8, 4), micro_batch=8, generation_prompts=256),
     PodPlan("7B on v4-64", "Qwen/Qwen2.5-7B-Instruct", "v4-64", (1, 8, 4), micro_batch=8, generation_prompts=64),
     PodPlan("7B on v6e-64", "Qwen/Qwen2.5-7B-Instruct", "v6e-64", (1, 16, 4), micro_batch=16, generation_prompts=128),
-    PodPlan("14B on v5p-128", "Qwen/Qwen2.5-14B-Instruct", "v5p-128", (1, 8, 8), micro_batch=8, generation_prompts=256),
+    PodPlan("14B on v5p-128", "Qwen/Qwen2.5-14B-Instruct", "v5p-128", (1, 8, 8), micro_batch=8, generation_prompts=128),
     # One pass of all 1,024 prompts, as the trainer samples today: it takes a 4x bigger slice.
     PodPlan("7B on v5p-256, one pass", "Qwen/Qwen2.5-7B-Instruct", "v5p-256", (1, 32, 4), micro_batch=32,
             generation_prompts=1024),
@@ -134,9 +134,10 @@ def split_factor(logical_axes, shape, mesh: AbstractMesh, rules: ShardingRules) 
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def param_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rules: ShardingRules, bytes_per_value: int) -> float:
+def param_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rules: ShardingRules, bytes_per_value: int,
+                         layers_only: bool = False) -> float:
     shapes, axes = param_shapes(config), param_logical_axes(config)
-    leaves = [(shapes[k], axes[k]) for k in shapes if k != "layers"]
+    leaves = [] if layers_only else [(shapes[k], axes[k]) for k in shapes if k != "layers"]
     leaves += [(shapes["layers"][k], axes["layers"][k]) for k in shapes["layers"]]
     return sum(math.prod(s) / split_factor(a, s, mesh, rules) * bytes_per_value for s, a in leaves)
 
@@ -231,6 +232,10 @@ def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency
     gp, p = plan.generation_prompts, w.prompt_len
     rollout = {
         "sampling weights (tensor-parallel copy)": param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, plan.sampling_weight_bytes),
+        # group_decode.decode_layer_params: per-layer slices in the compute dtype (bf16), q/k/v
+        # and gate/up fused, built once before the decode loop, which reads them.
+        "decode layer weights (bf16, sliced + fused once per rollout)": param_bytes_per_chip(
+            cfg, mesh, SAMPLE_RULES, BF16, layers_only=True),
         f"KV cache, {rows} rows x {cache_len} (bf16)": kv_cache_bytes_per_chip(cfg, mesh, rows, cache_len),
         f"prompt KV cache before the group copy ({gp} rows)": kv_cache_bytes_per_chip(cfg, mesh, gp, cache_len),
         "prefill attention scores, one layer (x2, fp32)": 2 * gp * cfg.num_heads * p * p * F32
