@@ -87,26 +87,25 @@ def matmul_floor(params):
     position only) plus NEW_TOKENS - 1 decode steps of PROMPTS * GROUP rows."""
     import jax.numpy as jnp
 
-    from tooln1_jax.models.group_decode import decode_layer_params
+    from tooln1_jax.models.group_decode import decode_weights
 
-    layers = decode_layer_params(W1, params)
-    head = params["embed"].T.copy()
+    weights = decode_weights(W1, params)  # the sampler's own layout: [out, in], activations [D, rows]
 
     @jax.jit
-    def matmuls(x, layers, head):
-        for lp in layers:  # each product feeds the next, as in the model
-            qkv = x @ lp["qkv"]
-            x = x + qkv[:, : x.shape[1]] @ lp["o_proj"]
-            x = x + (x @ lp["gate_up"])[:, : W1.intermediate_size] @ lp["down_proj"]
-        return x[-PROMPTS:] @ head if x.shape[0] > PROMPTS * GROUP else x @ head
+    def matmuls(x_t, weights):
+        for lp in weights.layers:  # each product feeds the next, as in the model
+            qkv = lp["qkv"] @ x_t
+            x_t = x_t + lp["o_proj"] @ qkv[: x_t.shape[0]]
+            x_t = x_t + lp["down_proj"] @ (lp["gate_up"] @ x_t)[: W1.intermediate_size]
+        return weights.head @ (x_t[:, -PROMPTS:] if x_t.shape[1] > PROMPTS * GROUP else x_t)
 
     def once(rows):
-        x = jnp.ones((rows, W1.hidden_size), jnp.float32) * 0.01
-        jax.block_until_ready(matmuls(x, layers, head))
+        x_t = jnp.ones((W1.hidden_size, rows), jnp.float32) * 0.01
+        jax.block_until_ready(matmuls(x_t, weights))
         runs = []
         for _ in range(5):
             start = time.perf_counter()
-            jax.block_until_ready(matmuls(x, layers, head))
+            jax.block_until_ready(matmuls(x_t, weights))
             runs.append(time.perf_counter() - start)
         return statistics.median(runs)
 

@@ -6,7 +6,7 @@ logits. Row `i*n + j` is sample j of prompt i. The n rows of a group read their 
 in place rather than n copies of it (`group_decode_step`: the numbers of `repeat_cache`, about 15%
 less CPU time on W1 with 64 new tokens), and write their own tokens into a fixed-size [R, max_new_tokens]
 cache (`models/group_decode.py`). Decoding runs inside one jitted, donated `lax.while_loop`
-whose step reads weights fused and rotary tables built once before the loop. (Splitting the
+whose step reads weights laid out and rotary tables built once before the loop. (Splitting the
 loop into segments that attend over fewer slots cost more in slice copies than it saved.)
 A row stops at its first
 stop token (which it keeps); the loop exits when all rows have stopped or the budget is
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tooln1_jax.models.config import ModelConfig
-from tooln1_jax.models.group_decode import decode_layer_params, group_decode_step, rope_table
+from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_table
 from tooln1_jax.models.kv_cache import KVCache, forward_cached, init_cache
 from tooln1_jax.models.transformer import lm_head_weight
 
@@ -205,17 +205,15 @@ def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p
 def _decode(config, params, state, temperature, top_p, stop_ids, *,
             num_samples, max_new_tokens, filters, pad_id, mesh, rules) -> SamplingState:
     """Runs the decode loop until every row is done or `max_new_tokens` columns are filled."""
-    layers = decode_layer_params(config, params)  # sliced and fused once, outside the loop
+    weights = decode_weights(config, params)  # sliced, fused and transposed once, outside the loop
     rope = rope_table(config, state.prefix.max_len + max_new_tokens)
-    head = lm_head_weight(params).astype(jnp.dtype(config.dtype))
 
     def cond(s: SamplingState):
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: SamplingState):
         prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)
-        hidden, cache = group_decode_step(config, layers, params, prev, s.prefix, s.cache, rope=rope)
-        logits = (hidden @ head).astype(jnp.float32)
+        logits, cache = group_decode_step(config, weights, prev, s.prefix, s.cache, rope=rope)
         tokens, logprobs, done, lengths = _next_tokens(logits, s, s.step, temperature, top_p, stop_ids, filters, pad_id)
         new = s.replace(
             tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tokens, s.step, axis=1),

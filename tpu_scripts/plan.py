@@ -232,7 +232,7 @@ def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency
     gp, p = plan.generation_prompts, w.prompt_len
     rollout = {
         "sampling weights (tensor-parallel copy)": param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, plan.sampling_weight_bytes),
-        # group_decode.decode_layer_params: per-layer slices in the compute dtype (bf16), q/k/v
+        # group_decode.decode_weights: per-layer slices in the compute dtype (bf16), q/k/v
         # and gate/up fused, built once before the decode loop, which reads them.
         "decode layer weights (bf16, sliced + fused once per rollout)": param_bytes_per_chip(
             cfg, mesh, SAMPLE_RULES, BF16, layers_only=True),
