@@ -200,3 +200,33 @@ def test_bad_configs_are_rejected_with_the_field_named():
         base.replace(remat="some")
     with pytest.raises(ValueError, match="model_type"):
         ModelConfig.from_hf({**base.to_hf(), "model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_group_decode_step_equals_full_forward(name):
+    """The sampler's step (fused, transposed weights; n rows sharing a prompt's cache) gives the
+    full forward's next-token logits, for left-padded prompts of different lengths."""
+    from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_table
+
+    config = CONFIGS[name]
+    shapes = init_params(config, jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    params = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])  # biases too
+    ids, mask = left_padded_batch(config.vocab_size, lengths=(6, 3), seed=5)
+    n, steps = 3, 3
+    prefill = jax.jit(forward_cached, static_argnums=0)
+    _, prefix = prefill(config, params, jnp.asarray(ids), jnp.asarray(mask), init_cache(config, 2, ids.shape[1]))
+    weights = decode_weights(config, params)
+    step = jax.jit(group_decode_step, static_argnums=0)
+    rng = np.random.default_rng(6)
+    new = rng.integers(0, config.vocab_size, (2 * n, steps))
+    cache = init_cache(config, 2 * n, steps)
+    for t in range(steps):
+        rope = rope_table(config, ids.shape[1] + steps) if t % 2 else None  # both rotary paths
+        got, cache = step(config, weights, jnp.asarray(new[:, t]), prefix, cache, rope)
+        for row in range(2 * n):
+            prompt = ids[row // n][mask[row // n] > 0]
+            full = np.concatenate([prompt, new[row, : t + 1]])
+            ref = np.asarray(logits(config, params, jnp.asarray(full[None])))[0, -1]
+            np.testing.assert_allclose(np.asarray(got[row]), ref, atol=1e-4, rtol=1e-4)
