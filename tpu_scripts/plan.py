@@ -135,9 +135,12 @@ def split_factor(logical_axes, shape, mesh: AbstractMesh, rules: ShardingRules) 
 
 
 def param_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rules: ShardingRules, bytes_per_value: int,
-                         layers_only: bool = False) -> float:
+                         decode_copy: bool = False) -> float:
+    """All params; with `decode_copy`, only what `group_decode.decode_weights` copies (the layers,
+    and an untied LM head; a tied head is the embedding itself)."""
     shapes, axes = param_shapes(config), param_logical_axes(config)
-    leaves = [] if layers_only else [(shapes[k], axes[k]) for k in shapes if k != "layers"]
+    top = ("lm_head",) if decode_copy else tuple(k for k in shapes if k != "layers")
+    leaves = [(shapes[k], axes[k]) for k in top if k in shapes]
     leaves += [(shapes["layers"][k], axes["layers"][k]) for k in shapes["layers"]]
     return sum(math.prod(s) / split_factor(a, s, mesh, rules) * bytes_per_value for s, a in leaves)
 
@@ -233,9 +236,9 @@ def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency
     rollout = {
         "sampling weights (tensor-parallel copy)": param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, plan.sampling_weight_bytes),
         # group_decode.decode_weights: per-layer slices in the compute dtype (bf16), q/k/v
-        # and gate/up fused, built once before the decode loop, which reads them.
-        "decode layer weights (bf16, sliced + fused once per rollout)": param_bytes_per_chip(
-            cfg, mesh, SAMPLE_RULES, BF16, layers_only=True),
+        # and gate/up fused, [out, in], built once before the decode loop, which reads them.
+        "decode weights (bf16 layers + untied head, built once per rollout)": param_bytes_per_chip(
+            cfg, mesh, SAMPLE_RULES, BF16, decode_copy=True),
         f"KV cache, {rows} rows x {cache_len} (bf16)": kv_cache_bytes_per_chip(cfg, mesh, rows, cache_len),
         f"prompt KV cache before the group copy ({gp} rows)": kv_cache_bytes_per_chip(cfg, mesh, gp, cache_len),
         "prefill attention scores, one layer (x2, fp32)": 2 * gp * cfg.num_heads * p * p * F32
