@@ -3,14 +3,13 @@
 `sample` left-pads the prompts to a power-of-two length bucket (so a run compiles a few
 programs, not one per batch) and prefills each prompt once, keeping only the last position's
 logits. Row `i*n + j` is sample j of prompt i. The n rows of a group read their prompt's cache
-in place rather than n copies of it (`group_decode_step`: the numbers of `repeat_cache`, about 15%
-less CPU time on W1 with 64 new tokens), and write their own tokens into a fixed-size [R, max_new_tokens]
-cache (`models/group_decode.py`). Decoding runs inside one jitted, donated `lax.while_loop`
-whose step reads weights laid out and rotary tables built once before the loop. (Splitting the
-loop into segments that attend over fewer slots cost more in slice copies than it saved.)
-A row stops at its first
-stop token (which it keeps); the loop exits when all rows have stopped or the budget is
-spent. Everything after a row's stop is `pad_id` with log-prob 0 and mask False.
+in place rather than n copies of it (the numbers of `repeat_cache`, about 15% less CPU time on
+W1 with 64 new tokens), and write their own tokens into a fixed-size [R, max_new_tokens] cache
+(`models/group_decode.py`). Decoding runs inside one jitted, donated `lax.while_loop` whose
+step reads weights and rotary tables laid out once before the loop. (Splitting the loop into
+segments that attend over fewer slots cost more in slice copies than it saved.) A row stops
+at its first stop token (which it keeps); the loop exits when all rows have stopped or the
+budget is spent. Everything after a row's stop is `pad_id` with log-prob 0 and mask False.
 
 Sampling order follows Hugging Face: temperature, then top-k, then top-p. Tokens are drawn
 by inverse CDF with one uniform per row and step (cheaper than a Gumbel number per logit).
