@@ -204,8 +204,9 @@ def test_bad_configs_are_rejected_with_the_field_named():
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_group_decode_step_equals_full_forward(name):
-    """The sampler's step (fused, transposed weights; n rows sharing a prompt's cache) gives the
-    full forward's next-token logits, for left-padded prompts of different lengths."""
+    """The sampler's step (fused, transposed weights; n rows sharing a prompt's cache; the
+    rotary table) gives the full forward's next-token logits, for left-padded prompts of
+    different lengths."""
     from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_table
 
     config = CONFIGS[name]
@@ -222,8 +223,8 @@ def test_group_decode_step_equals_full_forward(name):
     rng = np.random.default_rng(6)
     new = rng.integers(0, config.vocab_size, (2 * n, steps))
     cache = init_cache(config, 2 * n, steps)
+    rope = rope_table(config, ids.shape[1] + steps)
     for t in range(steps):
-        rope = rope_table(config, ids.shape[1] + steps) if t % 2 else None  # both rotary paths
         got, cache = step(config, weights, jnp.asarray(new[:, t]), prefix, cache, rope)
         for row in range(2 * n):
             prompt = ids[row // n][mask[row // n] > 0]

@@ -115,14 +115,14 @@ def rope_table(config: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
 
 
 def group_decode_step(config: ModelConfig, weights: DecodeWeights, tokens: jax.Array, prefix: KVCache, cache: KVCache,
-                      rope: tuple[jax.Array, jax.Array] | None = None):
+                      rope: tuple[jax.Array, jax.Array]):
     """One new token for each of R = B * n rows that continue B shared prompts.
 
     tokens [R] int. `prefix` is the prompts' prefilled cache ([B, P] slots, read only, never
     copied n times: reading n copies of the prompt was most of a decode step's attention
     cost); `cache` holds each row's own generated tokens ([R, S] slots), and the new token
     is written at its slot `cache.index`. `weights` from `decode_weights`; `rope` from
-    `rope_table` (covering every position), or None to compute the tables here.
+    `rope_table`, covering every position the step can reach.
     Returns (logits [R, V] float32, new cache)."""
     dt = jnp.dtype(config.dtype)
     r = tokens.shape[0]
@@ -130,10 +130,7 @@ def group_decode_step(config: ModelConfig, weights: DecodeWeights, tokens: jax.A
     start = cache.index
     prompt_lengths = jnp.repeat(jnp.sum(prefix.mask, axis=1), n)  # [R]
     positions = (prompt_lengths + jnp.sum(cache.mask, axis=1))[:, None]  # [R, 1]
-    if rope is None:
-        sin, cos = rope_tables(positions, config.head_dim, config.rope_theta)  # [R, 1, hd/2]
-    else:
-        sin, cos = rope[0][positions], rope[1][positions]
+    sin, cos = rope[0][positions], rope[1][positions]  # [R, 1, hd/2]
     new_mask = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((r, 1), jnp.int32), (0, start))
 
     g = config.num_heads // config.num_kv_heads
