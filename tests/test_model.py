@@ -230,4 +230,4 @@ def test_group_decode_step_equals_full_forward(name):
             prompt = ids[row // n][mask[row // n] > 0]
             full = np.concatenate([prompt, new[row, : t + 1]])
             ref = np.asarray(logits(config, params, jnp.asarray(full[None])))[0, -1]
-            np.testing.assert_allclose(np.asarray(got[row]), ref, atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(got[:, row]), ref, atol=1e-4, rtol=1e-4)

@@ -123,7 +123,7 @@ def group_decode_step(config: ModelConfig, weights: DecodeWeights, tokens: jax.A
     cost); `cache` holds each row's own generated tokens ([R, S] slots), and the new token
     is written at its slot `cache.index`. `weights` from `decode_weights`; `rope` from
     `rope_table`, covering every position the step can reach.
-    Returns (logits [R, V] float32, new cache)."""
+    Returns (logits_t [V, R] float32, vocabulary-major as the sampler reads them, new cache)."""
     dt = jnp.dtype(config.dtype)
     r = tokens.shape[0]
     n = r // prefix.mask.shape[0]
@@ -152,7 +152,5 @@ def group_decode_step(config: ModelConfig, weights: DecodeWeights, tokens: jax.A
         x_t = x_t + lp["down_proj"] @ (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1])
         ks.append(k_buf)
         vs.append(v_buf)
-    # The barrier keeps the product as [V, R] = head @ x_t (the fast form); XLA would otherwise
-    # fold the transpose below into the dot.
-    logits_t = jax.lax.optimization_barrier(weights.head @ _rms_norm_columns(x_t, weights.final_norm, eps))  # [V, R]
-    return logits_t.T.astype(jnp.float32), KVCache(k=tuple(ks), v=tuple(vs), mask=new_mask, index=start + 1)
+    logits_t = weights.head @ _rms_norm_columns(x_t, weights.final_norm, eps)  # [V, R]
+    return logits_t.astype(jnp.float32), KVCache(k=tuple(ks), v=tuple(vs), mask=new_mask, index=start + 1)

@@ -59,6 +59,14 @@ def repeat_cache(cache: KVCache, times: int) -> KVCache:
     return KVCache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)), mask=rep(cache.mask), index=cache.index)
 
 
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+    """The same cache with room for `max_len` slots (the new ones empty: zeros, mask 0)."""
+    extra = max_len - cache.max_len
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+    return KVCache(k=tuple(pad(k, 3) for k in cache.k), v=tuple(pad(v, 2) for v in cache.v),
+                   mask=pad(cache.mask, 1), index=cache.index)
+
+
 def write_slots(buf: jax.Array, new: jax.Array, start, keys: bool) -> jax.Array:
     """Writes new [B, T, K, hd] at slots start ... start+T-1 of a key buffer [B, K, hd, S]
     (keys=True) or a value buffer [B, K, S, hd]."""
