@@ -59,6 +59,7 @@ BAD_FIELDS = [
     (None, ("rollout", "top_p", 0.0), "config.rollout.top_p=0.0 must be in (0, 1]"),
     (None, ("rollout", "num_samples", 1), "config.rollout.num_samples=1 must be >= 2"),
     (None, ("rollout", "temperature", 0.0), "config.rollout.temperature=0.0 must be positive"),
+    (None, ("rollout", "decode_segments", 0), "config.rollout.decode_segments=0 must be positive"),
     (None, ("rl", "micro_batch_size", 3), "config.rl.micro_batch_size=3 must divide the mini-batch's sequences"),
     (None, ("mesh", "fsdp", 0), "config.mesh.fsdp=0 must be positive or -1"),
     (("mesh", "data", -1), ("mesh", "fsdp", -1), "has more than one -1 size"),

@@ -50,8 +50,10 @@ def test_greedy_matches_transformers_tiny_qwen2(tiny_params, tmp_path):
 
     save_pretrained(TINY, tiny_params, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    free = greedy(TINY, tiny_params, PROMPTS, 40)  # three decode segments: caches of 16, 32, 40 slots
+    free = greedy(TINY, tiny_params, PROMPTS, 40)  # three decode segments: caches of 16, 20, 40 slots
     np.testing.assert_array_equal(np.asarray(free.tokens), hf_greedy(model, PROMPTS, 40, stop=None))
+    one_loop = greedy(TINY, tiny_params, PROMPTS, 40, decode_segments=1)  # one cache of 40 slots
+    np.testing.assert_array_equal(np.asarray(one_loop.tokens), np.asarray(free.tokens))
     # A stop token that the first row emits at column 3: that row stops there, as HF's does.
     stop = int(free.tokens[0, 3])
     ours = greedy(TINY, tiny_params, PROMPTS, 10, stop=[stop], num_samples=2)
@@ -194,10 +196,13 @@ def test_stop_handling_masks_everything_after_the_first_stop(tiny_params):
 
 
 def test_decode_windows():
-    assert decode_windows(128) == (32, 64, 96, 128)
+    assert decode_windows(128) == (16, 32, 64, 128)
+    assert decode_windows(8192, 6) == (256, 512, 1024, 2048, 4096, 8192)
+    assert decode_windows(40) == (16, 20, 40)
     assert decode_windows(20) == (16, 20)
     assert decode_windows(10) == (10,)
     assert decode_windows(1) == (1,)
+    assert decode_windows(128, 1) == (128,)
 
 
 def test_early_exit_counts_decode_steps(tiny_params):
@@ -255,5 +260,8 @@ def test_bad_input_is_named():
         sample(TINY, params, [[1, 500]], num_samples=1, max_new_tokens=2, temperature=1.0, rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="top_p"):
         sample(TINY, params, [[1]], num_samples=1, max_new_tokens=2, temperature=1.0, top_p=0.0, rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="decode_segments"):
+        sample(TINY, params, [[1]], num_samples=1, max_new_tokens=2, temperature=1.0, decode_segments=0,
+               rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         sample(TINY, params, [[1] * 200], num_samples=1, max_new_tokens=100, temperature=1.0, rng=jax.random.PRNGKey(0))

@@ -82,9 +82,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
     # prompts_per_call: prompts per sampler call (0 = the whole rollout batch at once); bounds
-    # the KV cache, which is rows x (prompt + response) long.
+    # the KV cache, which is rows x (prompt + response) long. decode_segments: the decode loop's
+    # segments, each over a response cache twice the last's (`sampling.decode_windows`): more
+    # segments read fewer empty cache slots and compile one more loop body each.
     c.rollout = ml_collections.ConfigDict(
-        dict(num_samples=5, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0, prompts_per_call=0)
+        dict(num_samples=5, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0, prompts_per_call=0,
+             decode_segments=4)
     )
 
     c.rl = ml_collections.ConfigDict(
@@ -218,7 +221,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if sizes.count(-1) > 1:
         _fail("mesh", dict(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor), "has more than one -1 size")
 
-    _positive(c, "rollout.num_samples", "rollout.max_new_tokens", "rollout.temperature")
+    _positive(c, "rollout.num_samples", "rollout.max_new_tokens", "rollout.temperature", "rollout.decode_segments")
     if not 0.0 < c.rollout.top_p <= 1.0:
         _fail("rollout.top_p", c.rollout.top_p, "must be in (0, 1]")
     _non_negative(c, "rollout.top_k", "rollout.prompts_per_call")

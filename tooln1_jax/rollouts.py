@@ -111,10 +111,11 @@ def decode_completions(tokenizer: Any, tokens: np.ndarray, lengths: np.ndarray, 
 
 
 def _run_sampler(model_config, params, prompt_ids, *, num_samples, max_new_tokens, temperature, top_p, top_k,
-                 stops, pad_id, rng, mesh):
+                 stops, pad_id, rng, mesh, decode_segments=sampling.DECODE_SEGMENTS):
     result = sampling.sample(
         model_config, params, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stops, pad_id=pad_id, rng=rng, mesh=mesh,
+        decode_segments=decode_segments,
     )
     tokens, logprobs, mask, lengths = jax.device_get((result.tokens, result.logprobs, result.mask, result.lengths))
     return np.asarray(tokens), np.asarray(logprobs, np.float32), np.asarray(mask), np.asarray(lengths, np.int32)
@@ -137,11 +138,13 @@ def generate_and_score(
     reward_variant: str = "binary",
     prompt_width: int | None = None,
     prompts_per_call: int = 0,
+    decode_segments: int = sampling.DECODE_SEGMENTS,
 ) -> RolloutBatch:
     """Samples `num_samples` completions for each of B prompts (token-id lists; `records[i]` holds
     prompt i's ground truth), scores them, and returns the N = B * num_samples row batch.
     `prompt_width` fixes P (default: the power-of-two bucket of the longest prompt).
-    `prompts_per_call` > 0 samples that many prompts per sampler call (bounds the KV cache)."""
+    `prompts_per_call` > 0 samples that many prompts per sampler call (bounds the KV cache);
+    `decode_segments` goes to `sampling.sample`."""
     if len(prompt_ids) != len(records):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(records)} records")
     pad_id = pad_id_of(tokenizer)
@@ -154,7 +157,7 @@ def generate_and_score(
         chunks.append(_run_sampler(
             model_config, params, [list(p) for p in prompt_ids[start:start + per_call]], num_samples=num_samples,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stops=stops,
-            pad_id=pad_id, rng=chunk_rng, mesh=mesh,
+            pad_id=pad_id, rng=chunk_rng, mesh=mesh, decode_segments=decode_segments,
         ))
     tokens, logprobs, mask, lengths = (np.concatenate(parts) for parts in zip(*chunks))
     completions = decode_completions(tokenizer, tokens, lengths, stops)

@@ -42,8 +42,8 @@ from tooln1_jax.models.kv_cache import KVCache, forward_cached, grow_cache, init
 from tooln1_jax.models.transformer import lm_head_weight
 
 MIN_PROMPT_BUCKET = 16
-# The decode loop runs in up to DECODE_SEGMENTS segments of at least MIN_SEGMENT steps (see
-# `decode_windows`); each segment is one more compiled loop body.
+# The decode loop runs in up to `decode_segments` (default DECODE_SEGMENTS) segments, the first
+# of at least MIN_SEGMENT steps (see `decode_windows`); each segment is one more compiled loop body.
 DECODE_SEGMENTS = 4
 MIN_SEGMENT = 16
 
@@ -70,7 +70,7 @@ class SamplingState:
     step: jax.Array  # [] int32, the next column of `tokens` to fill
     row_keys: jax.Array  # [R] PRNG keys, one per row
     prefix: KVCache  # the prompts' cache, [B, P] slots, shared by each group's n rows
-    cache: KVCache  # each row's generated tokens, [R, M] slots
+    cache: KVCache | None  # each row's generated tokens, [R, window] slots; None until the decode loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +161,7 @@ def _constrain(state: SamplingState, mesh, rules) -> SamplingState:
         step=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
         row_keys=batch_sharding(mesh, rules, 1, rows),
         prefix=cache_sharding(state.prefix, mesh, rules),
-        cache=cache_sharding(state.cache, mesh, rules),
+        cache=None if state.cache is None else cache_sharding(state.cache, mesh, rules),
     )
     return jax.lax.with_sharding_constraint(state, shardings)
 
@@ -199,7 +199,7 @@ def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p
         step=jnp.zeros((), jnp.int32),
         row_keys=row_keys,
         prefix=prefix,
-        cache=init_cache(config, rows, decode_windows(m)[0]),
+        cache=None,  # made by `_decode`, whose segments each grow it (a donated input never could be)
     )
     logits_t = jnp.repeat(last_logits_t, num_samples, axis=1)  # [V, R]
     tokens, logprobs, done, lengths = _next_tokens(logits_t, state, 0, temperature, top_p, stop_ids, filters, pad_id)
@@ -210,9 +210,9 @@ def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p
     return _constrain(state, mesh, rules)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("decode_segments",), donate_argnames=("state",))
 def _decode(config, params, state, temperature, top_p, stop_ids, *,
-            num_samples, max_new_tokens, filters, pad_id, mesh, rules) -> SamplingState:
+            num_samples, max_new_tokens, filters, pad_id, mesh, rules, decode_segments) -> SamplingState:
     """Runs the decode loops until every row is done or `max_new_tokens` columns are filled."""
     weights = decode_weights(config, params)  # sliced, fused and transposed once, outside the loop
     rope = rope_table(config, state.prefix.max_len + max_new_tokens)
@@ -230,22 +230,26 @@ def _decode(config, params, state, temperature, top_p, stop_ids, *,
 
     # Step s feeds token s-1 and writes it at continuation slot s-1, so a cache of `window`
     # slots serves steps up to `window`.
-    for window in decode_windows(max_new_tokens):
-        if state.cache.max_len < window:
-            state = _constrain(state.replace(cache=grow_cache(state.cache, window)), mesh, rules)
+    rows = state.tokens.shape[0]
+    for window in decode_windows(max_new_tokens, decode_segments):
+        cache = init_cache(config, rows, window) if state.cache is None else grow_cache(state.cache, window)
+        state = _constrain(state.replace(cache=cache), mesh, rules)
         cond = lambda s, window=window: (s.step < max_new_tokens) & (s.step <= window) & ~jnp.all(s.done)
         state = jax.lax.while_loop(cond, body, state)
-    return state
+    return state.replace(cache=None)  # the caller needs tokens, not the continuation cache
 
 
-def decode_windows(max_new_tokens: int) -> tuple[int, ...]:
-    """The continuation-cache size of each decode segment: [32, 64, 96, 128] for 128 new tokens.
+def decode_windows(max_new_tokens: int, segments: int = DECODE_SEGMENTS) -> tuple[int, ...]:
+    """The continuation-cache size of each decode segment, doubling up to max_new_tokens:
+    (16, 32, 64, 128) for 128 new tokens and 4 segments.
 
-    A step's attention reads every slot of its cache, filled or not, so one loop over the full
-    cache reads twice the slots it needs on average. Each segment instead runs over a cache just
-    big enough for its steps, grown (zero-padded) between segments."""
-    size = max(MIN_SEGMENT, -(-max_new_tokens // DECODE_SEGMENTS))
-    return tuple(range(size, max_new_tokens, size)) + (max_new_tokens,)
+    A step's attention reads every slot of its cache, filled or not, so one loop over a cache of
+    max_new_tokens slots reads twice the slots a full-length rollout needs on average, and far
+    more when rows stop early (tool calls are short next to an 8k budget). Each segment instead
+    runs over a cache just big enough for its steps, grown (zero-padded) between segments, so a
+    step reads fewer than twice the slots it needs once past the first window."""
+    first = min(MIN_SEGMENT, max_new_tokens)
+    return tuple(sorted({max(first, -(-max_new_tokens >> i)) for i in range(segments)}))
 
 
 def prompt_bucket(length: int) -> int:
@@ -264,7 +268,8 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     return tokens, mask
 
 
-def _check(config: ModelConfig, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_token_ids):
+def _check(config: ModelConfig, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_token_ids,
+           decode_segments):
     if not len(prompts):
         raise ValueError("sample: prompts is empty")
     for i, prompt in enumerate(prompts):
@@ -281,6 +286,8 @@ def _check(config: ModelConfig, prompts, num_samples, max_new_tokens, temperatur
         raise ValueError(f"sample: top_p={top_p} must be in (0, 1]")
     if top_k < 0:
         raise ValueError(f"sample: top_k={top_k} must be >= 0 (0 disables top-k)")
+    if decode_segments < 1:
+        raise ValueError(f"sample: decode_segments={decode_segments} must be >= 1")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(
@@ -293,13 +300,14 @@ def _check(config: ModelConfig, prompts, num_samples, max_new_tokens, temperatur
 
 def sample(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
            temperature: float, top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] = (), rng: jax.Array,
-           mesh=None, rules=None, pad_id: int = 0) -> SampleResult:
+           mesh=None, rules=None, pad_id: int = 0, decode_segments: int = DECODE_SEGMENTS) -> SampleResult:
     """`num_samples` completions of each prompt (token-id lists of any lengths).
 
     Returns a `SampleResult` with [len(prompts) * num_samples, max_new_tokens] tokens,
     logprobs and mask. With `mesh`, params and rows are placed under `rules`
-    (default `SAMPLE_RULES`): rows split over the batch axes, weights tensor-parallel."""
-    _check(config, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_token_ids)
+    (default `SAMPLE_RULES`): rows split over the batch axes, weights tensor-parallel.
+    `decode_segments` trades compile time (one loop body each) for attention reads (`decode_windows`)."""
+    _check(config, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_token_ids, decode_segments)
     tokens, mask = left_pad(prompts, prompt_bucket(max(len(p) for p in prompts)), pad_id)
     stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)  # -1 never matches a token
     if mesh is not None:
@@ -316,7 +324,7 @@ def sample(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], 
     t = jnp.float32(temperature if temperature > 0 else 1.0)
     p = jnp.float32(top_p)
     state = _prefill(config, params, tokens, mask, rng, t, p, stop_ids, **static)
-    state = _decode(config, params, state, t, p, stop_ids, **static)
+    state = _decode(config, params, state, t, p, stop_ids, **static, decode_segments=int(decode_segments))
     columns = jnp.arange(max_new_tokens)[None, :]
     return SampleResult(
         tokens=state.tokens, logprobs=state.logprobs, mask=columns < state.lengths[:, None],

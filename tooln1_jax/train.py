@@ -389,6 +389,7 @@ def train(config) -> dict:
                 [setup.train_records[i] for i in idx], num_samples=ro.num_samples, max_new_tokens=ro.max_new_tokens,
                 temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, rng=rng, mesh=mesh,
                 reward_variant=rl.reward_variant, prompts_per_call=int(ro.prompts_per_call),
+                decode_segments=int(ro.decode_segments),
             )
             t_rollout = time.perf_counter() - t0
             rewards = jnp.asarray(batch.rewards)
