@@ -122,9 +122,12 @@ def sample_logits(logits_t: jax.Array, u: jax.Array, temperature: jax.Array, top
     (Hugging Face's order; top-p renormalises over the top-k set). logprobs are under
     softmax(logits / T) over the full vocabulary (module doc)."""
     if filters.greedy:
-        tokens = jnp.argmax(logits_t, axis=0).astype(jnp.int32)
         scaled = logits_t
-        logz = jax.nn.logsumexp(scaled, axis=0)
+        top = jnp.max(scaled, axis=0)  # [R]
+        # argmax as the first index at the max: XLA's argmax reduce was 4.7x slower on CPU (1.3 ms on W1)
+        vocab_ids = jnp.arange(scaled.shape[0], dtype=jnp.int32)[:, None]
+        tokens = jnp.min(jnp.where(scaled == top, vocab_ids, scaled.shape[0] - 1), axis=0)
+        logz = top + jnp.log(jnp.sum(jnp.exp(scaled - top), axis=0))
     else:
         scaled = logits_t / temperature
         top = jnp.max(scaled, axis=0)  # [R]
