@@ -120,6 +120,15 @@ def test_prefill_then_decode_equals_full_forward(name):
     np.testing.assert_array_equal(np.asarray(cache.mask[:, : ids.shape[1]]), mask)
     real = mask.astype(bool)
     assert np.abs(cached[real] - full[real]).max() < 1e-5
+    # A last-position-only prefill: the same last hidden state and the same cache.
+    fresh = init_cache(config, batch=3, max_len=12)
+    last, last_cache = jax.jit(forward_cached, static_argnums=(0, 5))(
+        config, params, jnp.asarray(ids), jnp.asarray(mask), fresh, True)
+    every, every_cache = step(config, params, jnp.asarray(ids), jnp.asarray(mask), fresh)
+    assert last.shape == (3, 1, config.hidden_size)
+    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(every[:, -1]), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(last_cache), jax.tree.leaves(every_cache)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_bfloat16_compute_runs_and_stays_close():

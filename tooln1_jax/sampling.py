@@ -190,7 +190,7 @@ def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p
     """prompt_tokens, prompt_mask [B, P] (left-padded) -> the loop state after the first token."""
     b, p = prompt_tokens.shape
     rows, m = b * num_samples, max_new_tokens
-    hidden, prefix = forward_cached(config, params, prompt_tokens, prompt_mask, init_cache(config, b, p))
+    hidden, prefix = forward_cached(config, params, prompt_tokens, prompt_mask, init_cache(config, b, p), last_only=True)
     head = lm_head_weight(params).astype(hidden.dtype)
     last_logits_t = (head.T @ hidden[:, -1].T).astype(jnp.float32)  # [V, B]: only the last position
     key_data = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
