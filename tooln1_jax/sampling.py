@@ -6,14 +6,14 @@ logits. Row `i*n + j` is sample j of prompt i. The n rows of a group read their 
 in place rather than n copies of it (the numbers of `repeat_cache`, about 15% less CPU time on
 W1 with 64 new tokens), and write their own tokens into a per-row continuation cache
 (`models/group_decode.py`). Decoding runs in one jitted, donated program: a `lax.while_loop`
-per segment (`decode_windows`), each over a continuation cache just big enough for its steps
-(attention reads every slot of a cache, so one cache of max_new_tokens slots read twice the
-slots needed on average; with 4 segments and the vocabulary-major sampler a W1 step went from
-28.5 to 26.7 ms), and a step that reads weights and
-rotary tables laid out once before the loops. (Slicing one full-size cache per segment, tried
-earlier, cost more in slice copies than it saved; growing the cache between segments copies it
-three times per rollout.) A row stops at its first stop token (which it keeps); the loops
-exit when all rows have stopped or the budget is spent. Everything after a row's stop is `pad_id` with log-prob 0 and mask False.
+per segment (`decode_windows`), each over a continuation cache just big enough for its steps,
+and a step that reads weights and rotary tables laid out once before the loops. Attention reads
+every slot of a cache, so one cache of max_new_tokens slots read twice the slots needed on
+average; with 4 segments and the vocabulary-major sampler a W1 step went from 28.5 to 26.7 ms.
+(Slicing one full-size cache per segment, tried earlier, cost more in slice copies than it
+saved; growing the cache between segments copies it three times per rollout.) A row stops at
+its first stop token (which it keeps); the loops exit when all rows have stopped or the budget
+is spent. Everything after a row's stop is `pad_id` with log-prob 0 and mask False.
 
 Sampling order follows Hugging Face: temperature, then top-k, then top-p. Tokens are drawn
 by inverse CDF with one uniform per row and step (cheaper than a Gumbel number per logit).
