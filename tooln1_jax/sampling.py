@@ -3,9 +3,9 @@
 `sample` left-pads the prompts to a power-of-two length bucket (so a run compiles a few
 programs, not one per batch) and prefills each prompt once, keeping only the last position's
 logits. Row `i*n + j` is sample j of prompt i. The n rows of a group read their prompt's cache
-in place rather than n copies of it (the numbers of `repeat_cache`, about 15% less CPU time on
-W1 with 64 new tokens), and write their own tokens into a per-row continuation cache
-(`models/group_decode.py`). Decoding runs in one jitted, donated program: a `lax.while_loop`
+in place rather than n copies of it (same numbers, about 15% less CPU time on W1 with 64 new
+tokens than copying the prompt cache n times), and write their own tokens into a per-row
+continuation cache (`models/group_decode.py`). Decoding runs in one jitted, donated program: a `lax.while_loop`
 per segment (`decode_windows`), each over a continuation cache just big enough for its steps,
 and a step that reads weights and rotary tables laid out once before the loops. Attention reads
 every slot of a cache, so one cache of max_new_tokens slots read twice the slots needed on

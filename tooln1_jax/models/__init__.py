@@ -1,6 +1,6 @@
 """Qwen2.5 / Llama decoder: config, params, forward, KV cache and HF checkpoints."""
 from tooln1_jax.models.config import PRESETS, ModelConfig, preset
-from tooln1_jax.models.kv_cache import KVCache, forward_cached, init_cache, repeat_cache
+from tooln1_jax.models.kv_cache import KVCache, forward_cached, init_cache
 from tooln1_jax.models.transformer import (
     hidden_states,
     init_params,

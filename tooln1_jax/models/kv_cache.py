@@ -53,12 +53,6 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
     )
 
 
-def repeat_cache(cache: KVCache, times: int) -> KVCache:
-    """Each row repeated `times` times in place: row i becomes rows i*times ... (i+1)*times-1."""
-    rep = lambda x: jnp.repeat(x, times, axis=0)
-    return KVCache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)), mask=rep(cache.mask), index=cache.index)
-
-
 def grow_cache(cache: KVCache, max_len: int) -> KVCache:
     """The same cache with room for `max_len` slots (the new ones empty: zeros, mask 0)."""
     extra = max_len - cache.max_len
