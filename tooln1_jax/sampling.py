@@ -128,7 +128,7 @@ def sample_logits(logits_t: jax.Array, u: jax.Array, temperature: jax.Array, top
         # argmax as the first index at the max: XLA's argmax reduce was 4.7x slower on CPU (1.3 ms on W1)
         vocab_ids = jnp.arange(scaled.shape[0], dtype=jnp.int32)[:, None]
         tokens = jnp.min(jnp.where(scaled == top, vocab_ids, scaled.shape[0] - 1), axis=0)
-        logz = top + jnp.log(jnp.sum(jnp.exp(scaled - top), axis=0))
+        logz = jax.nn.logsumexp(scaled, axis=0)
     else:
         scaled = logits_t / temperature
         top = jnp.max(scaled, axis=0)  # [R]
