@@ -8,8 +8,9 @@ and peak resident memory. With --compare-hf, transformers' `generate` runs on th
 and prompts in the same process (sampling, temperature 0.7, top_p 1, top_k 0, exactly 128 new
 tokens), its repetitions interleaved with ours so both see the same machine load, and the
 ratios of wall time and of process CPU time are printed. On a shared machine compare ratios,
-not absolutes; `--threads 1` pins XLA and torch to one thread each, which keeps the
-comparison fair when other processes contend for the cores.
+not absolutes. `--threads 1` runs the whole process on one core (its CPU affinity, set before
+JAX starts: XLA sizes its thread pool from it, and no XLA flag does) and torch on one thread: a
+single-core comparison, fair when other processes contend for the cores.
 
 --floor also times, in the same process, the rollout's weight matmuls alone (the prefill's
 and 127 decode steps' q/k/v, o, gate/up, down and LM-head products, float32, with nothing
@@ -34,8 +35,10 @@ def _threads_from_argv() -> int | None:
     return None
 
 
-if _threads_from_argv() == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+if _threads_from_argv() == 1:  # one core for the whole process, before XLA reads the core count
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+elif _threads_from_argv() is not None:
+    raise SystemExit("--threads: only 1 (one core) is supported; leave it out for the default threads")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -126,14 +129,14 @@ def main():
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same process")
     parser.add_argument("--floor", action="store_true", help="also time the weight matmuls alone (a lower bound)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions after compile (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="1: XLA and torch single-threaded")
+    parser.add_argument("--threads", type=int, default=None, help="1: the process on one core, torch on one thread")
     args = parser.parse_args()
 
     params = init_params(W1, jax.random.PRNGKey(0))
     prompts = np.random.default_rng(0).integers(0, W1.vocab_size, (PROMPTS, PROMPT_LEN)).tolist()
     print(f"W1 rollout: {PROMPTS} prompts x {GROUP} samples, {PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, "
           f"T={TEMPERATURE}; {len(jax.devices())} {jax.devices()[0].platform} device(s), threads "
-          f"{args.threads or 'default'}, load avg {load_avg()}")
+          f"{args.threads or 'default'} (cores usable: {len(os.sched_getaffinity(0))}), load avg {load_avg()}")
     ours = jax_rollout(params, prompts)
     first, _ = timed(ours)  # compile + one run
     jax_peak = peak_rss_gb()
