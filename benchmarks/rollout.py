@@ -1,7 +1,7 @@
 """Rollout speed on workload W1 (../shared/benchmarks/W1.md): 8 prompts x 8 samples, 128-token
 prompts, exactly 128 new tokens, temperature 0.7, random Qwen2 (27M params, float32).
 
-    python benchmarks/rollout.py [--compare-hf] [--floor] [--reps 3] [--threads 1]
+    python benchmarks/rollout.py [--compare-hf] [--floor] [--reps 3] [--threads 1] [--devices 2]
 
 Prints generated tokens/s (median of --reps timed runs after a compile run), compile seconds
 and peak resident memory. With --compare-hf, transformers' `generate` runs on the same weights
@@ -11,6 +11,10 @@ ratios of wall time and of process CPU time are printed. On a shared machine com
 not absolutes. `--threads 1` runs the whole process on one core (its CPU affinity, set before
 JAX starts: XLA sizes its thread pool from it, and no XLA flag does) and torch on one thread: a
 single-core comparison, fair when other processes contend for the cores.
+
+`--devices N` gives XLA N CPU devices and splits the rows over them (a data-parallel mesh,
+`SAMPLE_RULES`), so the decode's attention, whose batched products XLA:CPU runs on one thread,
+proceeds on each core at once; transformers is unchanged.
 
 --floor also times, in the same process, the rollout's weight matmuls alone (the prefill's
 and 127 decode steps' q/k/v, o, gate/up, down and LM-head products, float32, with nothing
@@ -28,17 +32,19 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _threads_from_argv() -> int | None:
-    """--threads must act before JAX starts (XLA reads its flags once)."""
-    if "--threads" in sys.argv:
-        return int(sys.argv[sys.argv.index("--threads") + 1])
+def _int_from_argv(flag: str) -> int | None:
+    """--threads and --devices must act before JAX starts (XLA reads its flags once)."""
+    if flag in sys.argv:
+        return int(sys.argv[sys.argv.index(flag) + 1])
     return None
 
 
-if _threads_from_argv() == 1:  # one core for the whole process, before XLA reads the core count
+if _int_from_argv("--threads") == 1:  # one core for the whole process, before XLA reads the core count
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-elif _threads_from_argv() is not None:
+elif _int_from_argv("--threads") is not None:
     raise SystemExit("--threads: only 1 (one core) is supported; leave it out for the default threads")
+if (_int_from_argv("--devices") or 1) > 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_int_from_argv('--devices')}").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -46,6 +52,7 @@ import numpy as np  # noqa: E402
 from tooln1_jax.models import init_params, save_pretrained  # noqa: E402
 from w1 import GROUP, NEW_TOKENS, PROMPT_LEN, PROMPTS, TEMPERATURE, W1, load_avg, peak_rss_gb  # noqa: E402
 from tooln1_jax.sampling import sample  # noqa: E402
+from tooln1_jax.sharding import make_mesh  # noqa: E402
 
 
 def timed(fn) -> tuple[float, float]:
@@ -55,10 +62,12 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def jax_rollout(params, prompts):
+def jax_rollout(params, prompts, devices: int = 1):
+    mesh = make_mesh(data=devices, fsdp=1) if devices > 1 else None
+
     def once(seed=0):
         result = sample(W1, params, prompts, num_samples=GROUP, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE,
-                        stop_token_ids=[], rng=jax.random.PRNGKey(seed))
+                        stop_token_ids=[], rng=jax.random.PRNGKey(seed), mesh=mesh)
         jax.block_until_ready(result.tokens)
         assert int(result.num_steps) == NEW_TOKENS and bool(result.mask.all()), "W1 needs exactly 128 new tokens per row"
     return once
@@ -130,6 +139,7 @@ def main():
     parser.add_argument("--floor", action="store_true", help="also time the weight matmuls alone (a lower bound)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions after compile (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="1: the process on one core, torch on one thread")
+    parser.add_argument("--devices", type=int, default=1, help="XLA CPU devices to split our rows over (data parallel)")
     args = parser.parse_args()
 
     params = init_params(W1, jax.random.PRNGKey(0))
@@ -137,7 +147,9 @@ def main():
     print(f"W1 rollout: {PROMPTS} prompts x {GROUP} samples, {PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, "
           f"T={TEMPERATURE}; {len(jax.devices())} {jax.devices()[0].platform} device(s), threads "
           f"{args.threads or 'default'} (cores usable: {len(os.sched_getaffinity(0))}), load avg {load_avg()}")
-    ours = jax_rollout(params, prompts)
+    if args.devices > 1 and len(jax.devices()) != args.devices:
+        raise SystemExit(f"--devices {args.devices}: XLA has {len(jax.devices())} device(s); is XLA_FLAGS overriding it?")
+    ours = jax_rollout(params, prompts, args.devices)
     first, _ = timed(ours)  # compile + one run
     jax_peak = peak_rss_gb()
     hf = None
