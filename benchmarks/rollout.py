@@ -18,7 +18,8 @@ proceeds on each core at once; transformers is unchanged.
 
 --floor also times, in the same process, the rollout's weight matmuls alone (the prefill's
 and 127 decode steps' q/k/v, o, gate/up, down and LM-head products, float32, with nothing
-between them): no sampler can beat that time here, so it bounds the reachable tokens/s.
+between them), on one device: no one-device sampler can beat that time here, so it bounds
+the reachable tokens/s (with --devices it is a reference, not a strict bound).
 """
 from __future__ import annotations
 
