@@ -44,8 +44,11 @@ if _int_from_argv("--threads") == 1:  # one core for the whole process, before X
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 elif _int_from_argv("--threads") is not None:
     raise SystemExit("--threads: only 1 (one core) is supported; leave it out for the default threads")
-if (_int_from_argv("--devices") or 1) > 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_int_from_argv('--devices')}").strip()
+_DEVICES = _int_from_argv("--devices") or 1
+if _DEVICES < 1:
+    raise SystemExit(f"--devices {_DEVICES}: must be at least 1")
+if _DEVICES > 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES}").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
