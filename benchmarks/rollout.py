@@ -44,7 +44,7 @@ if _int_from_argv("--threads") == 1:  # one core for the whole process, before X
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 elif _int_from_argv("--threads") is not None:
     raise SystemExit("--threads: only 1 (one core) is supported; leave it out for the default threads")
-_DEVICES = _int_from_argv("--devices") or 1
+_DEVICES = 1 if _int_from_argv("--devices") is None else _int_from_argv("--devices")
 if _DEVICES < 1:
     raise SystemExit(f"--devices {_DEVICES}: must be at least 1")
 if _DEVICES > 1:
