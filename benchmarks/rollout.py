@@ -33,22 +33,26 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _int_from_argv(flag: str) -> int | None:
-    """--threads and --devices must act before JAX starts (XLA reads its flags once)."""
-    if flag in sys.argv:
-        return int(sys.argv[sys.argv.index(flag) + 1])
-    return None
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same process")
+    parser.add_argument("--floor", action="store_true", help="also time the weight matmuls alone (a lower bound)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions after compile (median reported)")
+    parser.add_argument("--threads", type=int, choices=[1], default=None, help="1: the process on one core, torch on one thread")
+    parser.add_argument("--devices", type=int, default=1, help="XLA CPU devices to split our rows over (data parallel)")
+    args = parser.parse_args()
+    if args.devices < 1:
+        parser.error(f"--devices {args.devices}: must be at least 1")
+    return args
 
 
-if _int_from_argv("--threads") == 1:  # one core for the whole process, before XLA reads the core count
+# Parsed before JAX starts: --threads and --devices act through the CPU affinity and XLA_FLAGS,
+# which XLA reads once, when it starts.
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS and ARGS.threads == 1:  # one core for the whole process, before XLA reads the core count
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-elif _int_from_argv("--threads") is not None:
-    raise SystemExit("--threads: only 1 (one core) is supported; leave it out for the default threads")
-_DEVICES = 1 if _int_from_argv("--devices") is None else _int_from_argv("--devices")
-if _DEVICES < 1:
-    raise SystemExit(f"--devices {_DEVICES}: must be at least 1")
-if _DEVICES > 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES}").strip()
+if ARGS and ARGS.devices > 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -137,15 +141,7 @@ def summary(name: str, runs: list[tuple[float, float]]) -> tuple[float, float]:
     return wall, cpu
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same process")
-    parser.add_argument("--floor", action="store_true", help="also time the weight matmuls alone (a lower bound)")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions after compile (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="1: the process on one core, torch on one thread")
-    parser.add_argument("--devices", type=int, default=1, help="XLA CPU devices to split our rows over (data parallel)")
-    args = parser.parse_args()
-
+def main(args: argparse.Namespace):
     params = init_params(W1, jax.random.PRNGKey(0))
     prompts = np.random.default_rng(0).integers(0, W1.vocab_size, (PROMPTS, PROMPT_LEN)).tolist()
     print(f"W1 rollout: {PROMPTS} prompts x {GROUP} samples, {PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, "
@@ -183,4 +179,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
