@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from tooln1_jax import distributed
 from tooln1_jax.models import ModelConfig, forward_cached, init_cache, init_params, load_pretrained, logits, save_pretrained
 from tooln1_jax.sharding import (
     SAMPLE_RULES,
@@ -15,7 +16,6 @@ from tooln1_jax.sharding import (
     fit_axes,
     logical_to_spec,
     make_mesh,
-    maybe_initialize_distributed,
     param_sharding,
     shard_params,
 )
@@ -145,4 +145,4 @@ def test_load_pretrained_places_params_on_the_mesh(tmp_path):
 
 
 def test_distributed_start_is_behind_a_flag():
-    assert maybe_initialize_distributed(False) is False
+    assert distributed.initialize(enabled=False) is False

@@ -15,8 +15,15 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+from tooln1_jax.models.config import ModelConfig
+from tooln1_jax.models.hf_io import save_pretrained
+from tooln1_jax.sharding import make_mesh
+from tooln1_jax.train_step import abstract_params
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -87,7 +94,8 @@ def reference_dir(output_dir: str) -> str:
 def save_reference(output_dir: str, params: Any) -> None:
     """The frozen reference parameters, written once (atomically) per run."""
     path = reference_dir(output_dir)
-    if epath.Path(path).exists():
+    # Process 0's view decides for all, so no process saves alone (orbax saves are collective).
+    if multihost_utils.broadcast_one_to_all(np.int32(epath.Path(path).exists())):
         return
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params)
@@ -98,22 +106,32 @@ def restore_reference(output_dir: str, params_like: Any) -> Any:
         return ckptr.restore(reference_dir(output_dir), _abstract(params_like))
 
 
-def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None, tokenizer: Any = None) -> str:
-    """Writes the policy of a checkpoint (default: the latest) as an HF safetensors folder that
-    `transformers` and `load_pretrained` read. `checkpoint_dir` is a run's output_dir or its
-    `checkpoints/` folder. Returns `out_dir`."""
-    from tooln1_jax.models.config import ModelConfig
-    from tooln1_jax.models.hf_io import save_pretrained
-
+def restore_policy(checkpoint_dir: str, *, step: int | None = None, mesh: Any = None) -> tuple[ModelConfig, Any]:
+    """(model config, policy params) of a run's checkpoint (default: the latest), restored onto
+    `mesh` (default: FSDP over all devices). `checkpoint_dir` is a run's output_dir or its
+    `checkpoints/` folder. Every process calls it together."""
     directory = _resolve(checkpoint_dir)
     if epath.Path(directory, "checkpoints").is_dir():
         directory = os.path.join(directory, "checkpoints")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {directory}")
-    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-    model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-    manager.close()
-    return save_pretrained(model_config, restored["params"], out_dir, tokenizer=tokenizer)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
+        param_dtype = meta.get("config", {}).get("model", {}).get("param_dtype", "float32")
+        target = abstract_params(model_config, mesh or make_mesh(), param_dtype)
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    finally:
+        manager.close()
+    return model_config, restored["params"]
+
+
+def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None, tokenizer: Any = None,
+              mesh: Any = None) -> str:
+    """Writes the policy of a checkpoint (`restore_policy`) as an HF safetensors folder that
+    `transformers` and `load_pretrained` read; every process calls it, process 0 writes.
+    Returns `out_dir`."""
+    model_config, params = restore_policy(checkpoint_dir, step=step, mesh=mesh)
+    return save_pretrained(model_config, params, out_dir, tokenizer=tokenizer)

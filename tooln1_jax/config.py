@@ -31,9 +31,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.output_dir = "runs/default"
 
     # Multi-host start (TPU pods, SLURM): jax.distributed.initialize before anything else.
-    # Empty / -1 arguments are auto-detected by JAX.
+    # Empty / -1 arguments are auto-detected by JAX. A peer silent for heartbeat_timeout_s
+    # seconds (killed, out of memory) stops every process with a non-zero exit.
     c.distributed = ml_collections.ConfigDict(
-        dict(enabled=False, coordinator_address="", num_processes=-1, process_id=-1)
+        dict(enabled=False, coordinator_address="", num_processes=-1, process_id=-1, heartbeat_timeout_s=100)
     )
 
     # name_or_path: an HF folder (config.json + safetensors) loaded with `load_pretrained`,
@@ -181,6 +182,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if not isinstance(_get(c, "output_dir"), str) or not c.output_dir:
         _fail("output_dir", c.output_dir, "must be a non-empty path")
     _non_negative(c, "seed")
+    _positive(c, "distributed.heartbeat_timeout_s")
 
     _one_of(c, "model.dtype", DTYPES)
     _one_of(c, "model.param_dtype", DTYPES)

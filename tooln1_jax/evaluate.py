@@ -8,6 +8,8 @@ in batches through the project's sampler; scoring (`--predictions`) reads JSON l
 `{"id", "completion"}` made anywhere (ids: BFCL's own, API-Bank `<file stem>:<id>`).
 `--output DIR` (default `eval_<benchmark>_<UTC time>`) receives summary.json, summary.md and
 results.jsonl (plus predictions.jsonl when generating); the table is printed at the end.
+Generation runs on every device; with `--distributed` it runs as one process per host (all
+with the same arguments), each process scores every item, and process 0 writes the files.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 from collections import Counter
 from typing import Any, Callable
 
+from tooln1_jax import distributed
 from tooln1_jax.evaluation import api_bank, bfcl
 
 DEFAULT_API_BANK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
@@ -45,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BFCL prompts: tool docs as BFCL's pipeline rewrites them (language hints; Java/JS "
                         "parameters as strings), or exactly as shipped")
     p.add_argument("--no-progress", action="store_true")
+    distributed.add_arguments(p)
     return p
 
 
@@ -129,12 +133,15 @@ def _generate(args, records) -> tuple[dict[str, str], dict]:
     tok_dir = args.tokenizer or args.checkpoint
     if not args.tokenizer and not is_hf_folder(args.checkpoint):
         raise SystemExit("--tokenizer is required with an orbax checkpoint (it holds no tokenizer files)")
+    from tooln1_jax.sharding import make_mesh
+
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    config, params = load_model(args.checkpoint, step=args.step)
+    mesh = make_mesh()
+    config, params = load_model(args.checkpoint, step=args.step, mesh=mesh)
     completions, drops = generate_completions(config, params, tokenizer, records, batch_size=args.batch_size,
                                               max_new_tokens=args.max_new_tokens,
-                                              max_prompt_length=args.max_prompt_length,
-                                              progress=not args.no_progress)
+                                              max_prompt_length=args.max_prompt_length, mesh=mesh,
+                                              progress=not args.no_progress and distributed.is_main())
     return completions, dict(drops)
 
 
@@ -142,6 +149,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be >= 1")
+    distributed.initialize_from_args(args)
     task = _bfcl_task if args.benchmark == "bfcl" else _api_bank_task
     records, score, summarize, meta = task(args)
     ids = [r.id for r in records]
@@ -166,6 +174,8 @@ def run(argv: list[str] | None = None) -> dict:
     missing = Counter(r.error_type for r in results)[missing_reason]
     run_notes[missing_reason] = missing
     summary = {**summarize(results), "run": run_notes}
+    if not distributed.is_main():
+        return summary
     out_dir = args.output or f"eval_{args.benchmark}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d_%H%M%S}"
     _write(out_dir, results, summary, generated)
     print(_table(summary))

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from tooln1_jax import distributed, sampling
 from tooln1_jax import rewards as rewards_lib
-from tooln1_jax import sampling
 from tooln1_jax.data.prompt import encode_prompts
 from tooln1_jax.data.records import ToolRecord
 
@@ -117,7 +117,9 @@ def _run_sampler(model_config, params, prompt_ids, *, num_samples, max_new_token
         temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stops, pad_id=pad_id, rng=rng, mesh=mesh,
         decode_segments=decode_segments,
     )
-    tokens, logprobs, mask, lengths = jax.device_get((result.tokens, result.logprobs, result.mask, result.lengths))
+    # Every process gets every row (an all-gather across hosts) and scores them all: the same
+    # rewards and advantages everywhere, with no second exchange.
+    tokens, logprobs, mask, lengths = distributed.to_host((result.tokens, result.logprobs, result.mask, result.lengths))
     return np.asarray(tokens), np.asarray(logprobs, np.float32), np.asarray(mask), np.asarray(lengths, np.int32)
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tooln1_jax import distributed
 from tooln1_jax.data.prompt import encode_prompts, format_completion
 from tooln1_jax.data.records import DropCounts, ToolRecord
 from tooln1_jax.data.synthetic import template_reasoning
@@ -201,31 +202,42 @@ def run_sft(config, model_config: ModelConfig, params: dict, tokenizer: Any, rec
     return state.params, metrics
 
 
+def sft_baseline(config) -> dict:
+    """SFT only (the paper's SFT baseline) for `sft.warm_start_steps` steps, then greedy held-out
+    accuracy. On every process of a multi-host run; process 0 prints and writes
+    `<output_dir>/sft_summary.json`. Returns that summary."""
+    from tooln1_jax import train as train_lib  # the run setup lives with the trainer
+
+    distributed.initialize_from_config(config.distributed)
+    main_process = distributed.is_main()
+    distributed.all_or_none("output setup", lambda: distributed.check_writable(
+        config.output_dir, "config.output_dir") if main_process else None)
+    setup = train_lib.setup_run(config)
+    params, metrics = run_sft(config, setup.model_config, setup.params, setup.tokenizer, setup.train_records,
+                              mesh=setup.mesh,
+                              log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True)
+                              if main_process else None)
+    acc = train_lib.held_out_accuracy(config, setup, params)
+    summary = {"accuracy": {k: v for k, v in acc.items() if not isinstance(v, list)},
+               **{k: v for k, v in metrics.items() if k != "sft_step_times"}}
+    if main_process:
+        print(f"SFT {metrics['sft_steps']} steps ({metrics['sft_seconds']:.0f} s): held-out exact-call accuracy "
+              f"{acc['accuracy']:.3f} on {acc['num_scored']} prompts", flush=True)
+        with open(os.path.join(config.output_dir, "sft_summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
 def main(argv=None):
-    """`python -m tooln1_jax.sft [--config configs/tiny_cpu.py] [--config.sft.warm_start_steps=N]`:
-    SFT only (the paper's SFT baseline) for `sft.warm_start_steps` steps, then greedy held-out
-    accuracy; writes `<output_dir>/sft_summary.json`."""
+    """`python -m tooln1_jax.sft [--config configs/tiny_cpu.py] [--config.sft.warm_start_steps=N]`."""
     from absl import app
 
-    import importlib
-
-    train_lib = importlib.import_module("tooln1_jax.train")
+    from tooln1_jax import train as train_lib
 
     holder = train_lib.define_config_flag(sys_argv=argv)
 
     def _main(_):
-        config = holder.value
-        setup = train_lib.setup_run(config)
-        params, metrics = run_sft(config, setup.model_config, setup.params, setup.tokenizer, setup.train_records,
-                                  mesh=setup.mesh,
-                                  log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True))
-        acc = train_lib.held_out_accuracy(config, setup, params)
-        print(f"SFT {metrics['sft_steps']} steps ({metrics['sft_seconds']:.0f} s): held-out exact-call accuracy "
-              f"{acc['accuracy']:.3f} on {acc['num_scored']} prompts", flush=True)
-        os.makedirs(config.output_dir, exist_ok=True)
-        with open(os.path.join(config.output_dir, "sft_summary.json"), "w", encoding="utf-8") as f:
-            json.dump({"accuracy": {k: v for k, v in acc.items() if not isinstance(v, list)},
-                       **{k: v for k, v in metrics.items() if k != "sft_step_times"}}, f, indent=1)
+        sft_baseline(holder.value)
 
     app.run(_main, argv=argv)
 

@@ -182,14 +182,3 @@ def cache_sharding(cache: Any, mesh: Mesh, rules: ShardingRules) -> Any:
 def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh, rules: ShardingRules) -> jax.Array:
     """`with_sharding_constraint` by logical names (for activations inside jitted code)."""
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, mesh, rules, x.shape)))
-
-
-def maybe_initialize_distributed(enabled: bool, **kwargs) -> bool:
-    """Multi-host start: calls `jax.distributed.initialize(**kwargs)` when `enabled` (once).
-    On TPU pods and SLURM/MPI clusters the arguments are auto-detected. Returns whether
-    the distributed runtime is up."""
-    if not enabled:
-        return False
-    if not jax.distributed.is_initialized():
-        jax.distributed.initialize(**kwargs)
-    return True

@@ -30,15 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tooln1_jax import checkpoint as ckpt_lib
-from tooln1_jax import rollouts
+from tooln1_jax import distributed, rollouts
 from tooln1_jax.config import ConfigError, total_rl_steps, validate_config
 from tooln1_jax.data.prompt import encode_prompts
 from tooln1_jax.data.records import DropCounts, ToolRecord, train_val_split
 from tooln1_jax.grpo import group_advantages, nonzero_std_groups
 from tooln1_jax.metrics import EVAL_FILE, MetricsLogger, read_jsonl
-from tooln1_jax.models import ModelConfig, init_params, param_shapes
-from tooln1_jax.sharding import TRAIN_RULES, make_mesh, maybe_initialize_distributed, param_sharding, shard_params
+from tooln1_jax.models import ModelConfig, init_params
+from tooln1_jax.sharding import TRAIN_RULES, make_mesh, param_sharding, shard_params
 from tooln1_jax.train_step import (
+    abstract_params,
     init_train_state,
     make_grpo_step,
     make_optimizer,
@@ -172,27 +173,32 @@ def build_model(config, tokenizer, mesh, *, load_weights: bool = True) -> tuple[
 
 
 def setup_run(config, *, load_weights: bool = True) -> RunSetup:
-    """Validates the config, starts the distributed runtime if asked, builds mesh, tokenizer and
-    model, loads the records, splits train / held-out and encodes the training prompts."""
+    """Validates the config, starts the distributed runtime if asked, then on every process:
+    tokenizer, records, train / held-out split and encoded training prompts (local work), then
+    mesh and model. Each of the two stages fails on all processes if it fails on one
+    (`distributed.all_or_none`), so a file missing on one host stops every host with its error."""
     validate_config(config)
-    dist = config.distributed
-    maybe_initialize_distributed(
-        dist.enabled, **{k: v for k, v in dict(coordinator_address=dist.coordinator_address or None,
-                                                num_processes=None if dist.num_processes < 0 else dist.num_processes,
-                                                process_id=None if dist.process_id < 0 else dist.process_id).items()
-                         if v is not None})
+    distributed.initialize_from_config(config.distributed)
+
+    def data_stage():
+        tokenizer = build_tokenizer(config)
+        records, drops = load_records(config)
+        train, val = train_val_split(records, seed=int(config.data.split_seed),
+                                     val_fraction=float(config.data.val_fraction))
+        if config.data.max_train_examples:
+            train = train[: int(config.data.max_train_examples)]
+        prompt_ids, kept, prompt_drops = encode_prompts(tokenizer, train,
+                                                        max_prompt_length=int(config.data.max_prompt_length))
+        drops = drops.merged(DropCounts({f"train/{k}": v for k, v in prompt_drops.items()}))
+        if len(kept) < config.rl.train_batch_size:
+            raise ConfigError(f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {len(kept)} "
+                              f"training prompts left after filtering ({dict(drops)})")
+        return tokenizer, kept, prompt_ids, val, drops
+
+    tokenizer, kept, prompt_ids, val, drops = distributed.all_or_none("data setup", data_stage)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    tokenizer = build_tokenizer(config)
-    model_config, params = build_model(config, tokenizer, mesh, load_weights=load_weights)
-    records, drops = load_records(config)
-    train, val = train_val_split(records, seed=int(config.data.split_seed), val_fraction=float(config.data.val_fraction))
-    if config.data.max_train_examples:
-        train = train[: int(config.data.max_train_examples)]
-    prompt_ids, kept, prompt_drops = encode_prompts(tokenizer, train, max_prompt_length=int(config.data.max_prompt_length))
-    drops = drops.merged(DropCounts({f"train/{k}": v for k, v in prompt_drops.items()}))
-    if len(kept) < config.rl.train_batch_size:
-        raise ConfigError(f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {len(kept)} "
-                          f"training prompts left after filtering ({dict(drops)})")
+    model_config, params = distributed.all_or_none(
+        "model setup", lambda: build_model(config, tokenizer, mesh, load_weights=load_weights))
     return RunSetup(config, mesh, tokenizer, model_config, params, kept, prompt_ids, val, drops)
 
 
@@ -231,8 +237,7 @@ def step_rng(seed: int, step: int) -> jax.Array:
 def _abstract_state(model_config, optimizer, mesh, param_dtype) -> TrainState:
     """Shapes, dtypes and shardings of a TrainState (a restore target), with no arrays made."""
     shardings = state_sharding(model_config, optimizer, mesh, TRAIN_RULES)
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, param_dtype, sharding=sh),
-                          param_shapes(model_config), shardings.params, is_leaf=lambda x: isinstance(x, tuple))
+    params = abstract_params(model_config, mesh, param_dtype)
     opt_state = jax.eval_shape(optimizer.init, params)
     opt_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt_state, shardings.opt_state)
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step), params=params, opt_state=opt_state)
@@ -300,13 +305,21 @@ def train(config) -> dict:
     drop counts, and `params`, the final policy parameters."""
     t_run = time.perf_counter()
     config = validate_config(config)
+    distributed.initialize_from_config(config.distributed)  # before any other JAX call (orbax's too)
     out_dir = config.output_dir  # checkpoints (may be a gs:// URL, shared by all hosts)
     log_dir = log_directory(config)  # metrics, summary, plots: always a local folder
+    is_main = distributed.is_main()
+
+    def output_stage():  # seconds, not a warm start, before an unwritable folder is found
+        distributed.check_writable(out_dir, "config.output_dir")
+        if is_main:
+            distributed.check_writable(log_dir, "config.log.dir" if config.log.dir else "config.output_dir")
+
+    distributed.all_or_none("output setup", output_stage)
     checkpointer = ckpt_lib.RunCheckpointer(out_dir, keep=int(config.checkpoint.keep)) if config.checkpoint.every_steps else None
     resume_step = checkpointer.latest_step() if checkpointer else None
     setup = setup_run(config, load_weights=resume_step is None)
     mesh, model_config, tokenizer = setup.mesh, setup.model_config, setup.tokenizer
-    is_main = jax.process_index() == 0
     total = total_rl_steps(config, len(setup.train_records))
     rl, ro = config.rl, config.rollout
     o = config.optim

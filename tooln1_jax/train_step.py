@@ -61,6 +61,13 @@ def state_sharding(model_config: ModelConfig, optimizer: optax.GradientTransform
     return TrainState(step=replicated, params=p_sh, opt_state=opt_sh)
 
 
+def abstract_params(model_config: ModelConfig, mesh: Mesh, dtype, rules: ShardingRules = TRAIN_RULES) -> Any:
+    """The params tree as `jax.ShapeDtypeStruct`s placed by `rules` (a restore target; no arrays made)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sh),
+                        param_shapes(model_config), param_sharding(model_config, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
 def init_train_state(params: Any, optimizer: optax.GradientTransformation, *, model_config: ModelConfig | None = None, mesh: Mesh | None = None, rules: ShardingRules = TRAIN_RULES) -> TrainState:
     """A fresh TrainState; with a mesh (and model_config) everything is placed by `state_sharding`."""
     init = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))

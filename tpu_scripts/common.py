@@ -115,10 +115,10 @@ def run_dir(bucket: str, run: str) -> str:
     return f"{bucket}/runs/{run}"
 
 
-def add_target_args(parser: argparse.ArgumentParser) -> None:
-    """--name, --zone, --project: which TPU the command talks to."""
-    parser.add_argument("--name", required=True, help="TPU VM (node) name")
-    parser.add_argument("--zone", required=True, help="e.g. us-east5-a")
+def add_target_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--name, --zone, --project: which TPU the command talks to (checked later when not `required`)."""
+    parser.add_argument("--name", required=required, help="TPU VM (node) name")
+    parser.add_argument("--zone", required=required, help="e.g. us-east5-a")
     parser.add_argument("--project", default=None, help="Google Cloud project (default: gcloud's configured one)")
 
 

@@ -11,6 +11,11 @@ $HOME/tooln1-logs/<run>/<hostname>.log and keeps the process id beside it (<host
 stop.py. Extra `--config.*=value` overrides go after `--`.
 
 A multi-host slice needs a gs:// output_dir: orbax writes one checkpoint from all hosts together.
+
+`--local-processes N` runs the same program as N processes on this machine instead, each with
+`--devices-per-process` virtual CPU devices and the coordinator on 127.0.0.1 (the flags a TPU
+slice detects by itself are passed explicitly): the pod path, tried on a laptop. Logs go to
+<output_dir>/process_<i>.log; the exit status is the first non-zero one.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import argparse
 import math
 import os
 import shlex
+import socket
+import subprocess
 import sys
 
 from common import (DEFAULT_REMOTE_DIR, DEFAULT_VENV, LOG_ROOT, UsageError, add_dry_run, add_target_args, check_bucket,
@@ -29,7 +36,11 @@ MODULES = ("tooln1_jax.train", "tooln1_jax.sft")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_args(p)
+    add_target_args(p, required=False)
+    p.add_argument("--local-processes", type=int, default=0,
+                   help="run N processes on this machine (no TPU): the multi-host path on one machine")
+    p.add_argument("--devices-per-process", type=int, default=4, help="virtual CPU devices of each local process")
+    p.add_argument("--port", type=int, default=0, help="coordinator port of a local run (default: a free one)")
     p.add_argument("--config", required=True, help="config file, relative to the repository root (configs/...py)")
     p.add_argument("--run", default=None, help="run name: log folder and bucket folder (default: the config's file name)")
     out = p.add_mutually_exclusive_group(required=True)
@@ -71,7 +82,76 @@ def _check_mesh(args, chips: int | None) -> list[str]:
     return [f"--config.mesh.{a}={v}" for a, v in sizes.items() if v is not None]
 
 
+def program_argv(module: str, config: str, output_dir: str, mesh_flags: list[str], overrides: list[str]) -> list[str]:
+    """The program every process runs (after the interpreter): the same on a slice and locally."""
+    return ["-m", module, f"--config={config}", f"--config.output_dir={output_dir}",
+            "--config.distributed.enabled=True", *mesh_flags, *overrides]
+
+
+def local_process_flags(port: int, num_processes: int, process_id: int) -> list[str]:
+    """What a TPU slice detects by itself, given explicitly to local process `process_id`."""
+    return [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            f"--config.distributed.num_processes={num_processes}", f"--config.distributed.process_id={process_id}"]
+
+
+def local_env(devices_per_process: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(args) -> list[str]:
+    overrides = list(args.overrides)
+    if overrides[:1] == ["--"]:
+        overrides = overrides[1:]
+    for o in overrides:
+        if not (o.startswith("--config.") and "=" in o):
+            raise UsageError(f"override {o!r}: extra arguments after -- must look like --config.a.b=value")
+    return overrides
+
+
+def build_local_commands(args) -> list[list[str]]:
+    """One argv per local process (see the module docstring)."""
+    if args.local_processes < 1 or args.devices_per_process < 1:
+        raise UsageError("--local-processes and --devices-per-process must be >= 1")
+    if not args.output_dir or args.bucket:
+        raise UsageError("--local-processes needs --output-dir (a local folder), not --bucket")
+    config = _check_config_path(args.config, args.local_repo)
+    program = program_argv(args.module, config, args.output_dir, _check_mesh(args, None), _overrides(args))
+    port = args.port or free_port()
+    return [[sys.executable, *program, *local_process_flags(port, args.local_processes, i)]
+            for i in range(args.local_processes)]
+
+
+def run_local(args) -> int:
+    """Starts every local process, waits for all, and returns the first non-zero exit status."""
+    commands = build_local_commands(args)
+    if args.dry_run:
+        for cmd in commands:
+            print(shlex.join(cmd))
+        return 0
+    os.makedirs(args.output_dir, exist_ok=True)
+    procs = []
+    for i, cmd in enumerate(commands):
+        log = open(os.path.join(args.output_dir, f"process_{i}.log"), "w", encoding="utf-8")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=args.local_repo,
+                                       env=local_env(args.devices_per_process)), log))
+        print(f"process {i}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    codes = [proc.wait() for proc, _ in procs]
+    for _, log in procs:
+        log.close()
+    print(f"exit statuses {codes}; logs in {args.output_dir}/process_<i>.log", file=sys.stderr)
+    return next((c for c in codes if c), 0)
+
+
 def build_commands(args) -> list[list[str]]:
+    for flag, value in (("--name", args.name), ("--zone", args.zone)):
+        if not value:
+            raise UsageError(f"{flag} is required (or --local-processes N to run on this machine)")
     check_name("--name", args.name)
     config = _check_config_path(args.config, args.local_repo)
     run = check_run(args.run or os.path.splitext(os.path.basename(config.split(":", 1)[0]))[0])
@@ -84,14 +164,9 @@ def build_commands(args) -> list[list[str]]:
             check_bucket(output_dir, "--output-dir")
         elif accel is not None and accel.multi_host:
             raise UsageError(f"--output-dir={output_dir!r}: {accel.name} is multi-host, so checkpoints need a shared gs:// output_dir")
-    overrides = list(args.overrides)
-    if overrides[:1] == ["--"]:
-        overrides = overrides[1:]
-    for o in overrides:
-        if not (o.startswith("--config.") and "=" in o):
-            raise UsageError(f"override {o!r}: extra arguments after -- must look like --config.a.b=value")
-    argv = [f"$HOME/{DEFAULT_VENV}/bin/python", "-m", args.module, f"--config={config}", f"--config.output_dir={output_dir}",
-            "--config.distributed.enabled=True", *_check_mesh(args, accel.chips if accel else None), *overrides]
+    argv = [f"$HOME/{DEFAULT_VENV}/bin/python",
+            *program_argv(args.module, config, output_dir, _check_mesh(args, accel.chips if accel else None),
+                          _overrides(args))]
     python = f'"{argv[0]}" ' + shlex.join(argv[1:])  # $HOME expands on the worker
     logs = f"{LOG_ROOT}/{run}"
     remote = (f'mkdir -p "{logs}" && cd "$HOME/{check_remote_dir(args.remote_dir)}" && '
@@ -99,5 +174,16 @@ def build_commands(args) -> list[list[str]]:
     return [ssh_all(args, remote)]
 
 
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.local_processes:
+        return main_for(parser, build_commands, argv)
+    try:
+        return run_local(args)
+    except UsageError as e:
+        parser.error(str(e))
+
+
 if __name__ == "__main__":
-    sys.exit(main_for(build_parser(), build_commands))
+    sys.exit(main())

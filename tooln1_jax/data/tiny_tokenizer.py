@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from typing import Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -133,7 +134,14 @@ def load_or_build_tiny_tokenizer(path: str | os.PathLike | None = None, vocab_si
                 return PreTrainedTokenizerFast.from_pretrained(path)
     tokenizer = build_tiny_tokenizer(texts, vocab_size=vocab_size)
     if path:
-        tokenizer.save_pretrained(path)
-        with open(stamp, "w", encoding="utf-8") as f:
-            f.write(fingerprint + "\n")
+        # Several processes (hosts of one run) may build at once: each writes its own folder and
+        # moves the files in one by one, the fingerprint last, so a reader never sees half a save.
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path, prefix=".build_") as tmp:
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, os.path.basename(stamp)), "w", encoding="utf-8") as f:
+                f.write(fingerprint + "\n")
+            names = sorted(os.listdir(tmp), key=lambda n: n == os.path.basename(stamp))
+            for name in names:
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
     return tokenizer

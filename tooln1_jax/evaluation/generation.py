@@ -1,22 +1,23 @@
 """Greedy completions of evaluation prompts through the project's sampler.
 
 `load_model` reads an HF folder (`load_pretrained`) or a training run's orbax checkpoint
-(`restore_orbax_checkpoint`, the hook onto the trainer's checkpoint module: it exports the
-policy to an HF folder first). `generate_completions` renders each record with the eval prompt,
-drops (and counts) prompts over `max_prompt_length` tokens, sorts by length so batches pad
-little, and decodes greedily (`temperature=0`) in batches.
+(`checkpoint.restore_policy`) onto a device mesh. `generate_completions` renders each record
+with the eval prompt, drops (and counts) prompts over `max_prompt_length` tokens, sorts by
+length so batches pad little, and decodes greedily (`temperature=0`) in batches, the rows of
+a batch split over the mesh; with several processes each one gets every completion.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Sequence
 
 import jax
 from tqdm import tqdm
 
+from tooln1_jax.checkpoint import restore_policy
 from tooln1_jax.data.prompt import encode_prompts
 from tooln1_jax.data.records import DropCounts, ToolRecord
+from tooln1_jax.distributed import to_host
 from tooln1_jax.models.hf_io import load_pretrained
 from tooln1_jax.sampling import sample
 
@@ -25,23 +26,13 @@ def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def restore_orbax_checkpoint(path: str, *, step: int | None = None, tokenizer: Any = None):
-    """A run's orbax checkpoint (its output_dir or `checkpoints/`) -> (config, params), through
-    `checkpoint.export_hf` into a temporary HF folder."""
-    from tooln1_jax.checkpoint import export_hf
-
-    with tempfile.TemporaryDirectory(prefix="tooln1_eval_") as tmp:
-        export_hf(path, tmp, step=step, tokenizer=tokenizer)
-        return load_pretrained(tmp)
-
-
-def load_model(path: str, *, step: int | None = None):
-    """(config, params) from an HF folder, or else from an orbax checkpoint."""
+def load_model(path: str, *, step: int | None = None, mesh=None):
+    """(config, params) from an HF folder, or else from an orbax checkpoint, placed on `mesh`."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such folder")
     if is_hf_folder(path):
-        return load_pretrained(path)
-    return restore_orbax_checkpoint(path, step=step)
+        return load_pretrained(path, mesh=mesh)
+    return restore_policy(path, step=step, mesh=mesh)
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -74,8 +65,7 @@ def generate_completions(config, params, tokenizer: Any, records: Sequence[ToolR
         result = sample(config, params, [ids[i] for i in batch], num_samples=1, max_new_tokens=max_new_tokens,
                         temperature=0.0, stop_token_ids=stops, rng=jax.random.PRNGKey(0), mesh=mesh,
                         pad_id=int(pad_id))
-        tokens = jax.device_get(result.tokens)
-        lengths = jax.device_get(result.lengths)
+        tokens, lengths = to_host((result.tokens, result.lengths))
         for row, i in enumerate(batch):
             out = [int(t) for t in tokens[row, : int(lengths[row])]]
             if out and out[-1] in stop_set:

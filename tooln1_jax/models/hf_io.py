@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tooln1_jax.distributed import is_main, to_host
 from tooln1_jax.models.config import ModelConfig
 from tooln1_jax.models.transformer import param_shapes
 
@@ -155,7 +156,7 @@ def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_d
 
         shardings = param_sharding(config, mesh, rules or TRAIN_RULES)
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
     needed = {hf_tensor_name(k)[0] for k in shapes if k != "layers"}
@@ -216,21 +217,12 @@ def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_d
 # ----------------------------------------------------------------------------- saving
 
 
-def _host(x: jax.Array) -> np.ndarray:
-    """A (possibly sharded, possibly multi-host) array -> numpy on this host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def _hf_tensor_plan(config: ModelConfig, params: dict) -> list[tuple[str, Any]]:
     """[(HF name, thunk -> numpy in HF layout)] in HF's usual order (embed, layers, norm, head)."""
     plan = []
 
     def add(name, transposed, get):
-        plan.append((name, lambda: np.ascontiguousarray(_host(get()).T if transposed else _host(get()))))
+        plan.append((name, lambda: np.ascontiguousarray(to_host(get()).T if transposed else to_host(get()))))
 
     add(*hf_tensor_name("embed"), lambda: params["embed"])
     for i in range(config.num_layers):
@@ -273,7 +265,7 @@ def save_pretrained(config: ModelConfig, params: dict, path, *, max_shard_bytes:
         shards[-1].append((name, get))
         size += leaf_bytes[name]
 
-    is_writer = jax.process_index() == 0
+    is_writer = is_main()
     if is_writer:
         os.makedirs(path, exist_ok=True)
         for stale in os.listdir(path):  # an older save's files would shadow or mix with these
