@@ -61,7 +61,12 @@ def test_readme_command_is_exercised(command, tmp_path):
         assert "--dry-run" in argv, command
         proc = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-        assert "gcloud" in proc.stdout
+        if "--local-processes" in argv:  # one local process per line, each the pod's program
+            lines = proc.stdout.splitlines()
+            assert len(lines) == int(argv[argv.index("--local-processes") + 1])
+            assert all(" -m tooln1_jax." in line and "--config.distributed.process_id=" in line for line in lines)
+        else:
+            assert "gcloud" in proc.stdout
     elif argv[1].startswith("benchmarks/"):
         # Benchmarks are not run in the suite (minutes each); their flags must exist.
         proc = subprocess.run([sys.executable, argv[1], "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -366,3 +366,19 @@ def test_missing_gcloud_is_reported(tmp_path):
     env = {**os.environ, "PATH": str(tmp_path)}  # no gcloud here
     r = run_script("teardown", "--name", "tooln1", "--zone", ZONE, env=env)
     assert r.returncode == 127 and "'gcloud' is not on PATH" in r.stderr
+
+
+def test_launch_local_processes_run_the_workers_program_with_explicit_peers(repo_with_config):
+    common = ["--config", "configs/tool_n1_qwen2_5_7b.py", "--mesh-data", "1", "--mesh-fsdp", "8", "--mesh-tensor", "4",
+              "--local-repo", repo_with_config]
+    overrides = ["--", "--config.rl.micro_batch_size=8"]
+    (remote,) = dry("launch", "--name", "t", "--zone", ZONE, *common, "--output-dir", "gs://my-bucket/runs/x", *overrides)
+    worker = shlex.split(remote_command(remote).split("nohup ", 1)[1].split(" > ", 1)[0])[1:]
+    local = dry("launch", "--local-processes", "2", "--port", "12345", *common, "--output-dir", "gs://my-bucket/runs/x", *overrides)
+    assert len(local) == 2
+    for i, cmd in enumerate(local):
+        assert cmd[0] == sys.executable and cmd[1:len(worker) + 1] == worker  # the worker's program, unchanged
+        assert cmd[len(worker) + 1:] == ["--config.distributed.coordinator_address=127.0.0.1:12345",
+                                         "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
+    assert "--local-processes needs --output-dir" in fails("launch", "--local-processes", "2", *common, "--bucket", "gs://my-bucket")
+    assert "--zone is required" in fails("launch", "--name", "t", *common, "--output-dir", "gs://my-bucket/x")

@@ -206,7 +206,7 @@ def sft_baseline(config) -> dict:
     """SFT only (the paper's SFT baseline) for `sft.warm_start_steps` steps, then greedy held-out
     accuracy. On every process of a multi-host run; process 0 prints and writes
     `<output_dir>/sft_summary.json`. Returns that summary."""
-    from tooln1_jax import train as train_lib  # the run setup lives with the trainer
+    import tooln1_jax.train as train_lib  # the run setup lives with the trainer (a module and a function share its name)
 
     distributed.initialize_from_config(config.distributed)
     main_process = distributed.is_main()
@@ -232,7 +232,7 @@ def main(argv=None):
     """`python -m tooln1_jax.sft [--config configs/tiny_cpu.py] [--config.sft.warm_start_steps=N]`."""
     from absl import app
 
-    from tooln1_jax import train as train_lib
+    import tooln1_jax.train as train_lib
 
     holder = train_lib.define_config_flag(sys_argv=argv)
 
