@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 train_lib = importlib.import_module("tooln1_jax.train")  # the module (the package attribute is a function)
+from tooln1_jax import cli  # noqa: E402
 from tooln1_jax.metrics import METRICS_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.sft import _sft_settings, encode_sft, init_sft_state, sft_loop  # noqa: E402
 
@@ -125,5 +126,5 @@ def main(_):
 
 
 if __name__ == "__main__":
-    _CONFIG = train_lib.define_config_flag()
+    _CONFIG = cli.define_config_flag()
     app.run(main)

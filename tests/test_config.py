@@ -8,7 +8,7 @@ import pytest
 from absl.flags import IllegalFlagValueError
 
 from tooln1_jax.config import ConfigError, default_config, total_rl_steps, validate_config
-from tooln1_jax.train import parse_config_args
+from tooln1_jax.cli import parse_config_args
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not p.endswith("__init__.py"))

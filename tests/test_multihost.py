@@ -18,6 +18,7 @@ import pytest
 import tooln1_jax.train as train_lib
 from tooln1_jax import evaluate as evaluate_cli
 from tooln1_jax.checkpoint import export_hf
+from tooln1_jax.cli import parse_config_args
 from tooln1_jax.metrics import read_jsonl
 from tooln1_jax.sft import sft_baseline
 
@@ -119,7 +120,7 @@ def one_process(out_dir, mesh, total_steps: int, module: str = "tooln1_jax.train
     """The same program's config, run in this process (8 devices)."""
     argv = launch.program_argv(module, CONFIG, str(out_dir), mesh, [*TOY, f"--config.rl.total_steps={total_steps}"])
     argv = [a for a in argv if a != "--config.distributed.enabled=True"]
-    return train_lib.parse_config_args(argv[1:])
+    return parse_config_args(argv[1:])
 
 
 def assert_rows_equal(got: list[dict], want: list[dict]):
@@ -223,6 +224,7 @@ def test_evaluate_and_export_in_two_processes_equal_one(two_process_run, compile
     two = json.load(open(tmp_path / "eval_two" / "summary.json"))
     one = json.load(open(tmp_path / "eval_one" / "summary.json"))
     assert {k: v for k, v in two.items() if k != "run"} == {k: v for k, v in one.items() if k != "run"}
+    assert two["run"]["prompt_too_long"] < 8  # some prompts were really generated for
 
     (tmp_path / "x2").mkdir()
     export = Processes(["-m", "tooln1_jax.export", str(run_dir), str(tmp_path / "hf_two")], tmp_path / "x2", compile_cache)

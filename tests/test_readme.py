@@ -25,9 +25,9 @@ def test_quickstart_has_exactly_the_two_commands_and_ci_runs_the_test_one():
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
     assert "bash tests/run_tests.sh" in ci
     # The demo command runs configs/tiny_cpu.py; tests/test_train_e2e.py runs that config end to end.
-    import tooln1_jax.train as train_lib
+    from tooln1_jax import cli
 
-    assert train_lib.default_config_path() == os.path.join(ROOT, "configs", "tiny_cpu.py")
+    assert cli.default_config_path() == os.path.join(ROOT, "configs", "tiny_cpu.py")
 
 
 def _argv(command: str) -> list[str]:
@@ -40,7 +40,7 @@ def test_readme_command_is_exercised(command, tmp_path):
     assert argv[0] == "python", f"README command not covered by this test: {command}"
     if argv[1] == "-m" and argv[2] in ("tooln1_jax.train", "tooln1_jax.sft"):
         from tooln1_jax.config import validate_config
-        from tooln1_jax.train import parse_config_args
+        from tooln1_jax.cli import parse_config_args
 
         config = parse_config_args([argv[2], *argv[3:]])
         validate_config(config)

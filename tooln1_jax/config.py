@@ -118,7 +118,11 @@ def default_config() -> ml_collections.ConfigDict:
     # SFT warm start before RL (0 steps = none, as in the paper).
     c.sft = ml_collections.ConfigDict(dict(warm_start_steps=0, lr=1e-4, batch_size=16))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))  # 0 = never
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))  # 0 = never (but once if interrupted)
+
+    # A resume whose run-defining fields (seed, model, data, batch sizes, optimizer) differ from
+    # the checkpoint's warns and lists them; strict makes that an error.
+    c.resume = ml_collections.ConfigDict(dict(strict=False))
 
     # log.dir: where metrics/summary/plots go ('' = output_dir; required local when output_dir is gs://).
     c.log = ml_collections.ConfigDict(dict(dir="", tensorboard=False, progress_bar=True, plot=True))

@@ -91,6 +91,13 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (every process must call this together)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 def _encode(message: str) -> np.ndarray:
     raw = message.encode("utf-8")[:_MESSAGE_BYTES]
     out = np.zeros(_MESSAGE_BYTES + 1, np.uint8)  # last byte: 1 = failed

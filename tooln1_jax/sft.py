@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tooln1_jax import distributed
+from tooln1_jax import cli, distributed
 from tooln1_jax.data.prompt import encode_prompts, format_completion
 from tooln1_jax.data.records import DropCounts, ToolRecord
 from tooln1_jax.data.synthetic import template_reasoning
@@ -156,19 +156,25 @@ def init_sft_state(config, model_config: ModelConfig, params: dict, *, mesh=None
 
 
 def sft_loop(config, model_config: ModelConfig, state: SFTState, optimizer, data: SFTData, *, mesh=None,
-             start_step: int = 0, steps: int, time_budget_s: float | None = None, log_fn=None) -> tuple[SFTState, dict]:
+             start_step: int = 0, steps: int, time_budget_s: float | None = None, log_fn=None,
+             should_stop=None) -> tuple[SFTState, dict]:
     """Runs up to `steps` updates from data position `start_step` (a seeded shuffle of the
-    examples, cycled), stopping early once `time_budget_s` seconds of steps have passed.
-    `log_fn(step, dict)` receives the periodic mean loss."""
+    examples, cycled), stopping early once `time_budget_s` seconds of steps have passed, or when
+    `should_stop()` (checked after each step; metrics["interrupted"]). `log_fn(step, dict)`
+    receives the periodic mean loss."""
     st = _sft_settings(config)
     bs, n = st["batch_size"], len(data)
     put = (lambda x: jax.device_put(x, batch_sharding(mesh, TRAIN_RULES, x.ndim, x.shape[0]))) if mesh else jnp.asarray
     rng = np.random.default_rng(int(config.seed) + 7919)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-(start_step + steps) * bs // n) + 1)])
     losses, times = [], []
+    interrupted = False
     t_start = time.perf_counter()
     for step in range(start_step, start_step + steps):
         if time_budget_s is not None and time.perf_counter() - t_start >= time_budget_s:
+            break
+        if losses and should_stop is not None and should_stop():
+            interrupted = True
             break
         idx = order[step * bs:(step + 1) * bs]
         t0 = time.perf_counter()
@@ -182,7 +188,7 @@ def sft_loop(config, model_config: ModelConfig, state: SFTState, optimizer, data
         if log_fn is not None and len(losses) % st["log_every"] == 0:
             log_fn(step + 1, {"sft_loss": float(np.mean(losses[-st["log_every"]:])), "sft_step_time": times[-1]})
     metrics = {
-        "sft_steps": len(losses), "sft_examples": n, "sft_drops": dict(data.drops),
+        "sft_steps": len(losses), "interrupted": interrupted, "sft_examples": n, "sft_drops": dict(data.drops),
         "sft_losses": losses, "sft_final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
         "sft_seconds": time.perf_counter() - t_start, "sft_step_times": times,
     }
@@ -190,7 +196,8 @@ def sft_loop(config, model_config: ModelConfig, state: SFTState, optimizer, data
 
 
 def run_sft(config, model_config: ModelConfig, params: dict, tokenizer: Any, records: Sequence[ToolRecord], *,
-            mesh=None, steps: int | None = None, data: SFTData | None = None, log_fn=None) -> tuple[dict, dict]:
+            mesh=None, steps: int | None = None, start_step: int = 0, data: SFTData | None = None, log_fn=None,
+            should_stop=None) -> tuple[dict, dict]:
     """SFT for `steps` updates (default `config.sft.warm_start_steps`) on `records`, cycling a
     seeded shuffle of them. Returns (params, metrics: losses, step times, example counts).
     The caller's `params` are left intact; `data` reuses an already encoded `SFTData`."""
@@ -198,7 +205,8 @@ def run_sft(config, model_config: ModelConfig, params: dict, tokenizer: Any, rec
     data = data or encode_sft(tokenizer, records, max_prompt_length=int(config.data.max_prompt_length),
                               max_completion_length=_sft_settings(config)["max_completion_length"])
     state, optimizer = init_sft_state(config, model_config, params, mesh=mesh)
-    state, metrics = sft_loop(config, model_config, state, optimizer, data, mesh=mesh, steps=steps, log_fn=log_fn)
+    state, metrics = sft_loop(config, model_config, state, optimizer, data, mesh=mesh, start_step=start_step,
+                              steps=steps, log_fn=log_fn, should_stop=should_stop)
     return state.params, metrics
 
 
@@ -230,16 +238,7 @@ def sft_baseline(config) -> dict:
 
 def main(argv=None):
     """`python -m tooln1_jax.sft [--config configs/tiny_cpu.py] [--config.sft.warm_start_steps=N]`."""
-    from absl import app
-
-    import tooln1_jax.train as train_lib
-
-    holder = train_lib.define_config_flag(sys_argv=argv)
-
-    def _main(_):
-        sft_baseline(holder.value)
-
-    app.run(_main, argv=argv)
+    cli.run(sft_baseline, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tooln1_jax import checkpoint as ckpt_lib
-from tooln1_jax import distributed, rollouts
+from tooln1_jax import cli, distributed, interrupt, rollouts
 from tooln1_jax.config import ConfigError, total_rl_steps, validate_config
 from tooln1_jax.data.prompt import encode_prompts
 from tooln1_jax.data.records import DropCounts, ToolRecord, train_val_split
@@ -286,6 +286,47 @@ def _summary_value(row: dict | None, key: str):
     return None if row is None else row.get(key)
 
 
+def _checkpoint_meta(config, model_config, setup: RunSetup, step: int, num_updates: int, summary: dict) -> dict:
+    """What a checkpoint records beside the arrays (JSON-safe)."""
+    meta = {"step": step, "num_updates": num_updates, "seed": int(config.seed),
+            "data_position": dict(zip(("epoch", "index"), step_prompt_indices(
+                int(config.seed), step, len(setup.train_records), config.rl.train_batch_size)[:2])),
+            "model_config": dataclasses.asdict(model_config), "config": config.to_dict(), "sft": summary.get("sft")}
+    return json.loads(json.dumps(meta, default=str))
+
+
+# Config fields that change what a resumed run computes: a difference is warned about, or refused.
+RUN_DEFINING = ("seed", "model.", "tokenizer.", "data.", "rl.train_batch_size", "rl.mini_batch_size",
+                "rl.micro_batch_size", "rl.ppo_epochs", "rollout.num_samples", "rollout.max_new_tokens", "optim.", "sft.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resumed_config(config, saved: dict, is_main: bool) -> None:
+    """Warns (or, with `resume.strict`, raises ConfigError) when a run-defining field differs
+    from the checkpoint's config."""
+    now, then = _flatten(config.to_dict()), _flatten(saved)
+    diffs = [f"config.{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+             for k in sorted(set(now) | set(then))
+             if any(k == f or (f.endswith(".") and k.startswith(f)) for f in RUN_DEFINING)
+             and json.dumps(now.get(k), default=str) != json.dumps(then.get(k), default=str)]
+    if not diffs:
+        return
+    message = "resuming with a config that differs from the checkpoint's: " + "; ".join(diffs)
+    if config.resume.strict:
+        raise ConfigError(message + " (config.resume.strict=True)")
+    if is_main:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def log_directory(config) -> str:
     """The local folder for metrics.jsonl, eval.jsonl, summary.json and the reward curve:
     `log.dir`, else `output_dir`; with a gs:// output_dir and no `log.dir`, runs/<run name>."""
@@ -303,6 +344,11 @@ def train(config) -> dict:
     done, the last step's metrics (`final`), held-out results before RL (`eval_start`, after the
     SFT warm start if any) and after it (`eval_end`), their accuracies, the reward-curve path,
     drop counts, and `params`, the final policy parameters."""
+    with interrupt.StopRequest() as stop:
+        return _run(config, stop)
+
+
+def _run(config, stop: interrupt.StopRequest) -> dict:
     t_run = time.perf_counter()
     config = validate_config(config)
     distributed.initialize_from_config(config.distributed)  # before any other JAX call (orbax's too)
@@ -316,8 +362,9 @@ def train(config) -> dict:
             distributed.check_writable(log_dir, "config.log.dir" if config.log.dir else "config.output_dir")
 
     distributed.all_or_none("output setup", output_stage)
-    checkpointer = ckpt_lib.RunCheckpointer(out_dir, keep=int(config.checkpoint.keep)) if config.checkpoint.every_steps else None
-    resume_step = checkpointer.latest_step() if checkpointer else None
+    # Always there: with checkpoint.every_steps=0 it still saves once when the run is interrupted.
+    checkpointer = ckpt_lib.RunCheckpointer(out_dir, keep=int(config.checkpoint.keep))
+    resume_step = checkpointer.latest_step()
     setup = setup_run(config, load_weights=resume_step is None)
     mesh, model_config, tokenizer = setup.mesh, setup.model_config, setup.tokenizer
     total = total_rl_steps(config, len(setup.train_records))
@@ -336,27 +383,41 @@ def train(config) -> dict:
     summary: dict[str, Any] = {"output_dir": out_dir, "log_dir": log_dir, "total_steps": total, "drops": dict(setup.drops),
                                "num_train": len(setup.train_records), "num_val": len(setup.val_records)}
 
-    sft_metrics = None
+    params, sft_done, meta = setup.params, 0, None
+    if resume_step is not None:
+        abstract = _abstract_state(model_config, optimizer, mesh, param_dtype)
+        params, opt_state, meta = checkpointer.restore(abstract.params, abstract.opt_state, resume_step)
+        _check_resumed_config(config, meta.get("config") or {}, is_main)
+        if (meta.get("sft") or {}).get("interrupted"):  # stopped inside the warm start: finish it first
+            sft_done, resume_step = int(meta["sft"]["sft_steps"]), None
+            if is_main:
+                print(f"resuming the SFT warm start at step {sft_done} of {config.sft.warm_start_steps} "
+                      "(fresh AdamW moments)", flush=True)
     if resume_step is None:
-        params = setup.params
-        if config.sft.warm_start_steps > 0:
+        if config.sft.warm_start_steps > sft_done:
             from tooln1_jax.sft import run_sft
 
             params, sft_metrics = run_sft(
-                config, model_config, params, tokenizer, setup.train_records, mesh=mesh,
+                config, model_config, params, tokenizer, setup.train_records, mesh=mesh, start_step=sft_done,
+                steps=int(config.sft.warm_start_steps) - sft_done, should_stop=stop.requested,
                 log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True) if is_main else None)
             summary["sft"] = {k: v for k, v in sft_metrics.items() if not isinstance(v, list)}
+            summary["sft"]["sft_steps"] += sft_done
         params = shard_params(params, model_config, mesh, TRAIN_RULES)  # SFT may leave other shardings
         state = init_train_state(params, optimizer, model_config=model_config, mesh=mesh)
+        if (summary.get("sft") or {}).get("interrupted"):
+            checkpointer.save(0, state.params, state.opt_state, _checkpoint_meta(config, model_config, setup, 0, 0, summary))
+            checkpointer.close()
+            raise interrupt.RunInterrupted(
+                f"interrupted during the SFT warm start after {summary['sft']['sft_steps']} of "
+                f"{config.sft.warm_start_steps} steps; saved {checkpointer.directory}/0; run the same command "
+                "again to finish the warm start and train", stop.signal_number())
         ref = None
         if rl.kl_coef:
-            if checkpointer:
-                ckpt_lib.save_reference(out_dir, state.params)
+            ckpt_lib.save_reference(out_dir, state.params)
             ref = reference_params(state.params, jnp.bfloat16 if rl.ref_in_bf16 else None)
         start_step, num_updates = 0, 0
     else:
-        abstract = _abstract_state(model_config, optimizer, mesh, param_dtype)
-        params, opt_state, meta = checkpointer.restore(abstract.params, abstract.opt_state, resume_step)
         num_updates = int(meta["num_updates"])
         state = TrainState(step=jax.device_put(jnp.int32(num_updates), abstract.step.sharding), params=params, opt_state=opt_state)
         ref = None
@@ -383,13 +444,10 @@ def train(config) -> dict:
         return row
 
     def save(step: int) -> None:
-        meta = {"step": step, "num_updates": num_updates, "seed": int(config.seed),
-                "data_position": dict(zip(("epoch", "index"), step_prompt_indices(
-                    int(config.seed), step, len(setup.train_records), rl.train_batch_size)[:2])),
-                "model_config": dataclasses.asdict(model_config), "config": config.to_dict(),
-                "sft": summary.get("sft")}
-        checkpointer.save(step, state.params, state.opt_state, json.loads(json.dumps(meta, default=str)))
+        checkpointer.save(step, state.params, state.opt_state,
+                          _checkpoint_meta(config, model_config, setup, step, num_updates, summary))
 
+    done, interrupted = start_step, False
     try:
         if start_step == 0 and config.eval.at_start and config.eval.num_examples:
             summary["eval_start"] = evaluate(0, state.params)
@@ -421,7 +479,7 @@ def train(config) -> dict:
                         f"step {step + 1}: the GRPO update {len(update_metrics) + 1} (ppo epoch {ppo_epoch}) has a "
                         f"non-finite loss={float(m['loss'])} / grad_norm={float(m['grad_norm'])}; the run stops here "
                         f"with nothing saved from this step (last checkpoint: "
-                        f"{checkpointer.latest_step() if checkpointer else None}). Lower config.optim.lr or "
+                        f"{checkpointer.latest_step()}). Lower config.optim.lr or "
                         f"check the data and the reward.")
                 update_metrics.append(m)
                 num_updates += 1
@@ -444,17 +502,23 @@ def train(config) -> dict:
             final_eval_follows = done == total and config.eval.at_end
             if config.eval.every_steps and done % config.eval.every_steps == 0 and not final_eval_follows:
                 evaluate(done, state.params)
-            if checkpointer and (done % config.checkpoint.every_steps == 0 or done == total):
+            every = int(config.checkpoint.every_steps)
+            saved = every and (done % every == 0 or done == total)
+            if saved:
                 save(done)
-        if config.eval.at_end and config.eval.num_examples:
+            if done < total and stop.requested():  # a step boundary: save once, then stop
+                if not saved:
+                    save(done)
+                interrupted = True
+                break
+        if config.eval.at_end and config.eval.num_examples and not interrupted:
             summary["eval_end"] = evaluate(total, state.params)
     finally:
-        if checkpointer:
-            checkpointer.close()
+        checkpointer.close()
         curve = log.close(plot=config.log.plot)
 
     summary.update({
-        "steps_done": total, "num_updates": num_updates, "final": last_row, "curve_png": curve,
+        "steps_done": done, "interrupted": interrupted, "num_updates": num_updates, "final": last_row, "curve_png": curve,
         "metrics_path": log.path, "wall_s": time.perf_counter() - t_run,
         "accuracy_start": _summary_value(summary.get("eval_start"), "accuracy"),
         "accuracy_end": _summary_value(summary.get("eval_end"), "accuracy"),
@@ -468,47 +532,19 @@ def train(config) -> dict:
             before = "after SFT" if summary.get("sft") else "before GRPO"
             print(f"held-out exact-call accuracy: {before} {start:.3f} -> after GRPO {end:.3f} "
                   f"({summary['eval_end'].get('num_scored')} prompts); reward curve: {curve}", flush=True)
+    if interrupted:
+        raise interrupt.RunInterrupted(
+            f"interrupted at step {done} of {total}; saved {checkpointer.directory}/{done} and "
+            f"{os.path.join(log_dir, 'summary.json')}; run the same command again to resume", stop.signal_number())
     return summary
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def default_config_path() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
-
-
-def define_config_flag(flag_values=None, sys_argv: Sequence[str] | None = None):
-    """The `--config` flag (a config file) with `--config.a.b=value` overrides, on `flag_values`
-    (default: absl's global FLAGS). Returns its holder; `.value` is the overridden ConfigDict."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    return config_flags.DEFINE_config_file("config", default_config_path(), "Run config file (configs/*.py).",
-                                           flag_values=flags.FLAGS if flag_values is None else flag_values,
-                                           sys_argv=None if sys_argv is None else list(sys_argv))
-
-
-def parse_config_args(argv: Sequence[str]):
-    """argv (program name first) -> the run config, exactly as the CLI reads it (not validated)."""
-    from absl import flags
-
-    flag_values = flags.FlagValues()
-    holder = define_config_flag(flag_values, argv)  # the overrides are read from argv at definition
-    flag_values(list(argv))
-    return holder.value
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m tooln1_jax.train [--config configs/x.py] [--config.a.b=value ...]`."""
-    from absl import app
-
-    holder = define_config_flag(sys_argv=argv)
-
-    def run(_argv) -> None:  # app.run exits with main's return value: return nothing
-        train(holder.value)
-
-    app.run(run, argv=argv)
+    """`python -m tooln1_jax.train [--config configs/x.py] [--config.a.b=value ...] [--verbose]`."""
+    cli.run(train, argv, __doc__)
 
 
 class _CallableModule(types.ModuleType):
