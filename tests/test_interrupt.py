@@ -177,6 +177,10 @@ def test_cli_errors_are_one_line_and_help_exits_0(tmp_path):
         lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1", "WARNING"))]
         assert len(lines) == 1 and lines[0].startswith(message), (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+    for module, args in (("tooln1_jax.sft", [f"--config.output_dir={a_file}"]),
+                         ("tooln1_jax.evaluate", ["api_bank", "--predictions", str(a_file), "--output", str(a_file)])):
+        r = run_cli(*args, module=module)  # an unusable output folder fails before any work
+        assert r.returncode == 2 and f"{str(a_file)!r} is a file, not a folder" in r.stderr, r.stderr[-2000:]
     r = run_cli("--config.rl.bogus=3", "--verbose")
     assert r.returncode == 2 and "Traceback" in r.stderr
 

@@ -150,6 +150,10 @@ def run(argv: list[str] | None = None) -> dict:
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be >= 1")
     distributed.initialize_from_args(args)
+    out_dir = args.output or f"eval_{args.benchmark}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d_%H%M%S}"
+    # Fail in seconds, not after generating: the output folder must be writable.
+    distributed.all_or_none("output setup", lambda: distributed.check_writable(out_dir, "--output")
+                            if distributed.is_main() else None)
     task = _bfcl_task if args.benchmark == "bfcl" else _api_bank_task
     records, score, summarize, meta = task(args)
     ids = [r.id for r in records]
@@ -176,7 +180,6 @@ def run(argv: list[str] | None = None) -> dict:
     summary = {**summarize(results), "run": run_notes}
     if not distributed.is_main():
         return summary
-    out_dir = args.output or f"eval_{args.benchmark}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d_%H%M%S}"
     _write(out_dir, results, summary, generated)
     print(_table(summary))
     for line in run_notes.get("problems", [])[:10]:
@@ -190,7 +193,7 @@ def run(argv: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
-    except (ValueError, FileNotFoundError) as e:  # bad input files: one clear line, no traceback
+    except (ValueError, OSError) as e:  # bad input files or folders: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
