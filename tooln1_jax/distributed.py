@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -130,17 +131,19 @@ def all_or_none(stage: str, fn: Callable[[], T]) -> T:
 
 
 def check_writable(folder: str, what: str) -> None:
-    """Creates `folder` if needed and proves a file can be written there, so a run fails in
-    seconds rather than after its warm start. URLs (gs://) are left to orbax."""
+    """Proves a file can be written in `folder`, or (when it does not exist yet) in its nearest
+    existing parent, without creating anything: a run fails in seconds rather than after its
+    warm start. URLs (gs://) are left to orbax."""
     if "://" in folder:
         return
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"{what}={folder!r} is a file, not a folder")
+    target = os.path.abspath(folder)
+    while not os.path.exists(target):
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        where = "is a file" if target == os.path.abspath(folder) else f"is inside a file ({target})"
+        raise NotADirectoryError(f"{what}={folder!r} {where}, not a folder")
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{jax.process_index()}_{os.getpid()}")
-        with open(probe, "w", encoding="utf-8") as f:
-            f.write("ok")
-        os.remove(probe)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write_test_"):
+            pass
     except OSError as e:
-        raise PermissionError(f"{what}={folder!r} cannot be written: {e.strerror or e}") from None
+        raise PermissionError(f"{what}={folder!r} cannot be written ({target}: {e.strerror or e})") from None
