@@ -141,6 +141,10 @@ def test_cli_predictions(items, tmp_path, capsys):
     assert summary["run"]["skipped_lines"] == {"non_json_line": 1}
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(results) == 40 and results[3]["error_type"] == "no_valid_tool_call"
+    # each line carries the text scored (None where there was no prediction), next to its verdict
+    written = {json.loads(r)["id"]: json.loads(r)["completion"] for r in rows[:30]}
+    assert results[3]["completion"] == "no call"
+    assert [r["completion"] for r in results] == [written.get(i.id) for i in items[:40]]
     assert "api_bank_all" in capsys.readouterr().out
     assert main(["api_bank", "--predictions", str(tmp_path / "p.jsonl"), "--data", str(tmp_path / "none.json")]) == 2
 
