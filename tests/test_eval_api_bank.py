@@ -155,3 +155,22 @@ def test_bad_data_file_names_the_item(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(rows))
     with pytest.raises(ValueError, match=r"d.json: item 1: cannot parse expected_output"):
         api_bank.load_api_bank(str(tmp_path / "d.json"))
+
+
+def test_api_bank_needs_no_nvidia_bfcl(items, tmp_path, monkeypatch):
+    """`nvidia-bfcl` is not in the base install: API-Bank scoring works without it, and BFCL says
+    in one line what to install."""
+    import sys
+
+    import tooln1_jax.evaluation
+    from tooln1_jax.evaluate import main
+
+    monkeypatch.setitem(sys.modules, "bfcl", None)  # makes `import bfcl` fail as if not installed
+    monkeypatch.delitem(sys.modules, "tooln1_jax.evaluation.bfcl", raising=False)
+    monkeypatch.delattr(tooln1_jax.evaluation, "bfcl", raising=False)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": items[0].id, "completion": api_bank.oracle_completion(items[0])}))
+    assert main(["api_bank", "--predictions", str(tmp_path / "p.jsonl"), "--data", DATA, "--limit", "1",
+                 "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["api_bank_all"]["correct"] == 1
+    with pytest.raises(SystemExit, match=r"pip install --no-deps nvidia-bfcl"):
+        main(["bfcl", "--predictions", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "b")])
