@@ -165,7 +165,10 @@ def test_api_bank_needs_no_nvidia_bfcl(items, tmp_path, monkeypatch):
     import tooln1_jax.evaluation
     from tooln1_jax.evaluate import main
 
-    monkeypatch.setitem(sys.modules, "bfcl", None)  # makes `import bfcl` fail as if not installed
+    # `import bfcl` (and of any submodule) fails as if the package were not installed
+    for name in [m for m in sys.modules if m == "bfcl" or m.startswith("bfcl.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "bfcl", None)
     monkeypatch.delitem(sys.modules, "tooln1_jax.evaluation.bfcl", raising=False)
     monkeypatch.delattr(tooln1_jax.evaluation, "bfcl", raising=False)
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": items[0].id, "completion": api_bank.oracle_completion(items[0])}))
