@@ -23,6 +23,14 @@ setup(
         "numpy>=1.26,<3",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
+        # transformers renders every chat template (every prompt here) with jinja2 but does not depend on it.
+        "jinja2>=3.1,<4",
+        # Imported directly (absl: the CLIs; etils: checkpoint paths; huggingface-hub: model folders;
+        # tokenizers: the demo's tiny tokenizer); the packages above pull them in today, but need not.
+        "absl-py>=1.4,<3",
+        "etils[epath]>=1.5,<2",
+        "huggingface-hub>=0.30,<3",
+        "tokenizers>=0.21,<1",
     ],
     extras_require={
         # PyTorch is only the numerical reference for the tests (CPU build on disk here).

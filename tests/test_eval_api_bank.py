@@ -141,6 +141,10 @@ def test_cli_predictions(items, tmp_path, capsys):
     assert summary["run"]["skipped_lines"] == {"non_json_line": 1}
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(results) == 40 and results[3]["error_type"] == "no_valid_tool_call"
+    # each line carries the text scored (None where there was no prediction), next to its verdict
+    written = {json.loads(r)["id"]: json.loads(r)["completion"] for r in rows[:30]}
+    assert results[3]["completion"] == "no call"
+    assert [r["completion"] for r in results] == [written.get(i.id) for i in items[:40]]
     assert "api_bank_all" in capsys.readouterr().out
     assert main(["api_bank", "--predictions", str(tmp_path / "p.jsonl"), "--data", str(tmp_path / "none.json")]) == 2
 
@@ -151,3 +155,25 @@ def test_bad_data_file_names_the_item(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(rows))
     with pytest.raises(ValueError, match=r"d.json: item 1: cannot parse expected_output"):
         api_bank.load_api_bank(str(tmp_path / "d.json"))
+
+
+def test_api_bank_needs_no_nvidia_bfcl(items, tmp_path, monkeypatch):
+    """`nvidia-bfcl` is not in the base install: API-Bank scoring works without it, and BFCL says
+    in one line what to install."""
+    import sys
+
+    import tooln1_jax.evaluation
+    from tooln1_jax.evaluate import main
+
+    # `import bfcl` (and of any submodule) fails as if the package were not installed
+    for name in [m for m in sys.modules if m == "bfcl" or m.startswith("bfcl.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "bfcl", None)
+    monkeypatch.delitem(sys.modules, "tooln1_jax.evaluation.bfcl", raising=False)
+    monkeypatch.delattr(tooln1_jax.evaluation, "bfcl", raising=False)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": items[0].id, "completion": api_bank.oracle_completion(items[0])}))
+    assert main(["api_bank", "--predictions", str(tmp_path / "p.jsonl"), "--data", DATA, "--limit", "1",
+                 "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["api_bank_all"]["correct"] == 1
+    with pytest.raises(SystemExit, match=r"pip install --no-deps nvidia-bfcl"):
+        main(["bfcl", "--predictions", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "b")])

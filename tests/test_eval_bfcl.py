@@ -219,7 +219,8 @@ def test_cli_scores_oracle_predictions(items, tmp_path):
     assert summary["live_parallel"] == {"accuracy": 100.0, "correct": 16, "total": 16}
     assert summary["non_live"]["accuracy"] is None and summary["live"]["accuracy"] is None  # categories missing
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 216 and {"id", "calls", "valid", "error_type"} <= set(json.loads(lines[0]))
+    assert len(lines) == 216 and {"id", "calls", "valid", "error_type", "completion"} <= set(json.loads(lines[0]))
+    assert [json.loads(line)["completion"] for line in lines] == [row["completion"] for row in rows]
     assert "| multiple | 100.00 | 200 / 200 |" in (out / "summary.md").read_text()
 
 
@@ -295,6 +296,11 @@ def test_cli_generation_end_to_end(tiny_qwen_dir, tmp_path, items, qwen_tokenize
     # a random model makes no valid call; every item is scored (decoder failure), none crashes
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(results) == 20 and all(r["error_type"] for r in results if not r["valid"])
+    # each result carries what the model wrote; a dropped prompt has none
+    generated = {p["id"]: p["completion"] for p in predictions}
+    assert [r["completion"] for r in results] == [generated.get(r["id"]) for r in results]
+    assert sum(r["completion"] is None for r in results) == too_long
+    assert all(r["error_type"] == "prompt_too_long" for r in results if r["completion"] is None)
 
 
 def test_orbax_checkpoint_hook_restores_the_policy(tmp_path):

@@ -7,7 +7,8 @@ Generation (`--checkpoint`: an HF folder, or a training run's orbax checkpoint) 
 in batches through the project's sampler; scoring (`--predictions`) reads JSON lines
 `{"id", "completion"}` made anywhere (ids: BFCL's own, API-Bank `<file stem>:<id>`).
 `--output DIR` (default `eval_<benchmark>_<UTC time>`) receives summary.json, summary.md and
-results.jsonl (plus predictions.jsonl when generating); the table is printed at the end.
+results.jsonl (each item's verdict and completion; plus predictions.jsonl when generating); the table
+is printed at the end. BFCL needs `nvidia-bfcl` (not in the base install); API-Bank does not.
 Generation runs on every device; with `--distributed` it runs as one process per host (all
 with the same arguments), each process scores every item, and process 0 writes the files.
 """
@@ -22,7 +23,8 @@ from collections import Counter
 from typing import Any, Callable
 
 from tooln1_jax import distributed
-from tooln1_jax.evaluation import api_bank, bfcl
+from tooln1_jax.data.bfcl import KNOWN_CATEGORIES
+from tooln1_jax.evaluation import api_bank
 
 DEFAULT_API_BANK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                                 "data", "api-bank", "level-1-api.json")
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--predictions", help="JSONL of {id, completion} to score")
     p.add_argument("--limit", type=int, default=None, help="first N items of each category (BFCL) or of the file")
     p.add_argument("--categories", nargs="+", default=None,
-                   help=f"BFCL categories (default: all of {' '.join(bfcl.ALL_CATEGORIES)})")
+                   help=f"BFCL categories (default: all of {' '.join(KNOWN_CATEGORIES)})")
     p.add_argument("--data", default=None, help="API-Bank level-1-api.json (default: ../shared/data/api-bank/)")
     p.add_argument("--output", default=None, help="output folder (default: a new timestamped one)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -54,7 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- the two benchmarks as (records, scorer, summary) ------------------------------------------
 
+def _import_bfcl():
+    """`tooln1_jax.evaluation.bfcl`, which needs `nvidia-bfcl` (BFCL's data and checker). Imported
+    only for BFCL, since the base install lacks it; when missing, one line says what to install."""
+    try:
+        from tooln1_jax.evaluation import bfcl
+    except ModuleNotFoundError as e:
+        if e.name != "bfcl" and not (e.name or "").startswith("bfcl."):
+            raise
+        raise SystemExit("error: BFCL needs the package 'nvidia-bfcl' (its data and official checker): "
+                         "pip install --no-deps nvidia-bfcl==26.3") from e
+    return bfcl
+
+
 def _bfcl_task(args) -> tuple[list, Callable, Callable, dict]:
+    bfcl = _import_bfcl()
     categories = args.categories or list(bfcl.ALL_CATEGORIES)
     items, quirks = bfcl.load_items(categories, limit=args.limit)
     flat = [it for cat in categories for it in items[cat]]

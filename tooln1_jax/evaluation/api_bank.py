@@ -250,13 +250,19 @@ class ApiBankResult:
     valid: bool
     calls: list | None
     error_type: str | None
+    completion: str | None = None  # the text scored, so a failure shows what the model wrote
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def score_item(item: ApiBankItem, completion: str) -> ApiBankResult:
-    """Exact name-and-arguments match of the single call in the first `<tool_call>` block."""
+    """Exact name-and-arguments match of the single call in the first `<tool_call>` block; the
+    result carries the completion."""
+    return dataclasses.replace(_verdict(item, completion), completion=completion)
+
+
+def _verdict(item: ApiBankItem, completion: str) -> ApiBankResult:
     calls = parse_tool_calls(completion, block="first")
     if calls is None:
         return ApiBankResult(item.id, item.multi_turn, False, None, "no_valid_tool_call")

@@ -132,6 +132,7 @@ class ItemResult:
     calls: list | None  # BFCL form [{name: {arg: value}}]; None when nothing decodable was found
     error_type: str | None  # the checker's own error type (None when valid)
     error: str | None = None
+    completion: str | None = None  # the text scored, so a failure shows what the model wrote
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,7 +156,12 @@ def completion_to_bfcl(completion: str) -> tuple[list | None, str | None]:
 
 
 def score_item(item: BfclItem, completion: str) -> ItemResult:
-    """One item's verdict, as the package's file runners give it. Never raises on model text."""
+    """One item's verdict, as the package's file runners give it, carrying the completion.
+    Never raises on model text."""
+    return dataclasses.replace(_verdict(item, completion), completion=completion)
+
+
+def _verdict(item: BfclItem, completion: str) -> ItemResult:
     calls, why = completion_to_bfcl(completion)
     if item.category in EXTRA_CATEGORIES:
         has_call = calls is not None and not is_empty_output(calls)
