@@ -231,6 +231,7 @@ def sft_baseline(config) -> dict:
     if main_process:
         print(f"SFT {metrics['sft_steps']} steps ({metrics['sft_seconds']:.0f} s): held-out exact-call accuracy "
               f"{acc['accuracy']:.3f} on {acc['num_scored']} prompts", flush=True)
+        os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "sft_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
     return summary
