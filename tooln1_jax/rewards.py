@@ -17,7 +17,6 @@ format earns only the think-tag credit. Nothing here raises, whatever the input.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from typing import Any, Sequence
 
@@ -45,7 +44,7 @@ REASONS = (
     "bad_ground_truth",
 )
 
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _THINK_CREDIT = 0.2
 _CALL_CREDIT = 0.8
 _NAME_CREDIT = 0.2
@@ -54,6 +53,24 @@ _NAME_CREDIT = 0.2
 def has_think_tags(completion: str) -> bool:
     """Both `<think>` and `</think>` occur somewhere; position and order are not checked."""
     return "<think>" in completion and "</think>" in completion
+
+
+def _blocks(text: str, block: str):
+    """The bodies of the `<tool_call>...</tool_call>` blocks, as the lazy regex
+    `<tool_call>(.*?)</tool_call>` (DOTALL) finds them, left to right; "first" stops after one.
+    str.find scanning, linear in len(text): the regex retried every unclosed opener (quadratic)."""
+    pos = 0
+    while True:
+        start = text.find(_OPEN, pos)
+        if start < 0:
+            return
+        end = text.find(_CLOSE, start + len(_OPEN))
+        if end < 0:  # no closer after this opener, so none after any later one either
+            return
+        yield text[start + len(_OPEN):end]
+        if block == "first":
+            return
+        pos = end + len(_CLOSE)
 
 
 def _decode(payload: Any) -> tuple[str, Any]:
@@ -79,16 +96,11 @@ def _extract(text: str, block: str) -> tuple[str, Any]:
         raise ValueError(f"block must be 'last' or 'first', got {block!r}")
     if not isinstance(text, str):
         return "no_call_block", None
-    if block == "first":
-        match = _TOOL_CALL.search(text)
-        if match is None:
-            return "no_call_block", None
-        body = match.group(1)
-    else:
-        bodies = _TOOL_CALL.findall(text)
-        if not bodies:
-            return "no_call_block", None
-        body = bodies[-1]
+    body = None
+    for body in _blocks(text, block):
+        pass
+    if body is None:
+        return "no_call_block", None
     try:
         payload = json.loads(body.strip())
     except Exception:

@@ -252,7 +252,9 @@ class ApiBankResult:
     error_type: str | None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, not deep-copied (`dataclasses.asdict` recurses into `calls`, which a model
+        can nest as deep as `json` parses)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def score_item(item: ApiBankItem, completion: str) -> ApiBankResult:
@@ -265,8 +267,12 @@ def score_item(item: ApiBankItem, completion: str) -> ApiBankResult:
     call = calls[0]
     if call["name"] != item.expected_name:
         return ApiBankResult(item.id, item.multi_turn, False, calls, "wrong_name")
-    if not isinstance(call["arguments"], dict) or \
-            canonical_value(call["arguments"]) != canonical_value(item.expected_arguments):
+    try:
+        same = isinstance(call["arguments"], dict) and \
+            canonical_value(call["arguments"]) == canonical_value(item.expected_arguments)
+    except RecursionError:  # nested deeper than any expected value can be
+        same = False
+    if not same:
         return ApiBankResult(item.id, item.multi_turn, False, calls, "wrong_arguments")
     return ApiBankResult(item.id, item.multi_turn, True, calls, None)
 

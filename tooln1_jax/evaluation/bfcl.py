@@ -134,7 +134,9 @@ class ItemResult:
     error: str | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, not deep-copied (`dataclasses.asdict` recurses into `calls`, which a model
+        can nest as deep as `json` parses)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def completion_to_bfcl(completion: str) -> tuple[list | None, str | None]:
