@@ -83,6 +83,21 @@ def test_deeply_nested_arguments_do_not_raise(bfcl_items):
         batch_rewards([text], [[{"name": "f", "arguments": {"a": []}}]])
 
 
+def test_duplicate_keys_fail_evaluation(bfcl_items):
+    """A repeated key is malformed JSON for the scorers too (as a repeated keyword is a Python
+    syntax error for BFCL's own decoders), not last-wins."""
+    good = api_bank.oracle_completion(API_BANK_ITEM)
+    assert api_bank.score_item(API_BANK_ITEM, good).valid
+    dup = good.replace('{"a": "1"', '{"a": "2", "a": "1"')
+    assert dup != good and api_bank.score_item(API_BANK_ITEM, dup).error_type == "no_valid_tool_call"
+    item = bfcl_items[0]
+    good = bfcl.oracle_completion(item)
+    assert bfcl.score_item(item, good).valid
+    key = next(iter(json.loads(good.split("<tool_call>")[1].split("</tool_call>")[0])[0]["arguments"]))
+    dup = good.replace('"arguments": {', '"arguments": {"%s": null, ' % key, 1)
+    assert bfcl.score_item(item, dup).error_type == "ast_decoder:decoder_failed"
+
+
 # ---------------------------------------------------------------- fuzzing
 
 _REGEX = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)

@@ -1,7 +1,8 @@
 """Tool-call parsing and the rule-based Tool-N1 reward.
 
 The reward reads the completion text only. The rules (see PAPER_NOTES, "Reward semantics"):
-1. take the LAST `<tool_call>...</tool_call>` block (evaluation takes the FIRST), strip, `json.loads`;
+1. take the LAST `<tool_call>...</tool_call>` block (evaluation takes the FIRST), strip, `json.loads`
+   (an object with a repeated key is invalid JSON here, in a completion and in a ground truth);
 2. a decoded string is decoded once more; a dict becomes a one-element list;
 3. no block / bad JSON -> no result;
 4. format: the substrings `<think>` and `</think>` both occur somewhere (order not checked);
@@ -55,6 +56,20 @@ def has_think_tags(completion: str) -> bool:
     return "<think>" in completion and "</think>" in completion
 
 
+def _unique_keys(pairs: list) -> dict:
+    """`object_pairs_hook` that raises on a repeated key: last-wins would let `{"a": 2, "a": 1}`
+    pass for `{"a": 1}`."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return obj
+
+
+def loads_strict(text: str) -> Any:
+    """`json.loads`, except that an object with a repeated key is invalid JSON (ValueError)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def _blocks(text: str, block: str):
     """The bodies of the `<tool_call>...</tool_call>` blocks, as the lazy regex
     `<tool_call>(.*?)</tool_call>` (DOTALL) finds them, left to right; "first" stops after one.
@@ -77,7 +92,7 @@ def _decode(payload: Any) -> tuple[str, Any]:
     """Steps 2 and 5 on an already-decoded JSON value -> (status, list of calls)."""
     if isinstance(payload, str):
         try:
-            payload = json.loads(payload)
+            payload = loads_strict(payload)
         except Exception:  # ValueError, RecursionError on deep nesting, huge ints
             return "bad_json", None
     if isinstance(payload, dict):
@@ -102,7 +117,7 @@ def _extract(text: str, block: str) -> tuple[str, Any]:
     if body is None:
         return "no_call_block", None
     try:
-        payload = json.loads(body.strip())
+        payload = loads_strict(body.strip())
     except Exception:
         return "bad_json", None
     return _decode(payload)
@@ -125,7 +140,7 @@ def _normalise_ground_truth(ground_truth: Any) -> list[dict] | None:
     """A list of calls, a dict, or the JSON string of either -> list of calls (None if invalid)."""
     if isinstance(ground_truth, str):
         try:
-            ground_truth = json.loads(ground_truth)
+            ground_truth = loads_strict(ground_truth)
         except Exception:
             return None
     if isinstance(ground_truth, tuple):
