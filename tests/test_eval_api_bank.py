@@ -151,3 +151,17 @@ def test_bad_data_file_names_the_item(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(rows))
     with pytest.raises(ValueError, match=r"d.json: item 1: cannot parse expected_output"):
         api_bank.load_api_bank(str(tmp_path / "d.json"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty file, no API-Bank items"),
+    ("[]", "no API-Bank items"),
+    ("\n\n", "empty file"),
+    ('[{"file": "a.jsonl", "id": 0,\n "instruction": "x', r"line 2 column 17: not valid JSON .*truncated\?"),
+    ("[5]", "item 0: a JSON int, not an item object"),
+])
+def test_unusable_data_file_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "level-1-api.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}: .*{message}"):
+        api_bank.load_api_bank(str(path))

@@ -183,6 +183,8 @@ def _dialogue_turns(text: str, where: str) -> list[dict]:
 
 
 def _item(row: dict, where: str) -> ApiBankItem:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a JSON {type(row).__name__}, not an item object")
     for key in ("file", "id", "instruction", "input", "expected_output"):
         if key not in row:
             raise ValueError(f"{where}: missing field {key!r}")
@@ -215,10 +217,16 @@ def load_api_bank(path: str) -> list[ApiBankItem]:
         raise FileNotFoundError(f"API-Bank data not found: {path} (give the path to level-1-api.json)")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    try:
-        rows = json.loads(text)
+    if not text.strip():
+        raise ValueError(f"{path}: empty file, no API-Bank items")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); "
+                             "truncated?") from None
         located = [(row, f"{path}: item {i}") for i, row in enumerate(rows)]
-    except json.JSONDecodeError:
+    else:
         located = []
         for line_no, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -226,6 +234,8 @@ def load_api_bank(path: str) -> list[ApiBankItem]:
                     located.append((json.loads(line), f"{path}:{line_no}"))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
+    if not located:
+        raise ValueError(f"{path}: no API-Bank items")
     items = [_item(row, where) for row, where in located]
     seen: set[str] = set()
     for item in items:
