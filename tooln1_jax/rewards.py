@@ -70,22 +70,25 @@ def loads_strict(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 
-def _blocks(text: str, block: str):
-    """The bodies of the `<tool_call>...</tool_call>` blocks, as the lazy regex
-    `<tool_call>(.*?)</tool_call>` (DOTALL) finds them, left to right; "first" stops after one.
-    str.find scanning, linear in len(text): the regex retried every unclosed opener (quadratic)."""
-    pos = 0
-    while True:
-        start = text.find(_OPEN, pos)
-        if start < 0:
-            return
-        end = text.find(_CLOSE, start + len(_OPEN))
-        if end < 0:  # no closer after this opener, so none after any later one either
-            return
-        yield text[start + len(_OPEN):end]
-        if block == "first":
-            return
-        pos = end + len(_CLOSE)
+def _block(text: str, block: str) -> str | None:
+    """The body of the first or last match of the lazy regex `<tool_call>(.*?)</tool_call>`
+    (DOTALL), or None. A few str.find/rfind calls, linear in len(text): the regex retried every
+    unclosed opener (quadratic)."""
+    if block == "first":
+        start = text.find(_OPEN)
+        end = text.find(_CLOSE, start + len(_OPEN)) if start >= 0 else -1
+    else:
+        # With P the last opener before the last closer, the last match ends at the first closer
+        # after P, and starts at the first opener after the last closer before P (a match holds
+        # no closer, so that closer ended the previous match or was a stray one).
+        last_close = text.rfind(_CLOSE)
+        opener = text.rfind(_OPEN, 0, last_close) if last_close >= 0 else -1
+        if opener < 0:
+            return None
+        end = text.find(_CLOSE, opener + len(_OPEN))
+        previous = text.rfind(_CLOSE, 0, opener)
+        start = text.find(_OPEN, previous + len(_CLOSE) if previous >= 0 else 0)
+    return text[start + len(_OPEN):end] if start >= 0 and end >= 0 else None
 
 
 def _decode(payload: Any) -> tuple[str, Any]:
@@ -111,9 +114,7 @@ def _extract(text: str, block: str) -> tuple[str, Any]:
         raise ValueError(f"block must be 'last' or 'first', got {block!r}")
     if not isinstance(text, str):
         return "no_call_block", None
-    body = None
-    for body in _blocks(text, block):
-        pass
+    body = _block(text, block)
     if body is None:
         return "no_call_block", None
     try:
