@@ -178,3 +178,71 @@ def test_bucket_output_dir_keeps_urls_and_logs_locally():
     assert log_directory(config) == "/tmp/logs"
     config.output_dir, config.log.dir = "runs/local", ""
     assert log_directory(config) == "runs/local"
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+SMALL = {"w": np.arange(1000, dtype=np.float32), "b": np.ones(3, np.float32)}
+SMALL_OPT = {"mu": np.zeros(5, np.float32)}
+
+
+def _two_checkpoints(root):
+    checkpointer = ckpt_lib.RunCheckpointer(str(root), keep=3)
+    for step in (1, 2):
+        checkpointer.save(step, jax.tree.map(lambda x: x * step, SMALL), SMALL_OPT, {"step": step})
+    checkpointer.close()
+    return ckpt_lib.RunCheckpointer(str(root), keep=3)
+
+
+def _truncate_params(step_dir):
+    """Halves the largest data file under the params folder (a host died mid-copy)."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "params")) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+
+
+def _empty_meta(step_dir):
+    open(os.path.join(step_dir, "meta", "metadata"), "w").close()
+
+
+@pytest.mark.parametrize("damage", [_truncate_params, _empty_meta], ids=["truncated_params", "empty_meta"])
+def test_restore_skips_a_damaged_latest_checkpoint(tmp_path, damage):
+    checkpointer = _two_checkpoints(tmp_path)
+    latest = checkpointer.step_dir(2)
+    damage(latest)
+    with pytest.warns(RuntimeWarning, match=f"{latest}: .*(OUT_OF_RANGE|JSONDecodeError).*skipped") as record:
+        step, params, opt_state, meta = checkpointer.restore_latest_readable(SMALL, SMALL_OPT)
+    assert len(record) == 1
+    assert step == 1 and meta == {"step": 1}
+    _assert_trees_equal(params, SMALL)
+    assert os.path.isdir(latest) and checkpointer.all_steps() == [1, 2]  # left on disk
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        params, _, meta = checkpointer.restore(SMALL, SMALL_OPT)  # the old signature, no step
+    assert meta == {"step": 1}
+    with pytest.raises(ckpt_lib.CheckpointReadError, match=f"cannot read checkpoint {latest}: "):
+        checkpointer.restore(SMALL, SMALL_OPT, 2)  # asked for explicitly: a one-line reason
+    # The resumed run reaches step 2 again: the damaged one is replaced, not a StepAlreadyExists crash.
+    with pytest.warns(RuntimeWarning, match="replacing unreadable checkpoint"):
+        checkpointer.save(2, jax.tree.map(lambda x: x * 2, SMALL), SMALL_OPT, {"step": 2})
+    checkpointer.wait()
+    step, params, _, _ = checkpointer.restore_latest_readable(SMALL, SMALL_OPT)
+    assert step == 2
+    _assert_trees_equal(params, jax.tree.map(lambda x: x * 2, SMALL))
+    checkpointer.close()
+
+
+def test_restore_with_every_checkpoint_damaged_names_them(tmp_path):
+    checkpointer = _two_checkpoints(tmp_path)
+    _truncate_params(checkpointer.step_dir(2))
+    _empty_meta(checkpointer.step_dir(1))
+    with pytest.warns(RuntimeWarning), pytest.raises(ckpt_lib.CheckpointReadError) as info:
+        checkpointer.restore_latest_readable(SMALL, SMALL_OPT)
+    message = str(info.value)
+    assert message.startswith(f"no readable checkpoint under {checkpointer.directory}")
+    assert f"{checkpointer.step_dir(2)}: ValueError: OUT_OF_RANGE" in message
+    assert f"{checkpointer.step_dir(1)}: JSONDecodeError" in message
+    assert len(message.splitlines()) == 3  # one line per checkpoint, not orbax's tensorstore spec
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        ckpt_lib.RunCheckpointer(str(tmp_path / "empty")).restore_latest_readable(SMALL, SMALL_OPT)
+    checkpointer.close()

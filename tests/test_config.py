@@ -91,6 +91,32 @@ def test_bad_field_fails_naming_it(first, change, message):
     assert message in str(err.value)
 
 
+FLOAT_FIELDS = ["rl.kl_coef", "rl.clip_eps", "rl.entropy_coef", "optim.lr", "optim.weight_decay", "optim.b1",
+                "optim.b2", "optim.grad_clip", "rollout.temperature", "rollout.top_p", "sft.lr", "data.val_fraction",
+                "model.random.rope_theta"]
+
+
+def test_every_float_field_is_a_float():
+    """So FLOAT_FIELDS is not stale: each is a float in the schema, and no float field is left out."""
+    def floats(node, prefix=""):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                yield from floats(value, f"{prefix}{key}.")
+            elif isinstance(value, float):
+                yield f"{prefix}{key}"
+
+    assert sorted(floats(default_config())) == sorted(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_non_finite_float_fails_naming_it(field, value):
+    path = os.path.join(CONFIG_DIR, "tool_n1_qwen2_5_7b.py")
+    config = parse_config_args(["train", f"--config={path}", f"--config.{field}={value}"])
+    with pytest.raises(ConfigError, match=rf"config\.{field}=-?(nan|inf) must be a finite number"):
+        validate_config(config)
+
+
 def test_default_config_validates():
     validate_config(default_config())
 

@@ -6,7 +6,7 @@ import pytest
 
 from tooln1_jax.data import toolace, xlam
 from tooln1_jax.data.records import DropCounts, ToolRecord, tool_call_block, train_val_split
-from tooln1_jax.data.sources import load_rows, load_tool_n1_mix, load_toolace, load_xlam
+from tooln1_jax.data.sources import DataFileError, load_rows, load_tool_n1_mix, load_toolace, load_xlam
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 XLAM_DROPS = {"no_tools": 2, "bad_answer": 1, "unknown_tool": 1, "no_query": 1}
@@ -97,6 +97,73 @@ def test_load_rows_errors(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="must all be .json/.jsonl or all .parquet"):
         load_rows([os.path.join(FIXTURES, "xlam_sample.jsonl"), str(tmp_path / "x.csv")])
+
+
+# ---------------------------------------------------------------- unusable data files
+
+def _xlam_rows(n):
+    tools = json.dumps([{"name": "f", "parameters": {}}])
+    return [{"id": i, "query": f"q{i}", "tools": tools, "answers": json.dumps([{"name": "f", "arguments": {"i": i}}])}
+            for i in range(n)]
+
+
+def _fixture_text(name):
+    with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.jsonl", "", "empty.jsonl: empty file, no rows"),
+    ("blank.json", " \n\n", "blank.json: empty file, no rows"),
+    ("list.json", "[]", r"list.json: no rows \(an empty JSON list\)"),
+    ("truncated.json", _fixture_text("xlam_sample.json")[:1500],
+     r"truncated.json: line 12 column 14: not valid JSON \(Unterminated string starting at\); truncated\?"),
+    ("lines.jsonl", "not json\n[1, 2]\n", "lines.jsonl: no usable row; line 1: not JSON"),
+    ("scalars.json", "[1, 2]", "scalars.json: no usable row; row 0: a int, not an object"),
+    ("empty.parquet", "", "empty.parquet: not a readable parquet file"),
+])
+@pytest.mark.parametrize("loader", [load_xlam, load_toolace])
+def test_unusable_file_is_one_clear_error(tmp_path, name, text, message, loader):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataFileError, match=message) as info:
+        loader(str(path), cache_dir=str(tmp_path / "hf"))
+    assert isinstance(info.value, ValueError) and str(path) in str(info.value)
+
+
+def test_truncated_parquet_names_the_file(tmp_path):
+    whole = _source("parquet", "xlam_sample", tmp_path)
+    data = open(whole, "rb").read()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFileError, match=f"{cut}: not a readable parquet file"):
+        load_xlam(str(cut), cache_dir=str(tmp_path / "hf"))
+
+
+def test_bad_lines_among_good_ones_are_dropped_and_counted(tmp_path, capsys):
+    lines = [json.dumps(r) for r in _xlam_rows(30)]
+    lines.insert(15, '{"id": 99, "query": "broken')  # line 16, torn
+    lines.insert(20, '["a list"]')  # line 21, JSON but not a row
+    path = tmp_path / "x.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(RuntimeWarning, match=r"x.jsonl: dropped 2 bad row\(s\): line 16: not JSON .*; line 21: a list"):
+        records, drops = load_xlam(str(path))
+    assert [r.id for r in records] == [str(i) for i in range(30)]
+    assert dict(drops) == {"bad_json_line": 1, "not_an_object": 1}
+    assert "kept 30 of 32; dropped: bad_json_line=1, not_an_object=1" in capsys.readouterr().out
+    # the same in a JSON list: a row that is not an object is dropped, named by its index
+    (tmp_path / "x.json").write_text(json.dumps(_xlam_rows(3)[:2] + ["oops"] + _xlam_rows(3)[2:]))
+    with pytest.warns(RuntimeWarning, match=r"x.json: dropped 1 bad row\(s\): row 2: a str"):
+        records, drops = load_xlam(str(tmp_path / "x.json"))
+    assert len(records) == 3 and dict(drops) == {"not_an_object": 1}
+
+
+def test_mix_counts_bad_lines_per_source(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in _xlam_rows(3)] + ["{"]) + "\n")
+    with pytest.warns(RuntimeWarning, match="x.jsonl: dropped 1 bad row"):
+        records, drops = load_tool_n1_mix(str(path), os.path.join(FIXTURES, "toolace_sample.jsonl"))
+    assert drops["xlam/bad_json_line"] == 1 and len(records) == 3 + 4
 
 
 def test_hub_load_offline_is_one_clear_line(monkeypatch):

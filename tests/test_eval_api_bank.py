@@ -177,3 +177,17 @@ def test_api_bank_needs_no_nvidia_bfcl(items, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["api_bank_all"]["correct"] == 1
     with pytest.raises(SystemExit, match=r"pip install --no-deps nvidia-bfcl"):
         main(["bfcl", "--predictions", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "b")])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty file, no API-Bank items"),
+    ("[]", "no API-Bank items"),
+    ("\n\n", "empty file"),
+    ('[{"file": "a.jsonl", "id": 0,\n "instruction": "x', r"line 2 column 17: not valid JSON .*truncated\?"),
+    ("[5]", "item 0: a JSON int, not an item object"),
+])
+def test_unusable_data_file_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "level-1-api.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}: .*{message}"):
+        api_bank.load_api_bank(str(path))

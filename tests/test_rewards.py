@@ -113,6 +113,17 @@ CASES = [
     ("truth_as_json_string", THINK + block(GT), json.dumps(GT), "correct", True),
     ("truth_as_dict_string", THINK + block(GT[:1]), json.dumps(GT[0]), "correct", True),
     ("truth_string_wrong_args", THINK + block(calls((0, "city", "Lyon"))), json.dumps(GT), "wrong_arguments", True),
+    # a JSON object with a repeated key is malformed (not last-wins), at any depth
+    ("duplicate_argument_key", THINK + block('[{"name": "f", "arguments": {"a": 2, "a": 1}}]'),
+     [{"name": "f", "arguments": {"a": 1}}], "bad_json", True),
+    ("duplicate_name_key", THINK + block('{"name": "g", "name": "f", "arguments": {"a": 1}}'),
+     [{"name": "f", "arguments": {"a": 1}}], "bad_json", True),
+    ("duplicate_key_nested", THINK + block('[{"name": "f", "arguments": {"a": [{"b": 1, "b": 1}]}}]'),
+     [{"name": "f", "arguments": {"a": [{"b": 1}]}}], "bad_json", True),
+    ("duplicate_key_in_string_payload", THINK + block(json.dumps('{"name": "f", "arguments": {"a": 1, "a": 1}}')),
+     [{"name": "f", "arguments": {"a": 1}}], "bad_json", True),
+    ("same_key_in_sibling_objects", THINK + block('[{"name": "f", "arguments": {"a": 1}}, {"name": "f", "arguments": {"a": 1}}]'),
+     [{"name": "f", "arguments": {"a": 1}}] * 2, "correct", True),
 ]
 
 
@@ -170,6 +181,12 @@ def test_deeply_nested_payload_does_not_raise():
         assert score_completion(THINK + block(deep), GT, variant)[1] in ("bad_json", "bad_item_format")
     huge_int = "[" + "9" * 5000 + "]"  # over Python's int-string digit limit
     assert score_completion(THINK + block(huge_int), GT) == (0.0, "bad_json")
+
+
+def test_duplicate_keys_in_a_ground_truth_string_are_a_bad_label():
+    truth = '[{"name": "f", "arguments": {"a": 2, "a": 1}}]'
+    assert score_completion(THINK + block([{"name": "f", "arguments": {"a": 1}}]), truth) == (0.0, "bad_ground_truth")
+    assert parse_tool_calls(block(truth)) is None
 
 
 def test_unknown_variant_is_a_clear_error():

@@ -6,12 +6,15 @@ One checkpoint is `<output_dir>/checkpoints/<step>/` with three items:
 - `meta` (JSON): step, data position (epoch, index into that epoch's shuffled order), the RNG
   seed the step keys derive from, the model config (for export) and the run config.
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint as the latest. The frozen GRPO reference is saved
-once, beside the checkpoints (`<output_dir>/reference/`), since it never changes.
+mid-save leaves the previous checkpoint as the latest. A checkpoint damaged later (a truncated
+file, an empty `meta/metadata`) is skipped on restore, newest first, with a warning; it stays on
+disk until the run saves that step again. The frozen GRPO reference is saved once, beside the
+checkpoints (`<output_dir>/reference/`), since it never changes.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -36,6 +39,21 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+class CheckpointReadError(RuntimeError):
+    """No checkpoint (or not the one asked for) could be read; the message names each folder and why."""
+
+
+def _why(error: BaseException) -> str:
+    """One line: the innermost cause's type and first line (orbax wraps tensorstore's error in a
+    bare Exception whose message is a 60-line spec)."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def _resolve(path: str) -> str:
     """Absolute local paths; URLs (gs://, which orbax writes to directly) stay as they are."""
     return path if "://" in path else os.path.abspath(path)
@@ -50,6 +68,7 @@ class RunCheckpointer:
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.unreadable: set[int] = set()  # steps restore skipped; save replaces them
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -57,8 +76,16 @@ class RunCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
-        """Saves (asynchronously by default); call only with finite values."""
+        """Saves (asynchronously by default); call only with finite values. A checkpoint of the
+        same step that `restore` found unreadable is deleted first (orbax refuses to overwrite)."""
+        if step in self.unreadable and step in self.all_steps():
+            warnings.warn(f"replacing unreadable checkpoint {self.step_dir(step)}", RuntimeWarning, stacklevel=2)
+            self.manager.delete(step)
+        self.unreadable.discard(step)
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -66,18 +93,44 @@ class RunCheckpointer:
         )
         self.manager.save(step, args=args, force=True)
 
-    def restore(self, params_like: Any, opt_state_like: Any, step: int | None = None) -> tuple[Any, Any, dict]:
-        """(params, opt_state, meta) of `step` (default: the latest), placed like the given trees."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    def _restore_step(self, params_like: Any, opt_state_like: Any, step: int) -> tuple[Any, Any, dict]:
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(params_like)),
             opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
             meta=ocp.args.JsonRestore(),
         )
-        out = self.manager.restore(step, args=args)
+        try:
+            out = self.manager.restore(step, args=args)
+        except Exception as e:
+            raise CheckpointReadError(f"cannot read checkpoint {self.step_dir(step)}: {_why(e)}") from e
         return out["params"], out["opt_state"], dict(out["meta"])
+
+    def restore_latest_readable(self, params_like: Any, opt_state_like: Any) -> tuple[int, Any, Any, dict]:
+        """(step, params, opt_state, meta) of the newest checkpoint that reads, placed like the
+        given trees. Unreadable ones are skipped with a warning and left on disk, so one damaged
+        file does not block every restart. Raises FileNotFoundError when there is no checkpoint,
+        CheckpointReadError (naming each folder and why) when none reads."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        failures = []
+        for step in steps:
+            try:
+                return (step, *self._restore_step(params_like, opt_state_like, step))
+            except CheckpointReadError as e:
+                self.unreadable.add(step)
+                failures.append(str(e))
+                warnings.warn(f"{e}; skipped (left on disk), trying an older checkpoint", RuntimeWarning,
+                              stacklevel=2)
+        raise CheckpointReadError(f"no readable checkpoint under {self.directory}:\n  " + "\n  ".join(failures))
+
+    def restore(self, params_like: Any, opt_state_like: Any, step: int | None = None) -> tuple[Any, Any, dict]:
+        """(params, opt_state, meta) of `step`, placed like the given trees; without `step`, of
+        the newest readable checkpoint (`restore_latest_readable`). Raises CheckpointReadError
+        naming the folder when the asked step cannot be read."""
+        if step is None:
+            return self.restore_latest_readable(params_like, opt_state_like)[1:]
+        return self._restore_step(params_like, opt_state_like, step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

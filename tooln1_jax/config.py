@@ -12,6 +12,9 @@ optimizer updates.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import ml_collections
 
 DATA_SOURCES = ("synthetic", "xlam", "toolace", "mixed")
@@ -170,6 +173,17 @@ def _get(c, dotted: str):
     return node
 
 
+def _finite_floats(c, prefix: str = "") -> None:
+    """Every float field, at any depth, is finite: NaN passes `v < 0` checks (every comparison is
+    False), and no float in the schema means anything as inf."""
+    for key, value in c.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _finite_floats(value, f"{prefix}{key}.")
+        elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) \
+                and not math.isfinite(float(value)):
+            _fail(f"{prefix}{key}", value, "must be a finite number")
+
+
 def _aggregations() -> tuple:
     try:  # the loss module is the authority on its aggregation names, once it exists
         from tooln1_jax import grpo
@@ -183,6 +197,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     """Checks every field a run depends on; raises `ConfigError` naming the first bad one.
     Returns the config, so config files can end with `return validate_config(config)`."""
     c = config
+    _finite_floats(c)
     if not isinstance(_get(c, "output_dir"), str) or not c.output_dir:
         _fail("output_dir", c.output_dir, "must be a non-empty path")
     _non_negative(c, "seed")

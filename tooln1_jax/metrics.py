@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
@@ -22,10 +23,21 @@ def _clean(value: Any) -> Any:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines log. A last line that is not JSON (a writer died mid-line) is
+    dropped with a warning; a bad line before it raises ValueError naming the file and line."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if i + 1 < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON line ({e})") from None
+            warnings.warn(f"{path}:{number}: dropped a torn last line {line[:80]!r}", RuntimeWarning, stacklevel=2)
+    return rows
 
 
 def _truncate_after(path: str, step: int) -> None:

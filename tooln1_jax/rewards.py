@@ -1,7 +1,8 @@
 """Tool-call parsing and the rule-based Tool-N1 reward.
 
 The reward reads the completion text only. The rules (see PAPER_NOTES, "Reward semantics"):
-1. take the LAST `<tool_call>...</tool_call>` block (evaluation takes the FIRST), strip, `json.loads`;
+1. take the LAST `<tool_call>...</tool_call>` block (evaluation takes the FIRST), strip, `json.loads`
+   (an object with a repeated key is invalid JSON here, in a completion and in a ground truth);
 2. a decoded string is decoded once more; a dict becomes a one-element list;
 3. no block / bad JSON -> no result;
 4. format: the substrings `<think>` and `</think>` both occur somewhere (order not checked);
@@ -17,7 +18,6 @@ format earns only the think-tag credit. Nothing here raises, whatever the input.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from typing import Any, Sequence
 
@@ -45,7 +45,7 @@ REASONS = (
     "bad_ground_truth",
 )
 
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _THINK_CREDIT = 0.2
 _CALL_CREDIT = 0.8
 _NAME_CREDIT = 0.2
@@ -56,11 +56,46 @@ def has_think_tags(completion: str) -> bool:
     return "<think>" in completion and "</think>" in completion
 
 
+def _unique_keys(pairs: list) -> dict:
+    """`object_pairs_hook` that raises on a repeated key: last-wins would let `{"a": 2, "a": 1}`
+    pass for `{"a": 1}`."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return obj
+
+
+def loads_strict(text: str) -> Any:
+    """`json.loads`, except that an object with a repeated key is invalid JSON (ValueError)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _block(text: str, block: str) -> str | None:
+    """The body of the first or last match of the lazy regex `<tool_call>(.*?)</tool_call>`
+    (DOTALL), or None. A few str.find/rfind calls, linear in len(text): the regex retried every
+    unclosed opener (quadratic)."""
+    if block == "first":
+        start = text.find(_OPEN)
+        end = text.find(_CLOSE, start + len(_OPEN)) if start >= 0 else -1
+    else:
+        # With P the last opener before the last closer, the last match ends at the first closer
+        # after P, and starts at the first opener after the last closer before P (a match holds
+        # no closer, so that closer ended the previous match or was a stray one).
+        last_close = text.rfind(_CLOSE)
+        opener = text.rfind(_OPEN, 0, last_close) if last_close >= 0 else -1
+        if opener < 0:
+            return None
+        end = text.find(_CLOSE, opener + len(_OPEN))
+        previous = text.rfind(_CLOSE, 0, opener)
+        start = text.find(_OPEN, previous + len(_CLOSE) if previous >= 0 else 0)
+    return text[start + len(_OPEN):end] if start >= 0 and end >= 0 else None
+
+
 def _decode(payload: Any) -> tuple[str, Any]:
     """Steps 2 and 5 on an already-decoded JSON value -> (status, list of calls)."""
     if isinstance(payload, str):
         try:
-            payload = json.loads(payload)
+            payload = loads_strict(payload)
         except Exception:  # ValueError, RecursionError on deep nesting, huge ints
             return "bad_json", None
     if isinstance(payload, dict):
@@ -79,18 +114,11 @@ def _extract(text: str, block: str) -> tuple[str, Any]:
         raise ValueError(f"block must be 'last' or 'first', got {block!r}")
     if not isinstance(text, str):
         return "no_call_block", None
-    if block == "first":
-        match = _TOOL_CALL.search(text)
-        if match is None:
-            return "no_call_block", None
-        body = match.group(1)
-    else:
-        bodies = _TOOL_CALL.findall(text)
-        if not bodies:
-            return "no_call_block", None
-        body = bodies[-1]
+    body = _block(text, block)
+    if body is None:
+        return "no_call_block", None
     try:
-        payload = json.loads(body.strip())
+        payload = loads_strict(body.strip())
     except Exception:
         return "bad_json", None
     return _decode(payload)
@@ -113,7 +141,7 @@ def _normalise_ground_truth(ground_truth: Any) -> list[dict] | None:
     """A list of calls, a dict, or the JSON string of either -> list of calls (None if invalid)."""
     if isinstance(ground_truth, str):
         try:
-            ground_truth = json.loads(ground_truth)
+            ground_truth = loads_strict(ground_truth)
         except Exception:
             return None
     if isinstance(ground_truth, tuple):

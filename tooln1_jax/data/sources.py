@@ -1,12 +1,17 @@
-"""Load xLAM / ToolACE through `datasets`, from local JSON / JSONL / parquet files or a hub name.
+"""Load xLAM / ToolACE rows from local JSON / JSONL / parquet files or a hub name.
 
 `source` is a file, a folder of such files, a list of files, or a hub dataset name
 (`Salesforce/xlam-function-calling-60k`, `Team-ACE/ToolACE`), which needs a connection.
+Local JSON / JSONL is read with `json` (so a bad line is named, dropped and counted, where
+`datasets` fails the whole load); parquet and the hub go through `datasets`. A file with no
+usable row (empty, `[]`, truncated JSON, every line bad) raises DataFileError naming it.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
+import warnings
 from typing import Sequence
 
 from tooln1_jax.data import toolace, xlam
@@ -32,9 +37,79 @@ def _local_files(source: str | Sequence[str]) -> list[str] | None:
     return None
 
 
-def load_rows(source: str | Sequence[str], *, split: str = "train", cache_dir: str | None = None):
-    """A `datasets.Dataset` of raw rows from local files or the hub; a clear one-line error if
-    a local file is missing or the hub cannot be reached."""
+class DataFileError(ValueError):
+    """A data file with no usable row; the message names the file (and the line when known)."""
+
+
+def _json_rows(path: str, drops: DropCounts) -> list[dict]:
+    """The rows of a JSON list or JSON-lines file. Bad rows (a line that is not JSON, an item
+    that is not an object) are dropped, counted in `drops` and named in one warning."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        raise DataFileError(f"{path}: empty file, no rows")
+    bad: list[str] = []
+    if data.lstrip().startswith(b"["):  # one JSON list of rows
+        try:
+            items = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); "
+                                "truncated?") from None
+        except ValueError as e:  # UnicodeDecodeError
+            line = data.count(b"\n", 0, getattr(e, "start", 0)) + 1
+            raise DataFileError(f"{path}: line {line}: not valid JSON ({e})") from None
+        if not isinstance(items, list) or not items:
+            raise DataFileError(f"{path}: no rows (an empty JSON list)")
+        rows = []
+        for index, item in enumerate(items):
+            if isinstance(item, dict):
+                rows.append(item)
+            else:
+                drops["not_an_object"] += 1
+                bad.append(f"row {index}: a {type(item).__name__}, not an object")
+    else:  # JSON lines
+        rows = []
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                drops["bad_json_line"] += 1
+                bad.append(f"line {number}: not JSON ({e})")
+                continue
+            if isinstance(item, dict):
+                rows.append(item)
+            else:
+                drops["not_an_object"] += 1
+                bad.append(f"line {number}: a {type(item).__name__}, not an object")
+    if not rows:
+        raise DataFileError(f"{path}: no usable row; {bad[0]}")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        warnings.warn(f"{path}: dropped {len(bad)} bad row(s): " + "; ".join(bad[:3]) + more, RuntimeWarning,
+                      stacklevel=3)
+    return rows
+
+
+def _check_parquet(path: str) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except Exception as e:  # ArrowInvalid on an empty or truncated file
+        raise DataFileError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    if rows == 0:
+        raise DataFileError(f"{path}: no rows")
+
+
+def load_rows(source: str | Sequence[str], *, split: str = "train", cache_dir: str | None = None,
+              drops: DropCounts | None = None):
+    """Raw rows from local files (JSON / JSONL: a list of dicts; parquet: a `datasets.Dataset`)
+    or the hub (a `datasets.Dataset`). Bad JSON rows are dropped and counted in `drops`; a
+    missing or unusable file, or an unreachable hub, is one clear error."""
     import datasets  # heavy: only when data is actually loaded
 
     files = _local_files(source)
@@ -45,7 +120,12 @@ def load_rows(source: str | Sequence[str], *, split: str = "train", cache_dir: s
         kinds = {_FORMATS.get(os.path.splitext(p)[1]) for p in files}
         if None in kinds or len(kinds) != 1:
             raise ValueError(f"data files must all be .json/.jsonl or all .parquet, got {files}")
-        return datasets.load_dataset(kinds.pop(), data_files=files, split="train", cache_dir=cache_dir)
+        if kinds.pop() == "json":
+            drops = DropCounts() if drops is None else drops
+            return [row for path in files for row in _json_rows(path, drops)]
+        for path in files:
+            _check_parquet(path)
+        return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
     try:
         return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as e:  # offline, unknown name, no access: one line, not a long traceback
@@ -54,16 +134,20 @@ def load_rows(source: str | Sequence[str], *, split: str = "train", cache_dir: s
                            "pass local .json/.jsonl/.parquet files instead") from None
 
 
-def load_xlam(source: str | Sequence[str] = XLAM_HUB, **kwargs) -> tuple[list[ToolRecord], DropCounts]:
-    records, drops = xlam.convert_rows(load_rows(source, **kwargs))
-    drops.report(f"xlam ({source})", len(records))
+def _load(convert, name: str, source: str | Sequence[str], **kwargs) -> tuple[list[ToolRecord], DropCounts]:
+    drops = DropCounts()
+    records, converted = convert(load_rows(source, drops=drops, **kwargs))
+    drops.update(converted)
+    drops.report(f"{name} ({source})", len(records))
     return records, drops
+
+
+def load_xlam(source: str | Sequence[str] = XLAM_HUB, **kwargs) -> tuple[list[ToolRecord], DropCounts]:
+    return _load(xlam.convert_rows, "xlam", source, **kwargs)
 
 
 def load_toolace(source: str | Sequence[str] = TOOLACE_HUB, **kwargs) -> tuple[list[ToolRecord], DropCounts]:
-    records, drops = toolace.convert_rows(load_rows(source, **kwargs))
-    drops.report(f"toolace ({source})", len(records))
-    return records, drops
+    return _load(toolace.convert_rows, "toolace", source, **kwargs)
 
 
 def load_tool_n1_mix(xlam_source: str | Sequence[str] | None = XLAM_HUB,

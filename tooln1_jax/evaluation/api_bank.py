@@ -183,6 +183,8 @@ def _dialogue_turns(text: str, where: str) -> list[dict]:
 
 
 def _item(row: dict, where: str) -> ApiBankItem:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a JSON {type(row).__name__}, not an item object")
     for key in ("file", "id", "instruction", "input", "expected_output"):
         if key not in row:
             raise ValueError(f"{where}: missing field {key!r}")
@@ -215,10 +217,16 @@ def load_api_bank(path: str) -> list[ApiBankItem]:
         raise FileNotFoundError(f"API-Bank data not found: {path} (give the path to level-1-api.json)")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    try:
-        rows = json.loads(text)
+    if not text.strip():
+        raise ValueError(f"{path}: empty file, no API-Bank items")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); "
+                             "truncated?") from None
         located = [(row, f"{path}: item {i}") for i, row in enumerate(rows)]
-    except json.JSONDecodeError:
+    else:
         located = []
         for line_no, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -226,6 +234,8 @@ def load_api_bank(path: str) -> list[ApiBankItem]:
                     located.append((json.loads(line), f"{path}:{line_no}"))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
+    if not located:
+        raise ValueError(f"{path}: no API-Bank items")
     items = [_item(row, where) for row, where in located]
     seen: set[str] = set()
     for item in items:
@@ -253,7 +263,9 @@ class ApiBankResult:
     completion: str | None = None  # the text scored, so a failure shows what the model wrote
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, not deep-copied (`dataclasses.asdict` recurses into `calls`, which a model
+        can nest as deep as `json` parses)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def score_item(item: ApiBankItem, completion: str) -> ApiBankResult:
@@ -271,8 +283,12 @@ def _verdict(item: ApiBankItem, completion: str) -> ApiBankResult:
     call = calls[0]
     if call["name"] != item.expected_name:
         return ApiBankResult(item.id, item.multi_turn, False, calls, "wrong_name")
-    if not isinstance(call["arguments"], dict) or \
-            canonical_value(call["arguments"]) != canonical_value(item.expected_arguments):
+    try:
+        same = isinstance(call["arguments"], dict) and \
+            canonical_value(call["arguments"]) == canonical_value(item.expected_arguments)
+    except RecursionError:  # nested deeper than any expected value can be
+        same = False
+    if not same:
         return ApiBankResult(item.id, item.multi_turn, False, calls, "wrong_arguments")
     return ApiBankResult(item.id, item.multi_turn, True, calls, None)
 

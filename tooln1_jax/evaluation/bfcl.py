@@ -135,7 +135,9 @@ class ItemResult:
     completion: str | None = None  # the text scored, so a failure shows what the model wrote
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, not deep-copied (`dataclasses.asdict` recurses into `calls`, which a model
+        can nest as deep as `json` parses)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def completion_to_bfcl(completion: str) -> tuple[list | None, str | None]:
