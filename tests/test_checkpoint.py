@@ -246,3 +246,22 @@ def test_restore_with_every_checkpoint_damaged_names_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         ckpt_lib.RunCheckpointer(str(tmp_path / "empty")).restore_latest_readable(SMALL, SMALL_OPT)
     checkpointer.close()
+
+
+def test_a_run_resumes_past_a_damaged_latest_checkpoint(uninterrupted, tmp_path, capsys):
+    """A real run's newest checkpoint truncated on disk: the same command resumes from the one
+    before it (with a warning, the damaged folder left in place) and ends like the uninterrupted run."""
+    import shutil
+
+    ref_dir, ref_summary = uninterrupted
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    checkpointer = ckpt_lib.RunCheckpointer(str(run_dir))
+    assert checkpointer.all_steps() == [2, 3]
+    _truncate_params(checkpointer.step_dir(3))
+    checkpointer.close()
+    with pytest.warns(RuntimeWarning, match=r"cannot read checkpoint .*/3: .*skipped"):
+        resumed = train_lib.train(tiny_config(run_dir))
+    assert "(step 2 of 3)" in capsys.readouterr().out
+    assert _rows(run_dir) == _rows(ref_dir)
+    _assert_trees_equal(resumed["params"], ref_summary["params"])

@@ -50,7 +50,7 @@ def smoke_commands() -> list[str]:
 def test_ci_smoke_runs_the_quickstart_demo_at_toy_size(tmp_path):
     from tooln1_jax.config import validate_config
     from tooln1_jax.evaluate import build_parser, main
-    from tooln1_jax.train import parse_config_args
+    from tooln1_jax.cli import parse_config_args
 
     demo, evaluate, sft_help = smoke_commands()
     # exactly the README's first command, then `--config.<knob>=value` overrides of its default config

@@ -17,14 +17,17 @@ from typing import Any, Callable, Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from tooln1_jax.checkpoint import CheckpointReadError
 from tooln1_jax.config import ConfigError
+from tooln1_jax.data.sources import DataFileError
 from tooln1_jax.distributed import PeerFailedError
 from tooln1_jax.interrupt import RunInterrupted
 
 VERBOSE_ENV = "TOOLN1_VERBOSE"
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")
 # Exceptions that describe the user's input or environment; anything else is a bug (traceback).
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, flags.Error, OSError, PeerFailedError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, flags.Error, OSError, PeerFailedError, CheckpointReadError,
+                                                DataFileError)
 
 
 def default_config_path() -> str:

@@ -92,11 +92,16 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+def gather_ints(value: int) -> list[int]:
+    """Every process's `value`, in process order (every process must call this together)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)]
+
+
 def any_process(flag: bool) -> bool:
     """Whether `flag` is true on any process (every process must call this together)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+    return any(gather_ints(int(bool(flag))))
 
 
 def _encode(message: str) -> np.ndarray:

@@ -286,6 +286,15 @@ def _summary_value(row: dict | None, key: str):
     return None if row is None else row.get(key)
 
 
+def _agreed_step(step: int) -> int:
+    """The restored step, checked to be the same on every process (each reads the shared folder)."""
+    steps = distributed.gather_ints(step)
+    if len(set(steps)) > 1:
+        raise ckpt_lib.CheckpointReadError(f"processes restored different checkpoints {steps}: some hosts cannot "
+                                           "read the newest one; check the output_dir they share")
+    return step
+
+
 def _checkpoint_meta(config, model_config, setup: RunSetup, step: int, num_updates: int, summary: dict) -> dict:
     """What a checkpoint records beside the arrays (JSON-safe)."""
     meta = {"step": step, "num_updates": num_updates, "seed": int(config.seed),
@@ -386,7 +395,9 @@ def _run(config, stop: interrupt.StopRequest) -> dict:
     params, sft_done, meta = setup.params, 0, None
     if resume_step is not None:
         abstract = _abstract_state(model_config, optimizer, mesh, param_dtype)
-        params, opt_state, meta = checkpointer.restore(abstract.params, abstract.opt_state, resume_step)
+        # Newest first: a damaged checkpoint is skipped with a warning, not a crash on every restart.
+        resume_step, params, opt_state, meta = checkpointer.restore_latest_readable(abstract.params, abstract.opt_state)
+        resume_step = _agreed_step(resume_step)
         _check_resumed_config(config, meta.get("config") or {}, is_main)
         if (meta.get("sft") or {}).get("interrupted"):  # stopped inside the warm start: finish it first
             sft_done, resume_step = int(meta["sft"]["sft_steps"]), None
