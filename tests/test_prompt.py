@@ -109,3 +109,21 @@ def test_format_completion_is_the_rewarded_format(qwen_tokenizer):
 def test_prompt_is_deterministic(qwen_tokenizer, for_eval):
     assert render_prompt(qwen_tokenizer, record(), for_eval=for_eval) == render_prompt(
         qwen_tokenizer, record(), for_eval=for_eval)
+
+
+def test_training_and_evaluation_stop_on_the_same_ids(qwen_tokenizer, smollm2_dir):
+    """One stop rule: rollouts (training, held-out accuracy) and evaluation generation call the
+    same function, and it stops on every end-of-turn token a real vocabulary has."""
+    from transformers import AutoTokenizer
+
+    from tooln1_jax import rollouts
+    from tooln1_jax.data.prompt import stop_token_ids
+    from tooln1_jax.evaluation import generation
+    from tooln1_jax.models import ModelConfig
+
+    assert rollouts.stop_token_ids is generation.stop_token_ids is stop_token_ids
+    qwen25 = type("Qwen25InstructConfig", (), {"eos_token_id": (151645, 151643)})()  # its config.json's eos ids
+    assert set(stop_token_ids(qwen_tokenizer, qwen25)) == {151643, 151645}  # <|endoftext|>, <|im_end|>
+    smol = AutoTokenizer.from_pretrained(smollm2_dir)
+    vocab = smol.get_vocab()
+    assert set(stop_token_ids(smol, ModelConfig.from_hf(smollm2_dir))) == {vocab["<|im_end|>"], vocab["<|endoftext|>"]}

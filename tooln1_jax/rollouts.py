@@ -11,7 +11,7 @@ import numpy as np
 
 from tooln1_jax import distributed, sampling
 from tooln1_jax import rewards as rewards_lib
-from tooln1_jax.data.prompt import encode_prompts
+from tooln1_jax.data.prompt import encode_prompts, pad_id_of, stop_token_ids
 from tooln1_jax.data.records import ToolRecord
 
 # Reward reasons that mean the answer's FORMAT was wrong (not just the call).
@@ -59,31 +59,6 @@ class RolloutBatch:
             "response_length_max": float(np.max(self.lengths)),
             "truncated_frac": float(1.0 - np.mean(self.stopped)),
         }
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    for tok_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
-
-
-def stop_token_ids(tokenizer: Any, model_config: Any = None) -> tuple[int, ...]:
-    """End-of-turn ids: the tokenizer's eos, the model's eos, and `<|im_end|>` if the vocabulary has it."""
-    ids = set()
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None:
-        ids.add(int(eos))
-    model_eos = getattr(model_config, "eos_token_id", None)
-    if model_eos is not None:
-        ids.update(int(e) for e in (model_eos if isinstance(model_eos, (tuple, list)) else [model_eos]))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if isinstance(im_end, int) and im_end != unk and im_end >= 0:
-        ids.add(im_end)
-    if not ids:
-        raise ValueError("tokenizer has no eos token and the model config names none: no stop token for sampling")
-    return tuple(sorted(ids))
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:

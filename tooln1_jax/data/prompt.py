@@ -81,3 +81,32 @@ def encode_prompts(tokenizer: Any, records: Sequence[ToolRecord], *, max_prompt_
 def format_completion(answer: Sequence[dict], reasoning: str) -> str:
     """The assistant target: `<think>{reasoning}</think>\\n<tool_call>\\n[...]\\n</tool_call>`."""
     return f"<think>{reasoning}</think>\n{tool_call_block(answer)}"
+
+
+# End-of-turn markers of the chat templates this project meets (ChatML's two, Llama 3's).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+
+
+def stop_token_ids(tokenizer: Any, model_config: Any = None) -> tuple[int, ...]:
+    """Where generation stops, in training rollouts and evaluation alike: the tokenizer's eos,
+    the model config's eos id(s), and every `END_OF_TURN_TOKENS` entry the vocabulary has."""
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    model_eos = getattr(model_config, "eos_token_id", None)
+    if model_eos is not None:
+        ids.update(int(e) for e in (model_eos if isinstance(model_eos, (tuple, list)) else [model_eos]))
+    vocab = tokenizer.get_vocab()
+    ids.update(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab)
+    if not ids:
+        raise ValueError("the tokenizer has no eos or end-of-turn token and the model config names none: "
+                         "no stop token for generation")
+    return tuple(sorted(ids))
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id that fills rows after they stop: the tokenizer's pad, else its eos, else 0."""
+    for tok_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0

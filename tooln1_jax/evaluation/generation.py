@@ -15,7 +15,7 @@ import jax
 from tqdm import tqdm
 
 from tooln1_jax.checkpoint import restore_policy
-from tooln1_jax.data.prompt import encode_prompts
+from tooln1_jax.data.prompt import encode_prompts, pad_id_of, stop_token_ids
 from tooln1_jax.data.records import DropCounts, ToolRecord
 from tooln1_jax.distributed import to_host
 from tooln1_jax.models.hf_io import load_pretrained
@@ -35,18 +35,6 @@ def load_model(path: str, *, step: int | None = None, mesh=None):
     return restore_policy(path, step=step, mesh=mesh)
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS plus the chat-turn ends it knows (`<|im_end|>`, `<|endoftext|>`)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        if token in vocab:
-            ids.add(int(vocab[token]))
-    return sorted(ids)
-
-
 def generate_completions(config, params, tokenizer: Any, records: Sequence[ToolRecord], *, batch_size: int,
                          max_new_tokens: int, max_prompt_length: int, mesh=None,
                          progress: bool = True) -> tuple[dict[str, str], DropCounts]:
@@ -56,9 +44,9 @@ def generate_completions(config, params, tokenizer: Any, records: Sequence[ToolR
     max_prompt_length = min(max_prompt_length, config.max_position_embeddings - max_new_tokens)
     ids, kept, drops = encode_prompts(tokenizer, records, max_prompt_length=max_prompt_length, for_eval=True)
     order = sorted(range(len(kept)), key=lambda i: len(ids[i]))
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, config)
     stop_set = set(stops)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0] if stops else 0
+    pad_id = pad_id_of(tokenizer)
     completions: dict[str, str] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", disable=not progress):
