@@ -123,7 +123,7 @@ def all_or_none(stage: str, fn: Callable[[], T]) -> T:
     except Exception as e:  # noqa: BLE001 - reported to every process below, then re-raised
         error = e
     if jax.process_count() > 1:
-        message = "" if error is None else f"{type(error).__name__}: {error}" or type(error).__name__
+        message = "" if error is None else f"{type(error).__name__}: {error}"
         everyone = np.asarray(multihost_utils.process_allgather(_encode(message))).reshape(jax.process_count(), -1)
         if error is None:
             for pid, row in enumerate(everyone):
