@@ -49,7 +49,8 @@ def main(argv=None):
     import numpy as np
 
     from tooln1_jax.models import ModelConfig, init_params, logits
-    from tooln1_jax.sharding import SAMPLE_RULES, TRAIN_RULES, batch_sharding, make_mesh, shard_params
+    from tooln1_jax.models import shard_params
+    from tooln1_jax.sharding import SAMPLE_RULES, TRAIN_RULES, batch_sharding, make_mesh
 
     config = ModelConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_layers=args.layers,

@@ -6,18 +6,26 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tooln1_jax import distributed
-from tooln1_jax.models import ModelConfig, forward_cached, init_cache, init_params, load_pretrained, logits, save_pretrained
+from tooln1_jax.models import (
+    ModelConfig,
+    cache_sharding,
+    forward_cached,
+    init_cache,
+    init_params,
+    load_pretrained,
+    logits,
+    param_sharding,
+    save_pretrained,
+    shard_params,
+)
 from tooln1_jax.sharding import (
     SAMPLE_RULES,
     TRAIN_RULES,
     ShardingRules,
     batch_sharding,
-    cache_sharding,
     fit_axes,
     logical_to_spec,
     make_mesh,
-    param_sharding,
-    shard_params,
 )
 
 # Every sharded dimension divisible by 2 (so the (2, 2, 2) mesh really splits each one).

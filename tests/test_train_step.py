@@ -9,7 +9,8 @@ import pytest
 
 from tooln1_jax.grpo import grpo_loss
 from tooln1_jax.models import ModelConfig, init_params
-from tooln1_jax.sharding import TRAIN_RULES, make_mesh, shard_params
+from tooln1_jax.models import shard_params
+from tooln1_jax.sharding import TRAIN_RULES, make_mesh
 from tooln1_jax.train_step import (
     compute_logprobs,
     init_train_state,

@@ -25,8 +25,8 @@ from jax.experimental import multihost_utils
 
 from tooln1_jax.models.config import ModelConfig
 from tooln1_jax.models.hf_io import save_pretrained
-from tooln1_jax.sharding import make_mesh
-from tooln1_jax.train_step import abstract_params
+from tooln1_jax.models.transformer import abstract_params
+from tooln1_jax.sharding import TRAIN_RULES, make_mesh
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -174,7 +174,7 @@ def restore_policy(checkpoint_dir: str, *, step: int | None = None, mesh: Any = 
         meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
         model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
         param_dtype = meta.get("config", {}).get("model", {}).get("param_dtype", "float32")
-        target = abstract_params(model_config, mesh or make_mesh(), param_dtype)
+        target = abstract_params(model_config, mesh or make_mesh(), param_dtype, TRAIN_RULES)
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     finally:
         manager.close()

@@ -39,8 +39,9 @@ import numpy as np
 
 from tooln1_jax.models.config import ModelConfig
 from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_table
-from tooln1_jax.models.kv_cache import KVCache, forward_cached, grow_cache, init_cache
-from tooln1_jax.models.transformer import lm_head_weight
+from tooln1_jax.models.kv_cache import KVCache, cache_sharding, forward_cached, grow_cache, init_cache
+from tooln1_jax.models.transformer import lm_head_weight, shard_params
+from tooln1_jax.sharding import SAMPLE_RULES, batch_sharding
 
 MIN_PROMPT_BUCKET = 16
 # The decode loop runs in up to `decode_segments` (default DECODE_SEGMENTS) segments, the first
@@ -154,7 +155,6 @@ def _constrain(state: SamplingState, mesh, rules) -> SamplingState:
     """Rows over the batch mesh axes; the cache by its logical axes."""
     if mesh is None:
         return state
-    from tooln1_jax.sharding import batch_sharding, cache_sharding
 
     rows = state.tokens.shape[0]
     shardings = state.replace(
@@ -315,7 +315,6 @@ def sample(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], 
     tokens, mask = left_pad(prompts, prompt_bucket(max(len(p) for p in prompts)), pad_id)
     stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)  # -1 never matches a token
     if mesh is not None:
-        from tooln1_jax.sharding import SAMPLE_RULES, batch_sharding, shard_params
 
         rules = rules or SAMPLE_RULES
         params = shard_params(params, config, mesh, rules)

@@ -33,7 +33,8 @@ from tooln1_jax.data.records import DropCounts, ToolRecord
 from tooln1_jax.data.synthetic import template_reasoning
 from tooln1_jax.grpo import token_logprobs
 from tooln1_jax.models import ModelConfig, hidden_states, lm_head_weight
-from tooln1_jax.sharding import TRAIN_RULES, batch_sharding, shard_params
+from tooln1_jax.models import shard_params
+from tooln1_jax.sharding import TRAIN_RULES, batch_sharding
 
 
 @dataclasses.dataclass(frozen=True)

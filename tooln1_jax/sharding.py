@@ -143,42 +143,9 @@ def logical_to_sharding(logical_axes_tree: Any, mesh: Mesh, rules: ShardingRules
     return jax.tree.map(one, logical_axes_tree, shapes, is_leaf=_is_axes_leaf)
 
 
-def param_sharding(config, mesh: Mesh, rules: ShardingRules) -> dict:
-    """The params tree of `NamedSharding` for a `ModelConfig` (usable as jit in/out_shardings)."""
-    from tooln1_jax.models.transformer import param_logical_axes, param_shapes
-
-    return logical_to_sharding(param_logical_axes(config), mesh, rules, param_shapes(config))
-
-
-def shard_params(params: dict, config, mesh: Mesh, rules: ShardingRules) -> dict:
-    """Moves (or reshards) a params tree onto the mesh under `rules`."""
-    return jax.device_put(params, param_sharding(config, mesh, rules))
-
-
 def batch_sharding(mesh: Mesh, rules: ShardingRules, ndim: int, batch_size: int | None = None) -> NamedSharding:
     """Sharding of an [batch, ...] array with `ndim` dims: the batch over the rules' batch axes,
     the rest replicated. With `batch_size`, axes that do not divide it are dropped."""
     axes = fit_axes(rules.mesh_axes("batch"), batch_size, mesh)
     first = None if not axes else axes[0] if len(axes) == 1 else axes
     return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
-
-
-def cache_sharding(cache: Any, mesh: Mesh, rules: ShardingRules) -> Any:
-    """A `KVCache` (or its `jax.eval_shape`) -> the same KVCache structure of `NamedSharding`:
-    keys by `KEY_CACHE_LOGICAL_AXES`, values by `CACHE_LOGICAL_AXES`, the mask as [batch, cache_seq], the index replicated."""
-    from tooln1_jax.models.kv_cache import CACHE_LOGICAL_AXES, KEY_CACHE_LOGICAL_AXES
-
-    def buf(axes):
-        return lambda x: NamedSharding(mesh, logical_to_spec(axes, mesh, rules, x.shape))
-
-    return cache.replace(
-        k=tuple(map(buf(KEY_CACHE_LOGICAL_AXES), cache.k)),
-        v=tuple(map(buf(CACHE_LOGICAL_AXES), cache.v)),
-        mask=NamedSharding(mesh, logical_to_spec(("batch", "cache_seq"), mesh, rules, cache.mask.shape)),
-        index=NamedSharding(mesh, PartitionSpec()),
-    )
-
-
-def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh, rules: ShardingRules) -> jax.Array:
-    """`with_sharding_constraint` by logical names (for activations inside jitted code)."""
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, mesh, rules, x.shape)))

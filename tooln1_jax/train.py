@@ -36,10 +36,9 @@ from tooln1_jax.data.prompt import encode_prompts
 from tooln1_jax.data.records import DropCounts, ToolRecord, train_val_split
 from tooln1_jax.grpo import group_advantages, nonzero_std_groups
 from tooln1_jax.metrics import EVAL_FILE, MetricsLogger, read_jsonl
-from tooln1_jax.models import ModelConfig, init_params
-from tooln1_jax.sharding import TRAIN_RULES, make_mesh, param_sharding, shard_params
+from tooln1_jax.models import ModelConfig, abstract_params, init_params, param_sharding, shard_params
+from tooln1_jax.sharding import TRAIN_RULES, make_mesh
 from tooln1_jax.train_step import (
-    abstract_params,
     init_train_state,
     make_grpo_step,
     make_optimizer,
@@ -237,7 +236,7 @@ def step_rng(seed: int, step: int) -> jax.Array:
 def _abstract_state(model_config, optimizer, mesh, param_dtype) -> TrainState:
     """Shapes, dtypes and shardings of a TrainState (a restore target), with no arrays made."""
     shardings = state_sharding(model_config, optimizer, mesh, TRAIN_RULES)
-    params = abstract_params(model_config, mesh, param_dtype)
+    params = abstract_params(model_config, mesh, param_dtype, TRAIN_RULES)
     opt_state = jax.eval_shape(optimizer.init, params)
     opt_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt_state, shardings.opt_state)
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step), params=params, opt_state=opt_state)

@@ -27,8 +27,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tooln1_jax.grpo import combine_terms, empty_terms, finalize_terms, grpo_loss_terms, token_logprobs
-from tooln1_jax.models import ModelConfig, hidden_states, lm_head_weight, param_shapes
-from tooln1_jax.sharding import TRAIN_RULES, ShardingRules, batch_sharding, fit_axes, param_sharding
+from tooln1_jax.models import ModelConfig, abstract_params, hidden_states, lm_head_weight, param_shapes, param_sharding
+from tooln1_jax.sharding import TRAIN_RULES, ShardingRules, batch_sharding, fit_axes
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "advantages")
 

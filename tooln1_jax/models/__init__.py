@@ -1,13 +1,16 @@
 """Qwen2.5 / Llama decoder: config, params, forward, KV cache and HF checkpoints."""
 from tooln1_jax.models.config import PRESETS, ModelConfig, preset
-from tooln1_jax.models.kv_cache import KVCache, forward_cached, init_cache
+from tooln1_jax.models.kv_cache import KVCache, cache_sharding, forward_cached, init_cache
 from tooln1_jax.models.transformer import (
+    abstract_params,
     hidden_states,
     init_params,
     lm_head_weight,
     logits,
     param_logical_axes,
     param_shapes,
+    param_sharding,
+    shard_params,
 )
 from tooln1_jax.models.hf_io import (
     CheckpointFormatError,

@@ -23,7 +23,8 @@ import numpy as np
 
 from tooln1_jax.distributed import is_main, to_host
 from tooln1_jax.models.config import ModelConfig
-from tooln1_jax.models.transformer import param_shapes
+from tooln1_jax.models.transformer import param_shapes, param_sharding
+from tooln1_jax.sharding import TRAIN_RULES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -152,8 +153,6 @@ def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_d
     shapes = param_shapes(config)
 
     if mesh is not None:
-        from tooln1_jax.sharding import TRAIN_RULES, param_sharding
-
         shardings = param_sharding(config, mesh, rules or TRAIN_RULES)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -16,8 +16,10 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tooln1_jax.models.config import ModelConfig
+from tooln1_jax.sharding import ShardingRules, logical_to_spec
 from tooln1_jax.models.layers import attention, rms_norm, rope_tables
 from tooln1_jax.models.transformer import attention_out_and_mlp, project_qkv
 
@@ -59,6 +61,20 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
     pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
     return KVCache(k=tuple(pad(k, 3) for k in cache.k), v=tuple(pad(v, 2) for v in cache.v),
                    mask=pad(cache.mask, 1), index=cache.index)
+
+
+def cache_sharding(cache: KVCache, mesh: Mesh, rules: ShardingRules) -> KVCache:
+    """A `KVCache` (or its `jax.eval_shape`) -> the same KVCache structure of `NamedSharding`:
+    keys by `KEY_CACHE_LOGICAL_AXES`, values by `CACHE_LOGICAL_AXES`, the mask as [batch, cache_seq], the index replicated."""
+    def buf(axes):
+        return lambda x: NamedSharding(mesh, logical_to_spec(axes, mesh, rules, x.shape))
+
+    return cache.replace(
+        k=tuple(map(buf(KEY_CACHE_LOGICAL_AXES), cache.k)),
+        v=tuple(map(buf(CACHE_LOGICAL_AXES), cache.v)),
+        mask=NamedSharding(mesh, logical_to_spec(("batch", "cache_seq"), mesh, rules, cache.mask.shape)),
+        index=NamedSharding(mesh, PartitionSpec()),
+    )
 
 
 def write_slots(buf: jax.Array, new: jax.Array, start, keys: bool) -> jax.Array:

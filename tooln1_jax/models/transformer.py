@@ -21,7 +21,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import Mesh
+
 from tooln1_jax.models.config import ModelConfig
+from tooln1_jax.sharding import ShardingRules, logical_to_sharding
 from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_tables, swiglu_mlp
 
 # Logical axis names of each parameter; sharding.py maps them onto mesh axes.
@@ -70,6 +73,23 @@ def param_logical_axes(config: ModelConfig) -> dict:
     if "lm_head" in shapes:
         axes["lm_head"] = ("embed", "vocab")
     return axes
+
+
+def param_sharding(config: ModelConfig, mesh: Mesh, rules: ShardingRules) -> dict:
+    """The params tree of `NamedSharding` for a `ModelConfig` (usable as jit in/out_shardings)."""
+    return logical_to_sharding(param_logical_axes(config), mesh, rules, param_shapes(config))
+
+
+def shard_params(params: dict, config: ModelConfig, mesh: Mesh, rules: ShardingRules) -> dict:
+    """Moves (or reshards) a params tree onto the mesh under `rules`."""
+    return jax.device_put(params, param_sharding(config, mesh, rules))
+
+
+def abstract_params(config: ModelConfig, mesh: Mesh, dtype, rules: ShardingRules) -> dict:
+    """The params tree as `jax.ShapeDtypeStruct`s placed by `rules` (a restore target; no arrays made)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sh),
+                        param_shapes(config), param_sharding(config, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
