@@ -1,5 +1,5 @@
 """Qwen2.5 / Llama decoder: config, params, forward, KV cache and HF checkpoints."""
-from tooln1_jax.models.config import PRESETS, ModelConfig, preset
+from tooln1_jax.models.model_config import PRESETS, ModelConfig, preset
 from tooln1_jax.models.kv_cache import KVCache, cache_sharding, forward_cached, init_cache
 from tooln1_jax.models.transformer import (
     abstract_params,

@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tooln1_jax.models.config import ModelConfig
+from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.kv_cache import KVCache, write_slots
 from tooln1_jax.models.layers import apply_rope, rope_tables
 

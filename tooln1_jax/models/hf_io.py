@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tooln1_jax.distributed import is_main, to_host
-from tooln1_jax.models.config import ModelConfig
+from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.transformer import param_shapes, param_sharding
 from tooln1_jax.sharding import TRAIN_RULES
 

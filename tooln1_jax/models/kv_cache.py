@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tooln1_jax.models.config import ModelConfig
+from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.sharding import ShardingRules, logical_to_spec
 from tooln1_jax.models.layers import attention, rms_norm, rope_tables
 from tooln1_jax.models.transformer import attention_out_and_mlp, project_qkv

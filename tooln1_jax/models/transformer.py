@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jax.sharding import Mesh
 
-from tooln1_jax.models.config import ModelConfig
+from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.sharding import ShardingRules, logical_to_sharding
 from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_tables, swiglu_mlp
 
