@@ -258,7 +258,7 @@ def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer):
 
     from tooln1_jax.models.model_config import ModelConfig
     from tooln1_jax.models.hf_io import save_pretrained
-    from tooln1_jax.models.transformer import init_params
+    from tooln1_jax.models.params import init_params
 
     config = ModelConfig(vocab_size=len(qwen_tokenizer), hidden_size=16, intermediate_size=32, num_layers=1,
                          num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True,
@@ -313,7 +313,7 @@ def test_orbax_checkpoint_hook_restores_the_policy(tmp_path):
     from tooln1_jax.checkpoint import RunCheckpointer
     from tooln1_jax.evaluation.generation import load_model
     from tooln1_jax.models.model_config import ModelConfig
-    from tooln1_jax.models.transformer import init_params
+    from tooln1_jax.models.params import init_params
 
     config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                          num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
@@ -334,7 +334,7 @@ def test_prompts_beyond_the_model_positions_are_dropped_not_fatal(items, qwen_to
     from tooln1_jax.data.prompt import render_prompt
     from tooln1_jax.evaluation.generation import generate_completions
     from tooln1_jax.models.model_config import ModelConfig
-    from tooln1_jax.models.transformer import init_params
+    from tooln1_jax.models.params import init_params
 
     records = [bfcl.prompt_record(it) for it in items["multiple"][:4]]
     lengths = [len(qwen_tokenizer(render_prompt(qwen_tokenizer, r, for_eval=True), add_special_tokens=False)["input_ids"])

@@ -16,7 +16,7 @@ from tooln1_jax.models import (
     logits,
     save_pretrained,
 )
-from tooln1_jax.models.transformer import param_shapes
+from tooln1_jax.models.params import param_shapes
 
 QWEN_UNTIED = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=8, rope_theta=1e4, eos_token_id=(3, 5))

@@ -16,7 +16,7 @@ from tooln1_jax.models import (
     preset,
 )
 from tooln1_jax.models.hf_io import hf_tensor_name
-from tooln1_jax.models.transformer import param_shapes
+from tooln1_jax.models.params import param_shapes
 
 # (name, config): tied/untied, GQA ratios 1, 2, 4, head_dim apart from hidden/heads, rope_theta.
 CONFIGS = {

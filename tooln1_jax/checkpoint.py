@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.hf_io import save_pretrained
-from tooln1_jax.models.transformer import abstract_params
+from tooln1_jax.models.params import abstract_params
 from tooln1_jax.sharding import TRAIN_RULES, make_mesh
 
 ITEMS = ("params", "opt_state", "meta")

@@ -27,7 +27,7 @@ from jax.sharding import AbstractMesh  # noqa: E402
 from common import parse_accelerator  # noqa: E402
 from tooln1_jax.models.model_config import ModelConfig, preset  # noqa: E402
 from tooln1_jax.models.kv_cache import CACHE_LOGICAL_AXES  # noqa: E402
-from tooln1_jax.models.transformer import param_logical_axes, param_shapes  # noqa: E402
+from tooln1_jax.models.params import param_logical_axes, param_shapes  # noqa: E402
 from tooln1_jax.sharding import MESH_AXES, SAMPLE_RULES, TRAIN_RULES, ShardingRules, logical_to_spec  # noqa: E402
 
 GiB = 2**30

@@ -1,17 +1,18 @@
 """Qwen2.5 / Llama decoder: config, params, forward, KV cache and HF checkpoints."""
 from tooln1_jax.models.model_config import PRESETS, ModelConfig, preset
-from tooln1_jax.models.kv_cache import KVCache, cache_sharding, forward_cached, init_cache
-from tooln1_jax.models.transformer import (
+from tooln1_jax.models.params import (
+    PARAM_SPECS,
+    ParamSpec,
     abstract_params,
-    hidden_states,
     init_params,
-    lm_head_weight,
-    logits,
     param_logical_axes,
     param_shapes,
     param_sharding,
+    param_specs,
     shard_params,
 )
+from tooln1_jax.models.kv_cache import KVCache, cache_sharding, forward_cached, init_cache
+from tooln1_jax.models.transformer import hidden_states, lm_head_weight, logits
 from tooln1_jax.models.hf_io import (
     CheckpointFormatError,
     CheckpointNotFoundError,

@@ -6,7 +6,7 @@ each device's shard is read straight from the files, so the model is never held 
 in host memory. Per-layer tensors are stacked on the leading `layers` axis by filling one
 buffer per shard layer by layer.
 
-Layouts: torch `nn.Linear.weight` is [out, in]; ours is [in, out] (see transformer.py).
+Layouts: torch `nn.Linear.weight` is [out, in]; ours is [in, out] (see params.py).
 """
 from __future__ import annotations
 
@@ -23,33 +23,13 @@ import numpy as np
 
 from tooln1_jax.distributed import is_main, to_host
 from tooln1_jax.models.model_config import ModelConfig
-from tooln1_jax.models.transformer import param_shapes, param_sharding
+from tooln1_jax.models.params import PARAM_SPECS, ParamSpec, is_param_spec, param_sharding, param_shapes, param_specs
 from tooln1_jax.sharding import TRAIN_RULES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
-# our leaf -> (HF tensor name, stored transposed). Layer names sit under "model.layers.{i}.".
-_TOP_TENSORS = {
-    "embed": ("model.embed_tokens.weight", False),
-    "final_norm": ("model.norm.weight", False),
-    "lm_head": ("lm_head.weight", True),
-}
-_LAYER_TENSORS = {
-    "input_norm": ("input_layernorm.weight", False),
-    "q_proj": ("self_attn.q_proj.weight", True),
-    "q_bias": ("self_attn.q_proj.bias", False),
-    "k_proj": ("self_attn.k_proj.weight", True),
-    "k_bias": ("self_attn.k_proj.bias", False),
-    "v_proj": ("self_attn.v_proj.weight", True),
-    "v_bias": ("self_attn.v_proj.bias", False),
-    "o_proj": ("self_attn.o_proj.weight", True),
-    "post_attn_norm": ("post_attention_layernorm.weight", False),
-    "gate_proj": ("mlp.gate_proj.weight", True),
-    "up_proj": ("mlp.up_proj.weight", True),
-    "down_proj": ("mlp.down_proj.weight", True),
-}
 # Checkpoint tensors that carry nothing we need (old rotary caches).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -64,10 +44,23 @@ class CheckpointFormatError(ValueError):
 
 def hf_tensor_name(leaf: str, layer: int | None = None) -> tuple[str, bool]:
     """Our leaf name (and layer index for per-layer leaves) -> (HF tensor name, transposed)."""
-    if layer is None:
-        return _TOP_TENSORS[leaf]
-    name, transposed = _LAYER_TENSORS[leaf]
-    return f"model.layers.{layer}.{name}", transposed
+    spec = PARAM_SPECS[leaf]
+    return spec.hf_tensor(layer), spec.hf_transposed
+
+
+def _hf_tensors(config: ModelConfig) -> list[tuple[str, ParamSpec, str, int | None]]:
+    """(HF name, spec, leaf name, layer or None) of every checkpoint tensor `config` has, in
+    HF's order: the non-stacked leaves around the layers, layer by layer."""
+    layer_specs = [(n, s) for n, s in PARAM_SPECS.items() if s.stacked and s.present(config)]
+    out = []
+    for name, spec in PARAM_SPECS.items():
+        if not spec.present(config):
+            continue
+        if not spec.stacked:
+            out.append((spec.hf_tensor(), spec, name, None))
+        elif name == layer_specs[0][0]:
+            out += [(s.hf_tensor(i), s, n, i) for i in range(config.num_layers) for n, s in layer_specs]
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -131,14 +124,8 @@ def _leaf_from_files(shape, sharding, read_slice):
     return jax.make_array_from_callback(shape, sharding, callback)
 
 
-def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_dtype: str | None = None):
-    """Reads a HF Qwen2/Llama checkpoint folder (or hub id) -> (ModelConfig, params).
-
-    `dtype` is the params dtype. With a `mesh`, each leaf is placed straight onto its
-    sharding under `rules` (default `sharding.TRAIN_RULES`); without one, onto the default
-    device. `compute_dtype` (e.g. "bfloat16") sets `config.dtype`.
-    """
-    folder = resolve_checkpoint_dir(path)
+def _read_config(folder: str, compute_dtype: str | None) -> ModelConfig:
+    """The folder's config.json as a ModelConfig (compute dtype `compute_dtype` when given)."""
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise CheckpointNotFoundError(f"checkpoint {folder}: no config.json")
     try:
@@ -148,89 +135,101 @@ def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_d
         raise CheckpointFormatError(f"{os.path.join(folder, 'config.json')}: {what}") from None
     if compute_dtype is not None:
         config = config.replace(dtype=str(jnp.dtype(compute_dtype)))
-    weight_map = _weight_map(folder)
-    np_dtype = np.dtype(dtype)
-    shapes = param_shapes(config)
+    return config
 
-    if mesh is not None:
-        shardings = param_sharding(config, mesh, rules or TRAIN_RULES)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
-    needed = {hf_tensor_name(k)[0] for k in shapes if k != "layers"}
-    needed |= {hf_tensor_name(k, i)[0] for k in shapes["layers"] for i in range(config.num_layers)}
+def _check_tensor_names(folder: str, config: ModelConfig, weight_map: dict[str, str]) -> None:
+    """Raises `CheckpointFormatError` when the files miss a tensor `config` needs or hold one it does not use."""
+    needed = {name for name, *_ in _hf_tensors(config)}
     missing = sorted(needed - set(weight_map))
     if missing:
         raise CheckpointFormatError(f"{folder}: missing {len(missing)} tensor(s) for this config.json, e.g. {missing[:3]}")
-    tied_head = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    tied_head = {PARAM_SPECS["lm_head"].hf_tensor()} if config.tie_word_embeddings else set()
     unexpected = sorted(n for n in set(weight_map) - needed - tied_head if not _IGNORED.match(n))
     if unexpected:
         raise CheckpointFormatError(f"{folder}: {len(unexpected)} tensor(s) this model does not use, e.g. {unexpected[:3]}")
 
+
+def _slice_reader(weight_map: dict[str, str], stack: contextlib.ExitStack, np_dtype: np.dtype):
+    """read(name, transposed, expected shape, index) -> numpy in our layout, files opened once (closed by `stack`)."""
     from safetensors import safe_open
 
+    handles: dict[str, Any] = {}
+
+    def read(name: str, transposed: bool, expected: tuple, index: tuple) -> np.ndarray:
+        file = weight_map[name]
+        if file not in handles:
+            handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
+        t = handles[file].get_slice(name)
+        stored = tuple(t.get_shape())
+        want = expected[::-1] if transposed else expected
+        if stored != want:
+            raise CheckpointFormatError(f"{file}: tensor {name} has shape {stored}, config.json implies {want}")
+        if transposed:
+            return np.ascontiguousarray(t[index[::-1]].T.astype(np_dtype, copy=False))
+        return np.ascontiguousarray(t[index].astype(np_dtype, copy=False))
+
+    return read
+
+
+def _load_leaf(spec: ParamSpec, config: ModelConfig, sharding, read, np_dtype: np.dtype) -> jax.Array:
+    """One param leaf from the files; a stacked one fills one buffer per shard, layer by layer."""
+    shape, one = spec.stored_shape(config), tuple(spec.shape(config))
+    if not spec.stacked:
+        return _leaf_from_files(shape, sharding, lambda index: read(spec.hf_tensor(), spec.hf_transposed, one, index))
+
+    def read_stacked(index):
+        layers = range(config.num_layers)[index[0]]
+        first = read(spec.hf_tensor(layers[0]), spec.hf_transposed, one, index[1:])
+        out = np.empty((len(layers), *first.shape), np_dtype)
+        out[0] = first
+        for j, layer in enumerate(layers[1:], start=1):
+            out[j] = read(spec.hf_tensor(layer), spec.hf_transposed, one, index[1:])
+        return out
+
+    return _leaf_from_files(shape, sharding, read_stacked)
+
+
+def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_dtype: str | None = None):
+    """Reads a HF Qwen2/Llama checkpoint folder (or hub id) -> (ModelConfig, params).
+
+    `dtype` is the params dtype. With a `mesh`, each leaf is placed straight onto its
+    sharding under `rules` (default `sharding.TRAIN_RULES`); without one, onto the default
+    device. `compute_dtype` (e.g. "bfloat16") sets `config.dtype`.
+    """
+    folder = resolve_checkpoint_dir(path)
+    config = _read_config(folder, compute_dtype)
+    weight_map = _weight_map(folder)
+    _check_tensor_names(folder, config, weight_map)
+    specs = param_specs(config)
+    if mesh is not None:
+        shardings = param_sharding(config, mesh, rules or TRAIN_RULES)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, specs, is_leaf=is_param_spec)
+    np_dtype = np.dtype(dtype)
     with contextlib.ExitStack() as stack:
-        handles: dict[str, Any] = {}
-
-        def tensor(name: str):
-            file = weight_map[name]
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
-            return handles[file].get_slice(name)
-
-        def read(name: str, transposed: bool, expected: tuple, index: tuple) -> np.ndarray:
-            t = tensor(name)
-            stored = tuple(t.get_shape())
-            if stored != (expected[::-1] if transposed else expected):
-                want = expected[::-1] if transposed else expected
-                raise CheckpointFormatError(f"{weight_map[name]}: tensor {name} has shape {stored}, config.json implies {want}")
-            if transposed:
-                return np.ascontiguousarray(t[index[::-1]].T.astype(np_dtype, copy=False))
-            return np.ascontiguousarray(t[index].astype(np_dtype, copy=False))
-
-        params: dict = {"layers": {}}
-        for leaf, shape in shapes.items():
-            if leaf == "layers":
-                continue
-            name, transposed = hf_tensor_name(leaf)
-            params[leaf] = _leaf_from_files(
-                shape, shardings[leaf], lambda idx, n=name, t=transposed, s=shape: read(n, t, s, idx)
-            )
-        for leaf, shape in shapes["layers"].items():
-
-            def read_stacked(index, leaf=leaf, shape=shape):
-                layers = range(config.num_layers)[index[0]]
-                inner = index[1:]
-                first = read(*hf_tensor_name(leaf, layers[0]), shape[1:], inner)
-                out = np.empty((len(layers), *first.shape), np_dtype)
-                out[0] = first
-                for j, layer in enumerate(layers[1:], start=1):
-                    out[j] = read(*hf_tensor_name(leaf, layer), shape[1:], inner)
-                return out
-
-            params["layers"][leaf] = _leaf_from_files(shape, shardings["layers"][leaf], read_stacked)
+        read = _slice_reader(weight_map, stack, np_dtype)
+        params = jax.tree.map(lambda spec, sharding: _load_leaf(spec, config, sharding, read, np_dtype),
+                              specs, shardings, is_leaf=is_param_spec)
     return config, params
 
 
 # ----------------------------------------------------------------------------- saving
 
 
-def _hf_tensor_plan(config: ModelConfig, params: dict) -> list[tuple[str, Any]]:
-    """[(HF name, thunk -> numpy in HF layout)] in HF's usual order (embed, layers, norm, head)."""
+def _hf_tensor_plan(config: ModelConfig, params: dict) -> list[tuple[str, int, Any]]:
+    """[(HF name, bytes, thunk -> numpy in HF layout)] in HF's usual order (embed, layers, norm, head)."""
     plan = []
+    for name, spec, leaf, layer in _hf_tensors(config):
+        array = params["layers"][leaf] if spec.stacked else params[leaf]
+        nbytes = math.prod(spec.shape(config)) * np.dtype(array.dtype).itemsize
 
-    def add(name, transposed, get):
-        plan.append((name, lambda: np.ascontiguousarray(to_host(get()).T if transposed else to_host(get()))))
+        def get(array=array, layer=layer, transposed=spec.hf_transposed):
+            host = to_host(array if layer is None else array[layer])
+            return np.ascontiguousarray(host.T if transposed else host)
 
-    add(*hf_tensor_name("embed"), lambda: params["embed"])
-    for i in range(config.num_layers):
-        for leaf in _LAYER_TENSORS:
-            if leaf in params["layers"]:
-                add(*hf_tensor_name(leaf, i), lambda leaf=leaf, i=i: params["layers"][leaf][i])
-    add(*hf_tensor_name("final_norm"), lambda: params["final_norm"])
-    if not config.tie_word_embeddings:
-        add(*hf_tensor_name("lm_head"), lambda: params["lm_head"])
+        plan.append((name, nbytes, get))
     return plan
 
 
@@ -247,22 +246,14 @@ def save_pretrained(config: ModelConfig, params: dict, path, *, max_shard_bytes:
         raise ValueError(f"params do not match the config: shapes {got} vs expected {expected}")
     dtype = np.dtype(params["embed"].dtype)
     plan = _hf_tensor_plan(config, params)
-    leaf_bytes = {}
-    for leaf, shape in expected.items():
-        if leaf != "layers":
-            leaf_bytes[hf_tensor_name(leaf)[0]] = math.prod(shape) * np.dtype(params[leaf].dtype).itemsize
-    for leaf, shape in expected["layers"].items():
-        for i in range(config.num_layers):
-            leaf_bytes[hf_tensor_name(leaf, i)[0]] = math.prod(shape[1:]) * np.dtype(params["layers"][leaf].dtype).itemsize
-
     shards: list[list[tuple[str, Any]]] = [[]]
     size = 0
-    for name, get in plan:
-        if shards[-1] and size + leaf_bytes[name] > max_shard_bytes:
+    for name, nbytes, get in plan:
+        if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append((name, get))
-        size += leaf_bytes[name]
+        size += nbytes
 
     is_writer = is_main()
     if is_writer:
@@ -283,7 +274,7 @@ def save_pretrained(config: ModelConfig, params: dict, path, *, max_shard_bytes:
         weight_map.update({name: file for name in tensors})
         del tensors
     if is_writer and len(shards) > 1:
-        index = {"metadata": {"total_size": sum(leaf_bytes.values())}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": sum(nbytes for _, nbytes, _ in plan)}, "weight_map": weight_map}
         with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
     if is_writer and tokenizer is not None:

@@ -1,18 +1,7 @@
-"""The Qwen2.5 / Llama decoder as pure functions of a params pytree.
+"""The Qwen2.5 / Llama decoder as pure functions of a params pytree (its leaves: `params.PARAM_SPECS`).
 
-Params are a plain nested dict. Per-layer weights are stacked on a leading `layers`
-axis so the full forward runs the layers under one `lax.scan` (compile time does not
-grow with depth):
-
-    embed        [vocab, embed]
-    layers/      input_norm [L, D]; q_proj [L, D, H*hd]; q_bias [L, H*hd];
-                 k_proj, v_proj [L, D, K*hd]; k_bias, v_bias [L, K*hd]; o_proj [L, H*hd, D];
-                 post_attn_norm [L, D]; gate_proj, up_proj [L, D, F]; down_proj [L, F, D]
-    final_norm   [D]
-    lm_head      [D, vocab]   (absent when embeddings are tied)
-
-Biases exist only when `config.attention_bias` (Qwen2). Weights are stored as
-[in, out], the transpose of torch's nn.Linear.
+The full forward runs the stacked layers under one `lax.scan`, so compile time does not grow
+with depth.
 """
 from __future__ import annotations
 
@@ -21,92 +10,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax.sharding import Mesh
-
 from tooln1_jax.models.model_config import ModelConfig
-from tooln1_jax.sharding import ShardingRules, logical_to_sharding
 from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_tables, swiglu_mlp
-
-# Logical axis names of each parameter; sharding.py maps them onto mesh axes.
-_LAYER_AXES = {
-    "input_norm": ("layers", "norm"),
-    "q_proj": ("layers", "embed", "q_heads"),
-    "q_bias": ("layers", "q_heads"),
-    "k_proj": ("layers", "embed", "kv_heads"),
-    "k_bias": ("layers", "kv_heads"),
-    "v_proj": ("layers", "embed", "kv_heads"),
-    "v_bias": ("layers", "kv_heads"),
-    "o_proj": ("layers", "q_heads", "embed"),
-    "post_attn_norm": ("layers", "norm"),
-    "gate_proj": ("layers", "embed", "mlp"),
-    "up_proj": ("layers", "embed", "mlp"),
-    "down_proj": ("layers", "mlp", "embed"),
-}
-
-
-def param_shapes(config: ModelConfig) -> dict:
-    """The params pytree's structure as {name: shape}."""
-    c = config
-    d, f, L = c.hidden_size, c.intermediate_size, c.num_layers
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    layers = {
-        "input_norm": (L, d), "q_proj": (L, d, q), "k_proj": (L, d, kv), "v_proj": (L, d, kv),
-        "o_proj": (L, q, d), "post_attn_norm": (L, d),
-        "gate_proj": (L, d, f), "up_proj": (L, d, f), "down_proj": (L, f, d),
-    }
-    if c.attention_bias:
-        layers.update(q_bias=(L, q), k_bias=(L, kv), v_bias=(L, kv))
-    shapes = {"embed": (c.vocab_size, d), "layers": layers, "final_norm": (d,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head"] = (d, c.vocab_size)
-    return shapes
-
-
-def param_logical_axes(config: ModelConfig) -> dict:
-    """Same tree as the params, with a tuple of logical axis names at each leaf."""
-    shapes = param_shapes(config)
-    axes = {
-        "embed": ("vocab", "embed"),
-        "layers": {k: _LAYER_AXES[k] for k in shapes["layers"]},
-        "final_norm": ("norm",),
-    }
-    if "lm_head" in shapes:
-        axes["lm_head"] = ("embed", "vocab")
-    return axes
-
-
-def param_sharding(config: ModelConfig, mesh: Mesh, rules: ShardingRules) -> dict:
-    """The params tree of `NamedSharding` for a `ModelConfig` (usable as jit in/out_shardings)."""
-    return logical_to_sharding(param_logical_axes(config), mesh, rules, param_shapes(config))
-
-
-def shard_params(params: dict, config: ModelConfig, mesh: Mesh, rules: ShardingRules) -> dict:
-    """Moves (or reshards) a params tree onto the mesh under `rules`."""
-    return jax.device_put(params, param_sharding(config, mesh, rules))
-
-
-def abstract_params(config: ModelConfig, mesh: Mesh, dtype, rules: ShardingRules) -> dict:
-    """The params tree as `jax.ShapeDtypeStruct`s placed by `rules` (a restore target; no arrays made)."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sh),
-                        param_shapes(config), param_sharding(config, mesh, rules),
-                        is_leaf=lambda x: isinstance(x, tuple))
-
-
-def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
-    """Random params: normal(0, 0.02) weights, zero biases, unit norms."""
-    shapes = param_shapes(config)
-    flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(rng, len(flat))
-    leaves = []
-    for (path, shape), key in zip(flat, keys):
-        name = path[-1].key
-        if name.endswith("norm"):
-            leaves.append(jnp.ones(shape, dtype))
-        elif name.endswith("bias"):
-            leaves.append(jnp.zeros(shape, dtype))
-        else:
-            leaves.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
-    return jax.tree.unflatten(treedef, leaves)
 
 
 def lm_head_weight(params: dict) -> jax.Array:
