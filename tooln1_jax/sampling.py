@@ -39,9 +39,9 @@ import numpy as np
 
 from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_table
-from tooln1_jax.models.kv_cache import KVCache, cache_sharding, forward_cached, grow_cache, init_cache
+from tooln1_jax.models.kv_cache import KVCache, cache_sharding, grow_cache, init_cache
 from tooln1_jax.models.params import shard_params
-from tooln1_jax.models.transformer import lm_head_weight
+from tooln1_jax.models.transformer import forward_cached, lm_head_weight
 from tooln1_jax.sharding import SAMPLE_RULES, batch_sharding
 
 MIN_PROMPT_BUCKET = 16

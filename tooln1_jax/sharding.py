@@ -1,8 +1,8 @@
 """Device mesh, logical-axis rules, and logical axes -> `NamedSharding`.
 
 Every parameter and the KV cache carry logical axis names (`param_logical_axes`,
-`CACHE_LOGICAL_AXES`). A `ShardingRules` maps each logical name onto mesh axes of a
-("data", "fsdp", "tensor") mesh. Two rule sets ship:
+`KEY_CACHE_LOGICAL_AXES`, `VALUE_CACHE_LOGICAL_AXES`). A `ShardingRules` maps each logical
+name onto mesh axes of a ("data", "fsdp", "tensor") mesh. Two rule sets ship:
 
 - `TRAIN_RULES`: FSDP x tensor parallel. The batch is split over (data, fsdp); weights
   are split over fsdp on their `embed` dimension and over tensor on heads / mlp / vocab.

@@ -26,7 +26,7 @@ from jax.sharding import AbstractMesh  # noqa: E402
 
 from common import parse_accelerator  # noqa: E402
 from tooln1_jax.models.model_config import ModelConfig, preset  # noqa: E402
-from tooln1_jax.models.kv_cache import CACHE_LOGICAL_AXES  # noqa: E402
+from tooln1_jax.models.kv_cache import VALUE_CACHE_LOGICAL_AXES  # noqa: E402
 from tooln1_jax.models.params import param_logical_axes, param_shapes  # noqa: E402
 from tooln1_jax.sharding import MESH_AXES, SAMPLE_RULES, TRAIN_RULES, ShardingRules, logical_to_spec  # noqa: E402
 
@@ -149,7 +149,7 @@ def kv_cache_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rows: int, 
     """K and V, every layer, [rows, kv_heads, length, head_dim] bf16 (keys store the last two
     transposed: the same bytes and split), under SAMPLE_RULES."""
     shape = (rows, config.num_kv_heads, length, config.head_dim)
-    per_layer = 2 * math.prod(shape) * BF16 / split_factor(CACHE_LOGICAL_AXES, shape, mesh, SAMPLE_RULES)
+    per_layer = 2 * math.prod(shape) * BF16 / split_factor(VALUE_CACHE_LOGICAL_AXES, shape, mesh, SAMPLE_RULES)
     return config.num_layers * per_layer
 
 

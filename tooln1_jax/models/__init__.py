@@ -11,8 +11,8 @@ from tooln1_jax.models.params import (
     param_specs,
     shard_params,
 )
-from tooln1_jax.models.kv_cache import KVCache, cache_sharding, forward_cached, init_cache
-from tooln1_jax.models.transformer import hidden_states, lm_head_weight, logits
+from tooln1_jax.models.kv_cache import KVCache, cache_sharding, init_cache
+from tooln1_jax.models.transformer import forward_cached, hidden_states, lm_head_weight, logits
 from tooln1_jax.models.hf_io import (
     CheckpointFormatError,
     CheckpointNotFoundError,

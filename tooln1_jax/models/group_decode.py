@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tooln1_jax.models.model_config import ModelConfig
-from tooln1_jax.models.kv_cache import KVCache, write_slots
+from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slots
 from tooln1_jax.models.layers import apply_rope, rope_tables
 
 
@@ -144,8 +144,8 @@ def group_decode_step(config: ModelConfig, weights: DecodeWeights, tokens: jax.A
         qkv = qkv.T.reshape(r, config.num_kv_heads, g + 2, config.head_dim)
         q = apply_rope(qkv[:, :, :g], sin, cos)  # [R, K, g, hd]
         k = apply_rope(qkv[:, :, g:g + 1], sin, cos)  # [R, K, 1, hd]
-        k_buf = write_slots(cache.k[i], jnp.swapaxes(k, 1, 2), start, keys=True)
-        v_buf = write_slots(cache.v[i], jnp.swapaxes(qkv[:, :, g + 1:], 1, 2), start, keys=False)
+        k_buf = write_key_slots(cache.k[i], jnp.swapaxes(k, 1, 2), start)
+        v_buf = write_value_slots(cache.v[i], jnp.swapaxes(qkv[:, :, g + 1:], 1, 2), start)
         attn = _prefix_suffix_attention(q, prefix.k[i], prefix.v[i], prefix.mask, k_buf, v_buf, new_mask)  # [R, H*hd]
         x_t = x_t + lp["o_proj"] @ attn.T
         gate_up = (lp["gate_up"] @ _rms_norm_columns(x_t, lp["post_attn_norm"], eps)).reshape(-1, 2, r)  # [F, 2, R]

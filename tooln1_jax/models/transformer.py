@@ -1,7 +1,8 @@
 """The Qwen2.5 / Llama decoder as pure functions of a params pytree (its leaves: `params.PARAM_SPECS`).
 
-The full forward runs the stacked layers under one `lax.scan`, so compile time does not grow
-with depth.
+The full forward (`hidden_states`, `logits`) runs the stacked layers under one `lax.scan`, so
+compile time does not grow with depth. The cached forward (`forward_cached`) runs them as an
+unrolled Python loop, because the `KVCache` holds one buffer per layer.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slots
 from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_tables, swiglu_mlp
 
@@ -80,3 +82,41 @@ def logits(config: ModelConfig, params: dict, input_ids: jax.Array, attention_ma
     """input_ids [B, T] -> logits [B, T, vocab] float32 (full forward, no cache)."""
     h = hidden_states(config, params, input_ids, attention_mask)
     return (h @ lm_head_weight(params).astype(h.dtype)).astype(jnp.float32)
+
+
+def forward_cached(config: ModelConfig, params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCache,
+                   last_only: bool = False):
+    """Runs `tokens` [B, T] (token_mask [B, T], 1 real / 0 pad) through the model, appending them
+    to the cache at slots index ... index+T-1. Returns (hidden [B, T, D] final-normed, new cache).
+
+    `last_only` (a prefill that needs only the next token's logits) returns hidden [B, 1, D] for
+    the last position: the last layer still writes every position's keys and values, but runs
+    attention, o_proj and the MLP for that one position (about 10% of a W1 prefill's FLOPs)."""
+    dt = jnp.dtype(config.dtype)
+    b, t = tokens.shape
+    start = cache.index
+    # Position of each new token = real tokens before it in this row.
+    positions = jnp.sum(cache.mask, axis=1, keepdims=True) + jnp.cumsum(token_mask, axis=1) - 1
+    sin, cos = rope_tables(jnp.maximum(positions, 0), config.head_dim, config.rope_theta)
+    new_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask.astype(jnp.int32), (0, start))
+    slots = jnp.arange(cache.max_len)
+    causal = slots[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
+    mask = causal[None] & (new_mask[:, None, :] > 0)  # [B, T, S]
+
+    x = params["embed"][tokens].astype(dt)
+    ks, vs = [], []
+    for i in range(config.num_layers):
+        lp = jax.tree.map(lambda a: a[i], params["layers"])
+        h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
+        q, k, v = project_qkv(config, lp, h, sin, cos)
+        k_buf = write_key_slots(cache.k[i], k, start)
+        v_buf = write_value_slots(cache.v[i], v, start)
+        if last_only and i == config.num_layers - 1:
+            x, q, mask = x[:, -1:], q[:, -1:], mask[:, -1:]
+        # [B, S, K, hd] for the prefill attention: one transpose per prefill, not per token
+        keys, values = k_buf.transpose(0, 3, 1, 2).astype(dt), jnp.swapaxes(v_buf, 1, 2).astype(dt)
+        x = attention_out_and_mlp(config, lp, x, attention(q, keys, values, mask))
+        ks.append(k_buf)
+        vs.append(v_buf)
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return x, KVCache(k=tuple(ks), v=tuple(vs), mask=new_mask, index=start + t)
