@@ -15,6 +15,7 @@ from tooln1_jax.models import (
     logits,
     preset,
 )
+from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_lookup_table
 from tooln1_jax.models.hf_io import hf_tensor_name
 from tooln1_jax.models.params import param_shapes
 
@@ -216,8 +217,6 @@ def test_group_decode_step_equals_full_forward(name):
     """The sampler's step (fused, transposed weights; n rows sharing a prompt's cache; the
     rotary table) gives the full forward's next-token logits, for left-padded prompts of
     different lengths."""
-    from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_table
-
     config = CONFIGS[name]
     shapes = init_params(config, jax.random.key(0))
     leaves, treedef = jax.tree.flatten(shapes)
@@ -232,7 +231,7 @@ def test_group_decode_step_equals_full_forward(name):
     rng = np.random.default_rng(6)
     new = rng.integers(0, config.vocab_size, (2 * n, steps))
     cache = init_cache(config, 2 * n, steps)
-    rope = rope_table(config, ids.shape[1] + steps)
+    rope = rope_lookup_table(config, ids.shape[1] + steps)
     for t in range(steps):
         got, cache = step(config, weights, jnp.asarray(new[:, t]), prefix, cache, rope)
         for row in range(2 * n):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tooln1_jax.models.model_config import ModelConfig
-from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_table
+from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_lookup_table
 from tooln1_jax.models.kv_cache import KVCache, cache_sharding, grow_cache, init_cache
 from tooln1_jax.models.params import shard_params
 from tooln1_jax.models.transformer import forward_cached, lm_head_weight
@@ -220,7 +220,7 @@ def _decode(config, params, state, temperature, top_p, stop_ids, *,
             num_samples, max_new_tokens, filters, pad_id, mesh, rules, decode_segments) -> SamplingState:
     """Runs the decode loops until every row is done or `max_new_tokens` columns are filled."""
     weights = decode_weights(config, params)  # sliced, fused and transposed once, outside the loop
-    rope = rope_table(config, state.prefix.max_len + max_new_tokens)
+    rope = rope_lookup_table(config, state.prefix.max_len + max_new_tokens)
 
     def body(s: SamplingState):
         prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)

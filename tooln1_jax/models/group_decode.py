@@ -4,7 +4,7 @@ R = B * n rows continue B prompts, n rows each. The n rows of a group read their
 prefilled cache in place (shared, never copied n times) and write their own tokens into a
 continuation cache of R rows. Everything a decode loop can hoist is built once, outside it:
 the weights, sliced per layer, fused and transposed (`decode_weights`), and the rotary tables
-(`rope_table`). Numerically this is the same model as `transformer.py` (the
+(`rope_lookup_table`). Numerically this is the same model as `transformer.py` (the
 sampler's tests compare it with transformers and with the full forward).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slots
-from tooln1_jax.models.layers import apply_rope, rope_tables
+from tooln1_jax.models.layers import apply_rope, rope_at_positions
 
 
 @flax.struct.dataclass
@@ -106,11 +106,11 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_mask, k_suffix, v_suf
     return out.reshape(r, h * hd)
 
 
-def rope_table(config: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
-    """(sin, cos), each [length, head_dim // 2]: the rotary tables of positions 0 ... length-1.
-    Built once outside a decode loop; inside, XLA would recompute sin and cos in every fusion
+def rope_lookup_table(config: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos), each [length, head_dim // 2]: a table indexed by position, for positions
+    0 ... length-1 (`layers.rope_at_positions` computes them for given positions). Built once outside a decode loop; inside, XLA would recompute sin and cos in every fusion
     that reads them (once per layer, and per element)."""
-    sin, cos = rope_tables(jnp.arange(length)[None], config.head_dim, config.rope_theta)
+    sin, cos = rope_at_positions(jnp.arange(length)[None], config.head_dim, config.rope_theta)
     return sin[0], cos[0]
 
 
@@ -122,7 +122,7 @@ def group_decode_step(config: ModelConfig, weights: DecodeWeights, tokens: jax.A
     copied n times: reading n copies of the prompt was most of a decode step's attention
     cost); `cache` holds each row's own generated tokens ([R, S] slots), and the new token
     is written at its slot `cache.index`. `weights` from `decode_weights`; `rope` from
-    `rope_table`, covering every position the step can reach.
+    `rope_lookup_table`, covering every position the step can reach.
     Returns (logits_t [V, R] float32, vocabulary-major as the sampler reads them, new cache)."""
     dt = jnp.dtype(config.dtype)
     r = tokens.shape[0]

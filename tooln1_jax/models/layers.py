@@ -16,8 +16,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """positions [B, T] int -> (sin, cos), each [B, T, head_dim // 2] float32."""
+def rope_at_positions(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> (sin, cos), each [B, T, head_dim // 2] float32: computed for the
+    given positions (`group_decode.rope_lookup_table` tabulates positions 0 ... length-1 instead)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.sin(angles), jnp.cos(angles)

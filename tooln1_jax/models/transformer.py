@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slots
 from tooln1_jax.models.model_config import ModelConfig
-from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_tables, swiglu_mlp
+from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_at_positions, swiglu_mlp
 
 
 def lm_head_weight(params: dict) -> jax.Array:
@@ -61,7 +61,7 @@ def hidden_states(config: ModelConfig, params: dict, input_ids: jax.Array, atten
     b, t = input_ids.shape
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), jnp.int32)
-    sin, cos = rope_tables(positions_from_mask(attention_mask), config.head_dim, config.rope_theta)
+    sin, cos = rope_at_positions(positions_from_mask(attention_mask), config.head_dim, config.rope_theta)
     causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
     mask = causal[None] & (attention_mask[:, None, :] > 0)
     x = params["embed"][input_ids].astype(dt)
@@ -97,7 +97,7 @@ def forward_cached(config: ModelConfig, params: dict, tokens: jax.Array, token_m
     start = cache.index
     # Position of each new token = real tokens before it in this row.
     positions = jnp.sum(cache.mask, axis=1, keepdims=True) + jnp.cumsum(token_mask, axis=1) - 1
-    sin, cos = rope_tables(jnp.maximum(positions, 0), config.head_dim, config.rope_theta)
+    sin, cos = rope_at_positions(jnp.maximum(positions, 0), config.head_dim, config.rope_theta)
     new_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask.astype(jnp.int32), (0, start))
     slots = jnp.arange(cache.max_len)
     causal = slots[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
