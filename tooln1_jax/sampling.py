@@ -3,15 +3,11 @@
 `sample` left-pads the prompts to a power-of-two length bucket (so a run compiles a few
 programs, not one per batch) and prefills each prompt once, keeping only the last position's
 logits. Row `i*n + j` is sample j of prompt i. The n rows of a group read their prompt's cache
-in place rather than n copies of it (same numbers, about 15% less CPU time on W1 with 64 new
-tokens than copying the prompt cache n times), and write their own tokens into a per-row
-continuation cache (`models/group_decode.py`). Decoding runs in one jitted, donated program: a `lax.while_loop`
-per segment (`decode_windows`), each over a continuation cache just big enough for its steps,
-and a step that reads weights and rotary tables laid out once before the loops. Attention reads
-every slot of a cache, so one cache of max_new_tokens slots read twice the slots needed on
-average; with 4 segments and the vocabulary-major sampler a W1 step went from 28.5 to 26.7 ms.
-(Slicing one full-size cache per segment, tried earlier, cost more in slice copies than it
-saved; growing the cache between segments copies it three times per rollout.) A row stops at
+in place rather than n copies of it (same numbers, less memory traffic), and write their own
+tokens into a per-row continuation cache (`models/group_decode.py`). Decoding runs in one
+jitted, donated program: a `lax.while_loop` per segment (`decode_windows`), each over a
+continuation cache just big enough for its steps, and a step that reads weights and rotary
+tables laid out once before the loops. (Measurements: docs/performance_history.md.) A row stops at
 its first stop token (which it keeps); the loops exit when all rows have stopped or the budget
 is spent. Everything after a row's stop is `pad_id` with log-prob 0 and mask False.
 
@@ -95,8 +91,8 @@ def _inverse_cdf(weights: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array
     (index [R] int32, total [R]): the first j whose cumulative mass exceeds u * total, so
     P(j) = weights[j] / total; zero-mass entries are never picked.
 
-    Two levels (blocks of ~sqrt(N), then within the chosen block): a cumulative sum over the
-    full vocabulary was about 3% of a decode step on CPU. Vocabulary-major, so each reduction
+    Two levels (blocks of ~sqrt(N), then within the chosen block), so no cumulative sum runs
+    over the full vocabulary. Vocabulary-major, so each reduction
     over N runs across all R rows at once (vectorised over rows)."""
     n, r = weights.shape
     block = 1 << max(0, (n.bit_length() - 1) // 2)
@@ -120,14 +116,14 @@ def _inverse_cdf(weights: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array
 def sample_logits(logits_t: jax.Array, u: jax.Array, temperature: jax.Array, top_p: jax.Array, filters: _Filters):
     """logits_t [V, R] float32, u [R] uniforms -> (tokens [R] int32, logprobs [R] float32).
 
-    Vocabulary-major: the decode step's `head @ x` layout. Transposing [V, R] to rows cost a
-    strided pass per consumer (1.4 vs 0.5 ms per W1 step). Temperature, then top-k, then top-p
+    Vocabulary-major: the decode step's `head @ x` layout, so no consumer pays a strided
+    transpose to rows. Temperature, then top-k, then top-p
     (Hugging Face's order; top-p renormalises over the top-k set). logprobs are under
     softmax(logits / T) over the full vocabulary (module doc)."""
     if filters.greedy:
         scaled = logits_t
         top = jnp.max(scaled, axis=0)  # [R]
-        # argmax as the first index at the max: XLA's argmax reduce was 4.7x slower on CPU (1.3 ms on W1)
+        # argmax as the first index at the max: two plain reductions, faster on CPU than XLA's argmax
         vocab_ids = jnp.arange(scaled.shape[0], dtype=jnp.int32)[:, None]
         tokens = jnp.min(jnp.where(scaled == top, vocab_ids, scaled.shape[0] - 1), axis=0)
         logz = jax.nn.logsumexp(scaled, axis=0)

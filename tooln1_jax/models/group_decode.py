@@ -35,13 +35,12 @@ def decode_weights(config: ModelConfig, params: dict) -> DecodeWeights:
     the layer weights once, in the compute dtype (with fp32 master weights and bf16 compute
     that is half the master's bytes, and no step re-casts a weight).
 
-    Three layout choices, each measured on W1 on a 2-core CPU, where a decode step's matmuls
-    have only R = 64 rows:
-    - q/k/v are one matmul and gate/up another (40 -> 35 ms per step in a standalone loop),
-      fused per shard-aligned block so tensor-parallel shards stay local: per kv head its g
-      query heads, then its key, then its value; gate and up rows interleaved;
-    - weights are [out, in] and activations [D, R]: `W @ x` ran the step's matmuls 13% faster
-      than `x @ W` (20.0 vs 22.7 ms per step for the matmuls alone);
+    Three layout choices for a step whose matmuls have few rows (R), each faster on CPU
+    (docs/performance_history.md):
+    - q/k/v are one matmul and gate/up another, fused per shard-aligned block so
+      tensor-parallel shards stay local: per kv head its g query heads, then its key, then its
+      value; gate and up rows interleaved;
+    - weights are [out, in] and activations [D, R], so a step computes `W @ x`;
     - one slice per layer, so the loop body reads each layer's weights directly."""
     c = config
     g = c.num_heads // c.num_kv_heads
@@ -119,9 +118,8 @@ def group_decode_step(config: ModelConfig, weights: DecodeWeights, tokens: jax.A
     """One new token for each of R = B * n rows that continue B shared prompts.
 
     tokens [R] int. `prefix` is the prompts' prefilled cache ([B, P] slots, read only, never
-    copied n times: reading n copies of the prompt was most of a decode step's attention
-    cost); `cache` holds each row's own generated tokens ([R, S] slots), and the new token
-    is written at its slot `cache.index`. `weights` from `decode_weights`; `rope` from
+    copied n times, so a step reads each prompt once); `cache` holds each row's own generated
+    tokens ([R, S] slots), and the new token is written at its slot `cache.index`. `weights` from `decode_weights`; `rope` from
     `rope_lookup_table`, covering every position the step can reach.
     Returns (logits_t [V, R] float32, vocabulary-major as the sampler reads them, new cache)."""
     dt = jnp.dtype(config.dtype)

@@ -39,8 +39,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     (True where query t may attend to key s). Returns [B, T, H * hd].
 
     The g = H / K query heads that share a kv head stack into one [g*T, hd] x [hd, S] product per
-    (batch, kv head): on CPU 1.3-3x faster forward and 1.25-1.4x faster backward than one
-    product per query head (prefill and training shapes of W1 and Qwen2.5-0.5B).
+    (batch, kv head): fewer, larger matmuls than one per query head (docs/performance_history.md).
     """
     b, t, h, hd = q.shape
     kv_heads = k.shape[2]
