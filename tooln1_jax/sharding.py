@@ -20,6 +20,7 @@ from typing import Any, Sequence, Union
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -48,8 +49,6 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
         sizes[sizes.index(-1)] = len(devices) // fixed
     used = devices[: math.prod(sizes)]
     try:  # topology-aware placement on TPU/GPU; plain order elsewhere
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(sizes, devices=used)
     except Exception:  # noqa: BLE001 - any layout failure falls back to device order
         grid = np.asarray(used, dtype=object).reshape(sizes)

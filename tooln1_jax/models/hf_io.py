@@ -20,10 +20,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from tooln1_jax.distributed import is_main, to_host
 from tooln1_jax.models.model_config import ModelConfig
-from tooln1_jax.models.params import PARAM_SPECS, ParamSpec, is_param_spec, param_sharding, param_shapes, param_specs
+from tooln1_jax.models.params import (
+    PARAM_SPECS, ParamSpec, is_param_spec, param_sharding, param_shapes, param_specs,
+)
 from tooln1_jax.sharding import TRAIN_RULES
 
 SINGLE_FILE = "model.safetensors"
@@ -100,11 +104,10 @@ def _weight_map(folder: str) -> dict[str, str]:
         return {name: os.path.join(folder, file) for name, file in weight_map.items()}
     single = os.path.join(folder, SINGLE_FILE)
     if os.path.exists(single):
-        from safetensors import safe_open
-
         with safe_open(single, framework="numpy") as f:
             return {name: single for name in f.keys()}
-    raise CheckpointFormatError(f"{folder}: has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints load)")
+    raise CheckpointFormatError(
+        f"{folder}: has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints load)")
 
 
 def _index_key(index: tuple) -> tuple:
@@ -143,17 +146,17 @@ def _check_tensor_names(folder: str, config: ModelConfig, weight_map: dict[str, 
     needed = {name for name, *_ in _hf_tensors(config)}
     missing = sorted(needed - set(weight_map))
     if missing:
-        raise CheckpointFormatError(f"{folder}: missing {len(missing)} tensor(s) for this config.json, e.g. {missing[:3]}")
+        raise CheckpointFormatError(
+            f"{folder}: missing {len(missing)} tensor(s) for this config.json, e.g. {missing[:3]}")
     tied_head = {PARAM_SPECS["lm_head"].hf_tensor()} if config.tie_word_embeddings else set()
     unexpected = sorted(n for n in set(weight_map) - needed - tied_head if not _IGNORED.match(n))
     if unexpected:
-        raise CheckpointFormatError(f"{folder}: {len(unexpected)} tensor(s) this model does not use, e.g. {unexpected[:3]}")
+        raise CheckpointFormatError(
+            f"{folder}: {len(unexpected)} tensor(s) this model does not use, e.g. {unexpected[:3]}")
 
 
 def _slice_reader(weight_map: dict[str, str], stack: contextlib.ExitStack, np_dtype: np.dtype):
     """read(name, transposed, expected shape, index) -> numpy in our layout, files opened once (closed by `stack`)."""
-    from safetensors import safe_open
-
     handles: dict[str, Any] = {}
 
     def read(name: str, transposed: bool, expected: tuple, index: tuple) -> np.ndarray:
@@ -237,8 +240,6 @@ def save_pretrained(config: ModelConfig, params: dict, path, *, max_shard_bytes:
     """Writes config.json and safetensors (sharded with an index above `max_shard_bytes`)
     that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Tied embeddings
     write no lm_head. Only one shard is on the host at a time. Returns the folder."""
-    from safetensors.numpy import save_file
-
     path = os.fspath(path)
     expected = param_shapes(config)
     got = jax.tree.map(lambda x: tuple(x.shape), params)

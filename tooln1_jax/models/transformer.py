@@ -84,8 +84,8 @@ def logits(config: ModelConfig, params: dict, input_ids: jax.Array, attention_ma
     return (h @ lm_head_weight(params).astype(h.dtype)).astype(jnp.float32)
 
 
-def forward_cached(config: ModelConfig, params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCache,
-                   last_only: bool = False):
+def forward_cached(config: ModelConfig, params: dict, tokens: jax.Array, token_mask: jax.Array,
+                   cache: KVCache, last_only: bool = False):
     """Runs `tokens` [B, T] (token_mask [B, T], 1 real / 0 pad) through the model, appending them
     to the cache at slots index ... index+T-1. Returns (hidden [B, T, D] final-normed, new cache).
 
