@@ -29,6 +29,11 @@ from typing import Iterable, Sequence
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tooln1_jax.data.prompt import format_completion, system_message
+from tooln1_jax.data.records import ToolRecord
+from tooln1_jax.data.synthetic import SyntheticConfig, corpus_text, generate, template_reasoning
+from tooln1_jax.data.xlam import convert_rows
+
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
 # Not "special" (as in Qwen): they stay in decoded text, where the reward looks for them.
@@ -59,9 +64,6 @@ _FORMAT_VERSION = 2  # bump when the build changes in a way the fingerprint cann
 def phrase_tokens() -> tuple[str, ...]:
     """The constant text around the tools block of the system prompt (training and evaluation
     wording), plus the tool-line skeleton. Matching picks the longest phrase at a position."""
-    from tooln1_jax.data.prompt import system_message
-    from tooln1_jax.data.records import ToolRecord
-
     probe = ToolRecord(source="probe", id="0", system="", tools=[{"name": "x", "description": "d", "parameters": {}}],
                        conversations=[], answer=[])
     out = []
@@ -75,10 +77,6 @@ def phrase_tokens() -> tuple[str, ...]:
 def default_corpus(num_records: int = 600, seed: int = 12345) -> list[str]:
     """Synthetic training text: rendered system prompts (tools, instructions, example) for a
     slice of generated problems, plus their queries, thoughts and answer blocks."""
-    from tooln1_jax.data.prompt import format_completion, system_message
-    from tooln1_jax.data.synthetic import SyntheticConfig, corpus_text, generate, template_reasoning
-    from tooln1_jax.data.xlam import convert_rows
-
     records = generate(num_records, SyntheticConfig(num_tools=6, max_calls=3), seed=seed)
     texts = corpus_text(records)
     for i, record in enumerate(convert_rows(records, source="synthetic")[0]):
