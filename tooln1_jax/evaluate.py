@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from tooln1_jax import distributed
 from tooln1_jax.data.bfcl import KNOWN_CATEGORIES
-from tooln1_jax.evaluation import api_bank
+from tooln1_jax.evaluation import api_bank, bfcl
+from tooln1_jax.evaluation.predictions import read_predictions
 
 DEFAULT_API_BANK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                                 "data", "api-bank", "level-1-api.json")
@@ -56,21 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- the two benchmarks as (records, scorer, summary) ------------------------------------------
 
-def _import_bfcl():
-    """`tooln1_jax.evaluation.bfcl`, which needs `nvidia-bfcl` (BFCL's data and checker). Imported
-    only for BFCL, since the base install lacks it; when missing, one line says what to install."""
+def _require_bfcl_checker() -> None:
+    """BFCL needs `nvidia-bfcl` (its data and official checker), which the base install lacks:
+    when it is missing, one line says what to install, before any work."""
     try:
-        from tooln1_jax.evaluation import bfcl
+        bfcl.checker()
     except ModuleNotFoundError as e:
         if e.name != "bfcl" and not (e.name or "").startswith("bfcl."):
             raise
         raise SystemExit("error: BFCL needs the package 'nvidia-bfcl' (its data and official checker): "
                          "pip install --no-deps nvidia-bfcl==26.3") from e
-    return bfcl
 
 
 def _bfcl_task(args) -> tuple[list, Callable, Callable, dict]:
-    bfcl = _import_bfcl()
+    _require_bfcl_checker()
     categories = args.categories or list(bfcl.ALL_CATEGORIES)
     items, quirks = bfcl.load_items(categories, limit=args.limit)
     flat = [it for cat in categories for it in items[cat]]
@@ -177,8 +177,6 @@ def run(argv: list[str] | None = None) -> dict:
                                  "limit": args.limit, **meta}
     generated = None
     if args.predictions:
-        from tooln1_jax.evaluation.predictions import read_predictions
-
         preds = read_predictions(args.predictions, ids)
         completions = preds.completions
         run_notes.update(mode="scoring", predictions=os.path.abspath(args.predictions),

@@ -23,10 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from typing import Any, Iterable, Sequence
-
-from bfcl.eval_checker.ast_eval.ast_checker import ast_checker
-from bfcl.utils import is_empty_output, is_function_calling_format_output
+from typing import Any, Callable, Iterable, Sequence
 
 from tooln1_jax.data.bfcl import (AST_CATEGORIES, BfclItem, load_category, possible_answer_calls,
                                   to_record)
@@ -45,6 +42,16 @@ SIMPLE_COVERS = ("simple", "java", "javascript")
 NON_LIVE_COVERS = ("simple[python,java,javascript]", "multiple", "parallel", "parallel_multiple")
 LIVE_COVERS = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
 LIVE_LEADERBOARD_COVERS = LIVE_COVERS + ("live_irrelevance", "live_relevance")
+
+
+def checker() -> tuple[Callable, Callable, Callable]:
+    """`(ast_checker, is_empty_output, is_function_calling_format_output)` from `nvidia-bfcl`.
+    Imported on use, not with this module: the base install lacks the package, and API-Bank and
+    the BFCL prompt helpers work without it. Raises ModuleNotFoundError (name "bfcl...") without it."""
+    from bfcl.eval_checker.ast_eval.ast_checker import ast_checker
+    from bfcl.utils import is_empty_output, is_function_calling_format_output
+
+    return ast_checker, is_empty_output, is_function_calling_format_output
 
 
 def language_of(category: str) -> str:
@@ -164,6 +171,7 @@ def score_item(item: BfclItem, completion: str) -> ItemResult:
 
 
 def _verdict(item: BfclItem, completion: str) -> ItemResult:
+    ast_checker, is_empty_output, is_function_calling_format_output = checker()
     calls, why = completion_to_bfcl(completion)
     if item.category in EXTRA_CATEGORIES:
         has_call = calls is not None and not is_empty_output(calls)
