@@ -113,7 +113,7 @@ class MetricsLogger:
         return None
 
 
-def plot_reward_curve(output_dir: str, out_path: str | None = None) -> str | None:
+def plot_reward_curve(output_dir: str) -> str | None:
     """Training reward (and its running mean) per step, plus held-out accuracy when logged.
     Returns the PNG path, or None when no step was logged."""
     rows = read_jsonl(os.path.join(output_dir, METRICS_FILE))
@@ -142,6 +142,6 @@ def plot_reward_curve(output_dir: str, out_path: str | None = None) -> str | Non
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    out_path = out_path or os.path.join(output_dir, CURVE_FILE)
+    out_path = os.path.join(output_dir, CURVE_FILE)
     fig.savefig(out_path)
     return out_path

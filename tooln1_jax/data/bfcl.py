@@ -21,7 +21,7 @@ import dataclasses
 import importlib.util
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from tooln1_jax.data.records import DropCounts, ToolRecord
 
@@ -216,16 +216,13 @@ def to_record(item: BfclItem, answer: list[dict]) -> ToolRecord:
                       conversations=turns, answer=answer)
 
 
-def single_answer_records(categories: Iterable[str] = AST_CATEGORIES,
-                          data_dir: str | None = None) -> tuple[list[ToolRecord], DropCounts]:
-    """Records of the items whose every argument has a single accepted value (their answer is
+def single_answer_records() -> tuple[list[ToolRecord], DropCounts]:
+    """Records of the AST-category items whose every argument has a single accepted value (their answer is
     then exact, usable as a training / reward label). Others are counted as
     `multiple_accepted_values`."""
     records, drops = [], DropCounts()
-    for category in categories:
-        if category not in AST_CATEGORIES:
-            raise ValueError(f"{category!r} has no possible answers; choose from {AST_CATEGORIES}")
-        for item in load_category(category, data_dir).items:
+    for category in AST_CATEGORIES:
+        for item in load_category(category).items:
             answer = possible_answer_calls(item.ground_truth, strict=True, functions=item.functions)
             if answer is None:
                 drops["multiple_accepted_values"] += 1

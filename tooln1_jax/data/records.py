@@ -40,10 +40,6 @@ class ToolRecord:
                    tools=list(row["tools"]), conversations=list(row["conversations"]),
                    answer=list(row["answer"]))
 
-    @property
-    def tool_names(self) -> set[str]:
-        return {t.get("name") for t in self.tools if isinstance(t, dict)}
-
 
 class DropCounts(Counter):
     """Counted skips by reason (`counts["no_tools"] += 1`). `report()` logs, prints and returns a line."""

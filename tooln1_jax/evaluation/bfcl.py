@@ -113,15 +113,14 @@ def prompt_record(item: BfclItem, *, bfcl_tool_docs: bool = True) -> ToolRecord:
     return dataclasses.replace(record, tools=prompt_tools(item.functions, item.category))
 
 
-def load_items(categories: Iterable[str] = ALL_CATEGORIES, *, limit: int | None = None,
-               data_dir: str | None = None) -> tuple[dict[str, list[BfclItem]], dict[str, dict]]:
+def load_items(categories: Iterable[str] = ALL_CATEGORIES, *, limit: int | None = None) -> tuple[dict[str, list[BfclItem]], dict[str, dict]]:
     """{category: items} (the first `limit` of each when given), and the id quirks found:
     {category: {"id_mismatches": [...], "renamed_duplicates": [...]}}."""
     items, quirks = {}, {}
     for category in categories:
         if category not in ALL_CATEGORIES:
             raise ValueError(f"unknown BFCL category {category!r}; expected some of {ALL_CATEGORIES}")
-        loaded = load_category(category, data_dir)
+        loaded = load_category(category)
         items[category] = loaded.items[:limit] if limit else loaded.items
         if loaded.id_mismatches or loaded.renamed_duplicates:
             quirks[category] = {"id_mismatches": loaded.id_mismatches,

@@ -21,11 +21,12 @@ class Predictions:
     skipped: Counter  # reason -> count
     problems: list[str]  # "file:line: what", the first few of each kind
 
-    def missing(self, ids: Collection[str]) -> list[str]:
-        return [i for i in ids if i not in self.completions]
+
+# Problem lines kept per skip reason.
+_MAX_PROBLEMS = 20
 
 
-def read_predictions(path: str, known_ids: Collection[str] | None = None, *, max_problems: int = 20) -> Predictions:
+def read_predictions(path: str, known_ids: Collection[str] | None = None) -> Predictions:
     known = set(known_ids) if known_ids is not None else None
     completions: dict[str, str] = {}
     first_line: dict[str, int] = {}
@@ -34,7 +35,7 @@ def read_predictions(path: str, known_ids: Collection[str] | None = None, *, max
 
     def skip(reason: str, line_no: int, what: str) -> None:
         skipped[reason] += 1
-        if skipped[reason] <= max_problems:
+        if skipped[reason] <= _MAX_PROBLEMS:
             problems.append(f"{path}:{line_no}: {what}")
 
     with open(path, encoding="utf-8", errors="replace") as f:
