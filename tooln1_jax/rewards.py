@@ -72,8 +72,7 @@ def loads_strict(text: str) -> Any:
 
 def _block(text: str, block: str) -> str | None:
     """The body of the first or last match of the lazy regex `<tool_call>(.*?)</tool_call>`
-    (DOTALL), or None. A few str.find/rfind calls, linear in len(text): the regex retried every
-    unclosed opener (quadratic)."""
+    (DOTALL), or None. A few str.find/rfind calls, linear in len(text), whatever the model wrote."""
     if block == "first":
         start = text.find(_OPEN)
         end = text.find(_CLOSE, start + len(_OPEN)) if start >= 0 else -1
