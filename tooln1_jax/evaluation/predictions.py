@@ -7,12 +7,13 @@ completion is counted as `duplicate_id`, and with a different completion it is a
 both lines (there is no right answer to pick). Items with no prediction are scored wrong by the
 caller and counted as `missing_prediction`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 from collections import Counter
-from typing import Collection
+from collections.abc import Collection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +63,10 @@ def read_predictions(path: str, known_ids: Collection[str] | None = None) -> Pre
                 continue
             if item_id in completions:
                 if completions[item_id] != completion:
-                    raise ValueError(f"{path}:{line_no}: id {item_id!r} appears again (first at line "
-                                     f"{first_line[item_id]}) with a different completion")
+                    raise ValueError(
+                        f"{path}:{line_no}: id {item_id!r} appears again (first at line "
+                        f"{first_line[item_id]}) with a different completion"
+                    )
                 skip("duplicate_id", line_no, f"id {item_id!r} repeats line {first_line[item_id]}")
                 continue
             completions[item_id] = completion
