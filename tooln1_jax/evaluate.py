@@ -166,17 +166,10 @@ def _generate(args, records) -> tuple[dict[str, str], dict]:
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     mesh = make_mesh()
     config, params = load_model(args.checkpoint, step=args.step, mesh=mesh)
-    completions, drops = generate_completions(
-        config,
-        params,
-        tokenizer,
-        records,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        max_prompt_length=args.max_prompt_length,
-        mesh=mesh,
-        progress=not args.no_progress and distributed.is_main(),
-    )
+    completions, drops = generate_completions(config, params, tokenizer, records, batch_size=args.batch_size,
+                                              max_new_tokens=args.max_new_tokens,
+                                              max_prompt_length=args.max_prompt_length, mesh=mesh,
+                                              progress=not args.no_progress and distributed.is_main())
     return completions, dict(drops)
 
 
