@@ -33,7 +33,9 @@ import numpy as np  # noqa: E402
 from tooln1_jax.grpo import group_advantages  # noqa: E402
 from tooln1_jax.models import init_params  # noqa: E402
 from w1 import W1, load_avg, peak_rss_gb  # noqa: E402
-from tooln1_jax.train_step import compute_logprobs, init_train_state, make_grpo_step, make_optimizer, reference_params  # noqa: E402
+from tooln1_jax.grpo import LossSettings  # noqa: E402
+from tooln1_jax.optimizer import OptimizerSettings, make_optimizer  # noqa: E402
+from tooln1_jax.train_step import compute_logprobs, init_train_state, make_grpo_step, reference_params  # noqa: E402
 
 ROWS, GROUP, PROMPT_LEN, COMPLETION_LEN, TEMPERATURE = 64, 8, 128, 128, 0.7
 
@@ -100,12 +102,12 @@ def main():
 
     params = init_params(config, jax.random.key(0))
     ref = reference_params(params, dtype=None if args.ref_dtype == "float32" else jnp.bfloat16)
-    optimizer = make_optimizer(1e-6, weight_decay=0.01, grad_clip=1.0)
+    optimizer = make_optimizer(OptimizerSettings(1e-6, weight_decay=0.01, grad_clip=1.0))
     state = init_train_state(params, optimizer)
     del params
     step = make_grpo_step(
         config, optimizer, micro_batch_size=args.micro_batch_size, temperature=TEMPERATURE, chunk_size=args.chunk_size,
-        completion_len=completion_len, clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3",
+        completion_len=completion_len, loss_settings=LossSettings(clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3"),
     )
     batch = make_batch()
     # Old log-probs: what the sampler would return (here: the policy's own, so ratio = 1).
