@@ -12,6 +12,10 @@ import pytest
 from tooln1_jax import checkpoint as ckpt_lib
 from tooln1_jax import metrics as metrics_lib
 import tooln1_jax.train as train_lib
+from tooln1_jax import run_setup
+from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
+from tooln1_jax.resume import abstract_train_state
+from tooln1_jax.sharding import make_mesh
 from tooln1_jax.config import default_config, validate_config
 
 # Wall-clock keys differ between runs; every other logged number must repeat exactly.
@@ -88,8 +92,8 @@ def test_resume_after_kill_equals_uninterrupted_run(uninterrupted, tmp_path, mon
     assert _rows(run_dir) == _rows(ref_dir)
     _assert_trees_equal(resumed["params"], ref_summary["params"])
     # The parameters really moved, so equality above is not trivial.
-    first = jax.tree.leaves(train_lib.build_model(tiny_config(run_dir), train_lib.build_tokenizer(tiny_config(run_dir)),
-                                                  train_lib.make_mesh(1, 1, 1))[1])
+    first = jax.tree.leaves(run_setup.build_model(tiny_config(run_dir), run_setup.build_tokenizer(tiny_config(run_dir)),
+                                                  make_mesh(1, 1, 1))[1])
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, jax.tree.leaves(resumed["params"])))
 
 
@@ -109,9 +113,9 @@ def test_checkpoint_holds_data_position_and_keeps_last_k(uninterrupted):
 
 def _opt_like(summary):
     cfg = tiny_config("/unused")
-    model_config = train_lib.build_model(cfg, train_lib.build_tokenizer(cfg), train_lib.make_mesh(1, 1, 1), load_weights=False)[0]
-    optimizer, _ = train_lib._optimizer_and_step(model_config, train_lib.make_mesh(1, 1, 1), (1e-3, 0, 0.01, 0.9, 0.999, 1.0))
-    return train_lib._abstract_state(model_config, optimizer, train_lib.make_mesh(1, 1, 1), np.float32).opt_state
+    model_config = run_setup.build_model(cfg, run_setup.build_tokenizer(cfg), make_mesh(1, 1, 1), load_weights=False)[0]
+    optimizer = make_optimizer(OptimizerSettings(1e-3))
+    return abstract_train_state(model_config, optimizer, make_mesh(1, 1, 1), np.float32).opt_state
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -166,7 +170,7 @@ def test_bucket_output_dir_keeps_urls_and_logs_locally():
     """On a pod, checkpoints go to a shared gs:// output_dir (orbax writes URLs itself) while
     metrics and summaries go to a local folder; no URL is turned into a local path."""
     from tooln1_jax.config import default_config
-    from tooln1_jax.train import log_directory
+    from tooln1_jax.run_setup import log_directory
 
     assert ckpt_lib.reference_dir("gs://bucket/runs/7b") == "gs://bucket/runs/7b/reference"
     assert ckpt_lib._resolve("gs://bucket/runs/7b/checkpoints") == "gs://bucket/runs/7b/checkpoints"

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import tooln1_jax.train as train_lib
+from tooln1_jax import run_setup
 from tooln1_jax import evaluate as evaluate_cli
 from tooln1_jax.checkpoint import export_hf
 from tooln1_jax.cli import parse_config_args
@@ -215,7 +216,7 @@ def test_evaluate_and_export_in_two_processes_equal_one(two_process_run, compile
     evaluation = ["-m", "tooln1_jax.evaluate", "api_bank", "--checkpoint", str(run_dir), "--tokenizer",
                   str(tmp_path / "tok"), "--data", API_BANK, "--limit", "8", "--max-new-tokens", "8",
                   "--batch-size", "8", "--no-progress"]
-    tokenizer = train_lib.build_tokenizer(one_process(tmp_path, DATA_FSDP, 1))
+    tokenizer = run_setup.build_tokenizer(one_process(tmp_path, DATA_FSDP, 1))
     tokenizer.save_pretrained(tmp_path / "tok")
     (tmp_path / "e2").mkdir()
     run = Processes([*evaluation, "--output", str(tmp_path / "eval_two")], tmp_path / "e2", compile_cache)

@@ -7,10 +7,21 @@ import os
 
 import numpy as np
 
-import tooln1_jax
 import tooln1_jax.train as train_lib
+from tooln1_jax import run_setup
 from tooln1_jax.config import default_config, validate_config
 from tooln1_jax.metrics import read_jsonl
+from tooln1_jax.sharding import make_mesh
+
+# Per-step metric keys that every metrics.jsonl row carries.
+STEP_METRICS = (
+    "reward_mean", "reward_std", "accuracy", "format_failure_rate", "zero_std_group_frac",
+    "response_length", "response_length_max", "truncated_frac",
+    "loss", "policy_loss", "kl", "entropy", "clip_frac", "clip_frac_low", "clip_frac_high",
+    "ratio_mean", "ratio_min", "ratio_max", "first_ratio_max_dev", "grad_norm",
+    "lr", "data_epoch", "num_updates", "tokens_per_s", "rollout_tokens_per_s", "step_time",
+    "rollout_time", "update_time",
+)
 
 TINY_CPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
 
@@ -52,14 +63,14 @@ def demo_config(output_dir):
 
 def test_demo_config_runs_end_to_end(tmp_path):
     config = demo_config(tmp_path)
-    summary = tooln1_jax.train(config)  # the package-level Python API
+    summary = train_lib.train(config)  # the Python API
 
     rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        missing = set(train_lib.STEP_METRICS) - set(row)
+        missing = set(STEP_METRICS) - set(row)
         assert not missing, f"metrics.jsonl lacks {sorted(missing)}"
-        for key in train_lib.STEP_METRICS:
+        for key in STEP_METRICS:
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (key, row[key])
         assert 0.0 <= row["reward_mean"] <= 1.0 and 0.0 <= row["format_failure_rate"] <= 1.0
         assert row["kl"] >= 0.0 and row["entropy"] > 0.0 and row["response_length"] > 0
@@ -96,9 +107,9 @@ def test_rollout_batch_layout_and_on_policy_logprobs():
     config = default_config()
     config.data.synthetic.num_examples = 6
     config.data.synthetic.num_tools = 2
-    tokenizer = train_lib.build_tokenizer(config)
-    model_config, params = train_lib.build_model(config, tokenizer, train_lib.make_mesh(1, 1, 1))
-    records, _ = train_lib.load_records(config)
+    tokenizer = run_setup.build_tokenizer(config)
+    model_config, params = run_setup.build_model(config, tokenizer, make_mesh(1, 1, 1))
+    records, _ = run_setup.load_records(config)
     prompt_ids, kept, _ = encode_prompts(tokenizer, records[:2], max_prompt_length=1024)
     n, new, temperature = 3, 8, 0.7
     batch = rollouts.generate_and_score(model_config, params, tokenizer, prompt_ids, kept, num_samples=n,

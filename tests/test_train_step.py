@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tooln1_jax.grpo import grpo_loss
+from tooln1_jax.grpo import LossSettings, grpo_loss
+from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
 from tooln1_jax.models import ModelConfig, init_params
 from tooln1_jax.models import shard_params
 from tooln1_jax.sharding import TRAIN_RULES, make_mesh
@@ -16,7 +17,6 @@ from tooln1_jax.train_step import (
     init_train_state,
     loss_and_grads,
     make_grpo_step,
-    make_optimizer,
     reference_params,
     sequence_logprobs,
     shard_batch,
@@ -54,12 +54,14 @@ def make_batch(seed=0, with_old=True):
     return batch
 
 
-LOSS_KW = dict(temperature=TEMP, chunk_size=4, kl_coef=0.05, kl_estimator="k3")
+LOSS_KW = dict(temperature=TEMP, chunk_size=4)
+KL = dict(kl_coef=0.05, kl_estimator="k3")
 
 
 @functools.partial(jax.jit, static_argnames=("micro_batch_size", "aggregation"))
 def _loss_and_grads(params, ref, batch, micro_batch_size, aggregation):
-    return loss_and_grads(CFG, params, ref, batch, micro_batch_size=micro_batch_size, aggregation=aggregation, **LOSS_KW)
+    return loss_and_grads(CFG, params, ref, batch, micro_batch_size=micro_batch_size,
+                          loss_settings=LossSettings(aggregation=aggregation, **KL), **LOSS_KW)
 
 
 @functools.partial(jax.jit, static_argnames=("aggregation",))
@@ -69,7 +71,8 @@ def _direct_loss_and_grads(params, ref, batch, aggregation):
     def loss(p):
         lp, ent = sequence_logprobs(CFG, p, batch["input_ids"], batch["attention_mask"], temperature=TEMP, chunk_size=4)
         ref_lp, _ = sequence_logprobs(CFG, ref, batch["input_ids"], batch["attention_mask"], temperature=TEMP, chunk_size=4)
-        return grpo_loss(lp, batch["old_logprobs"], ref_lp, batch["advantages"], batch["loss_mask"], kl_coef=0.05, aggregation=aggregation, entropy=ent)
+        return grpo_loss(lp, batch["old_logprobs"], ref_lp, batch["advantages"], batch["loss_mask"],
+                         settings=LossSettings(kl_coef=0.05, aggregation=aggregation), entropy=ent)
 
     (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return value, grads, metrics
@@ -97,8 +100,8 @@ def _host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-OPT = make_optimizer(1e-3)
-STEP_KW = dict(micro_batch_size=4, **LOSS_KW)
+OPT = make_optimizer(OptimizerSettings(1e-3))
+STEP_KW = dict(micro_batch_size=4, loss_settings=LossSettings(**KL), **LOSS_KW)
 
 
 @pytest.fixture(scope="module")
@@ -185,26 +188,29 @@ def test_non_finite_batch_leaves_state_unchanged(params, ref_params, single_step
 
 
 def test_bad_batch_fails_clearly(params):
-    opt = make_optimizer(1e-3)
-    step = make_grpo_step(CFG, opt, micro_batch_size=3, kl_coef=0.0)
+    opt = make_optimizer(OptimizerSettings(1e-3))
+    step = make_grpo_step(CFG, opt, micro_batch_size=3, loss_settings=LossSettings(kl_coef=0.0))
     with pytest.raises(ValueError, match="micro_batch_size=3"):
         step(init_train_state(params, opt), None, make_batch())
     batch = make_batch()
     del batch["loss_mask"]
     with pytest.raises(KeyError, match="loss_mask"):
-        make_grpo_step(CFG, opt, kl_coef=0.0)(init_train_state(params, opt), None, batch)
+        make_grpo_step(CFG, opt, loss_settings=LossSettings(kl_coef=0.0))(init_train_state(params, opt), None, batch)
 
 
 def test_optimizer_warmup_and_decoupled_weight_decay():
     # Zero gradients isolate AdamW's decoupled decay: update = -lr(t) * weight_decay * p.
     p = {"w": jnp.array([1.0, -2.0])}
     zero = {"w": jnp.zeros(2)}
-    opt = make_optimizer(0.1, warmup_steps=2, weight_decay=0.5)
+    settings = OptimizerSettings(0.1, warmup_steps=2, weight_decay=0.5)
+    opt = make_optimizer(settings)
     s = opt.init(p)
     lrs = []
     for _ in range(4):
         u, s = opt.update(zero, s, p)
         lrs.append(float(-u["w"][0] / (0.5 * p["w"][0])))
     np.testing.assert_allclose(lrs, [0.0, 0.05, 0.1, 0.1], rtol=1e-6)
+    # The logged rate of the n-th update is the one optax applied.
+    np.testing.assert_allclose([settings.applied_lr(n) for n in range(1, 5)], lrs, rtol=1e-6)
     with pytest.raises(ValueError, match="learning_rate"):
-        make_optimizer(0.0)
+        make_optimizer(OptimizerSettings(0.0))

@@ -132,9 +132,6 @@ class RunCheckpointer:
             return self.restore_latest_readable(params_like, opt_state_like)[1:]
         return self._restore_step(params_like, opt_state_like, step)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

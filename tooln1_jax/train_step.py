@@ -1,4 +1,4 @@
-"""The GRPO update: `TrainState`, the AdamW optimizer, and one jitted, sharded optimizer step.
+"""The GRPO update: `TrainState` and one jitted, sharded optimizer step (the optimizer: `optimizer.py`).
 
 One step takes a mini-batch, splits it into micro-batches and runs them under `lax.scan`,
 accumulating parameter gradients of the *un-normalised* loss sums plus the (sum, count)
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tooln1_jax.grpo import combine_terms, empty_terms, finalize_terms, grpo_loss_terms, token_logprobs
-from tooln1_jax.models import ModelConfig, abstract_params, hidden_states, lm_head_weight, param_shapes, param_sharding
+from tooln1_jax.grpo import DEFAULT_LOSS, LossSettings, combine_terms, empty_terms, finalize_terms, grpo_loss_terms, token_logprobs
+from tooln1_jax.models import ModelConfig, hidden_states, lm_head_weight, param_shapes, param_sharding
 from tooln1_jax.sharding import TRAIN_RULES, ShardingRules, batch_sharding, fit_axes
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "advantages")
@@ -38,17 +38,6 @@ class TrainState:
     step: jax.Array  # [] int32: optimizer updates applied (skipped non-finite steps not counted)
     params: Any
     opt_state: Any
-
-
-def make_optimizer(learning_rate: float, warmup_steps: int = 0, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, grad_clip: float | None = 1.0, eps: float = 1e-8) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW, at a constant rate after an optional linear warmup from 0."""
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    lr = optax.warmup_constant_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else learning_rate
-    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
 
 
 def state_sharding(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: ShardingRules = TRAIN_RULES) -> TrainState:
@@ -122,14 +111,14 @@ def _split_micro(batch: dict, micro_batch_size: int, mesh: Mesh | None, rules: S
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(model_config: ModelConfig, params: Any, ref_params: Any, batch: dict, *, micro_batch_size: int | None = None, temperature: float = 1.0, chunk_size: int = 128, completion_len: int | None = None, mesh: Mesh | None = None, rules: ShardingRules = TRAIN_RULES, **loss_kwargs) -> tuple[jax.Array, Any, dict]:
+def loss_and_grads(model_config: ModelConfig, params: Any, ref_params: Any, batch: dict, *, micro_batch_size: int | None = None, temperature: float = 1.0, chunk_size: int = 128, completion_len: int | None = None, mesh: Mesh | None = None, rules: ShardingRules = TRAIN_RULES, loss_settings: LossSettings = DEFAULT_LOSS) -> tuple[jax.Array, Any, dict]:
     """GRPO loss, its gradient w.r.t. `params`, and metrics for one mini-batch (traceable; not
     jitted here). Micro-batches run under `lax.scan`; gradients and loss terms are summed
-    and divided once by the whole batch's normaliser. `loss_kwargs` go to `grpo_loss_terms`."""
+    and divided once by the whole batch's normaliser."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"GRPO batch is missing {missing}; it has {sorted(batch)}")
-    kl_coef = loss_kwargs.get("kl_coef", 1e-3)
+    kl_coef = loss_settings.kl_coef
     if kl_coef != 0 and ref_params is None:
         raise ValueError("kl_coef != 0 needs ref_params")
     b = batch["input_ids"].shape[0]
@@ -140,7 +129,7 @@ def loss_and_grads(model_config: ModelConfig, params: Any, ref_params: Any, batc
     def micro_loss(p, mb, ref_lp):
         lp, ent = lp_fn(p, mb["input_ids"], mb["attention_mask"])
         old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(lp)
-        terms = grpo_loss_terms(lp, old, ref_lp, mb["advantages"], mb["loss_mask"], entropy=ent, **loss_kwargs)
+        terms = grpo_loss_terms(lp, old, ref_lp, mb["advantages"], mb["loss_mask"], entropy=ent, settings=loss_settings)
         return terms.loss_sum, terms
 
     def body(carry, mb):
@@ -158,7 +147,7 @@ def loss_and_grads(model_config: ModelConfig, params: Any, ref_params: Any, batc
     return loss, grads, metrics
 
 
-def make_grpo_step(model_config: ModelConfig, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None, rules: ShardingRules = TRAIN_RULES, micro_batch_size: int | None = None, temperature: float = 1.0, chunk_size: int = 128, completion_len: int | None = None, donate: bool = True, **loss_kwargs):
+def make_grpo_step(model_config: ModelConfig, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None, rules: ShardingRules = TRAIN_RULES, micro_batch_size: int | None = None, temperature: float = 1.0, chunk_size: int = 128, completion_len: int | None = None, donate: bool = True, loss_settings: LossSettings = DEFAULT_LOSS):
     """A jitted `(state, ref_params, batch) -> (state, metrics)`: one optimizer step on a
     mini-batch (see the module docstring for `batch`). `ref_params` may be bfloat16 (see
     `reference_params`) or None when kl_coef == 0. With a mesh, state, reference and batch
@@ -174,7 +163,7 @@ def make_grpo_step(model_config: ModelConfig, optimizer: optax.GradientTransform
     def step(state: TrainState, ref_params, batch: dict):
         loss, grads, metrics = loss_and_grads(
             model_config, state.params, ref_params, batch, micro_batch_size=micro_batch_size, temperature=temperature,
-            chunk_size=chunk_size, completion_len=completion_len, mesh=mesh, rules=rules, **loss_kwargs,
+            chunk_size=chunk_size, completion_len=completion_len, mesh=mesh, rules=rules, loss_settings=loss_settings,
         )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -194,7 +183,7 @@ def make_grpo_step(model_config: ModelConfig, optimizer: optax.GradientTransform
         return jax.jit(step, donate_argnums=donate_argnums)
     state_sh = state_sharding(model_config, optimizer, mesh, rules)
     # kl_coef == 0: the reference is None (an empty pytree), so its sharding must be None too.
-    ref_sh = param_sharding(model_config, mesh, rules) if loss_kwargs.get("kl_coef", 1e-3) != 0 else None
+    ref_sh = param_sharding(model_config, mesh, rules) if loss_settings.kl_coef != 0 else None
     batch_sh = batch_sharding(mesh, rules, 1, micro_batch_size)  # a prefix: splits every leaf's rows
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step, in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=donate_argnums)
