@@ -1,6 +1,7 @@
 """Checkpoints: a killed run resumed from its latest checkpoint equals the uninterrupted run
 (metrics and parameters); a NaN loss stops the run and keeps the last good checkpoint; a
 checkpoint exports to an HF folder that loads."""
+
 import json
 import math
 import os
@@ -9,14 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from tooln1_jax import checkpoint as ckpt_lib
-from tooln1_jax import metrics as metrics_lib
 import tooln1_jax.train as train_lib
-from tooln1_jax import run_setup
+from tooln1_jax import checkpoint as ckpt_lib
+from tooln1_jax import iteration, run_setup
+from tooln1_jax import metrics as metrics_lib
+from tooln1_jax.config import default_config, validate_config
 from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
 from tooln1_jax.resume import abstract_train_state
 from tooln1_jax.sharding import make_mesh
-from tooln1_jax.config import default_config, validate_config
 
 # Wall-clock keys differ between runs; every other logged number must repeat exactly.
 TIMING_KEYS = {"tokens_per_s", "rollout_tokens_per_s", "step_time", "rollout_time", "update_time"}
@@ -47,8 +48,10 @@ def tiny_config(output_dir, total_steps=3, every=2):
 
 
 def _rows(run_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
-            for r in metrics_lib.read_jsonl(os.path.join(run_dir, metrics_lib.METRICS_FILE))]
+    return [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS}
+        for r in metrics_lib.read_jsonl(os.path.join(run_dir, metrics_lib.METRICS_FILE))
+    ]
 
 
 def _assert_trees_equal(a, b):
@@ -92,9 +95,14 @@ def test_resume_after_kill_equals_uninterrupted_run(uninterrupted, tmp_path, mon
     assert _rows(run_dir) == _rows(ref_dir)
     _assert_trees_equal(resumed["params"], ref_summary["params"])
     # The parameters really moved, so equality above is not trivial.
-    first = jax.tree.leaves(run_setup.build_model(tiny_config(run_dir), run_setup.build_tokenizer(tiny_config(run_dir)),
-                                                  make_mesh(1, 1, 1))[1])
-    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, jax.tree.leaves(resumed["params"])))
+    first = jax.tree.leaves(
+        run_setup.build_model(
+            tiny_config(run_dir), run_setup.build_tokenizer(tiny_config(run_dir)), make_mesh(1, 1, 1)
+        )[1]
+    )
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, jax.tree.leaves(resumed["params"]))
+    )
 
 
 def test_checkpoint_holds_data_position_and_keeps_last_k(uninterrupted):
@@ -120,16 +128,16 @@ def _opt_like(summary):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train_lib.group_advantages
+    real = iteration.group_advantages
 
     def poisoned(rewards, group_size, **kw):  # the second rollout's advantages are NaN
         calls["n"] += 1
         adv = real(rewards, group_size, **kw)
         return adv * float("nan") if calls["n"] == 2 else adv
 
-    monkeypatch.setattr(train_lib, "group_advantages", poisoned)
+    monkeypatch.setattr(iteration, "group_advantages", poisoned)
     cfg = tiny_config(tmp_path, total_steps=3, every=1)
-    with pytest.raises(train_lib.NonFiniteLossError, match="non-finite loss"):
+    with pytest.raises(iteration.NonFiniteLossError, match="non-finite loss"):
         train_lib.train(cfg)
     checkpointer = ckpt_lib.RunCheckpointer(str(tmp_path))
     assert checkpointer.all_steps() == [1]
@@ -193,7 +201,7 @@ SMALL_OPT = {"mu": np.zeros(5, np.float32)}
 def _two_checkpoints(root):
     checkpointer = ckpt_lib.RunCheckpointer(str(root), keep=3)
     for step in (1, 2):
-        checkpointer.save(step, jax.tree.map(lambda x: x * step, SMALL), SMALL_OPT, {"step": step})
+        checkpointer.save(step, jax.tree.map(lambda x, k=step: x * k, SMALL), SMALL_OPT, {"step": step})
     checkpointer.close()
     return ckpt_lib.RunCheckpointer(str(root), keep=3)
 

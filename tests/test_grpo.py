@@ -1,4 +1,5 @@
 """GRPO maths against hand-computed values: advantages, chunked log-probs, the clipped loss."""
+
 import functools
 import math
 
@@ -8,7 +9,14 @@ import numpy as np
 import pytest
 
 from tooln1_jax import grpo
-from tooln1_jax.grpo import LossSettings, combine_terms, finalize_terms, group_advantages, kl_penalty, nonzero_std_groups
+from tooln1_jax.grpo import (
+    LossSettings,
+    combine_terms,
+    finalize_terms,
+    group_advantages,
+    kl_penalty,
+    nonzero_std_groups,
+)
 
 # Jitted once per option set: op-by-op dispatch of the loss costs more than its compile.
 _STATIC = ("settings",)  # LossSettings is hashable
@@ -114,7 +122,9 @@ def test_clipped_surrogate_by_hand_both_signs():
 
 def test_negative_advantage_inside_clip_range_is_not_clipped():
     # A < 0 and r > 1 + eps: the unclipped -A r is larger (more pessimistic) and must be used.
-    loss, m = grpo_loss(jnp.log(jnp.array([[2.0]])), jnp.zeros((1, 1)), None, jnp.array([-1.0]), jnp.ones((1, 1)), settings=NO_KL)
+    loss, m = grpo_loss(
+        jnp.log(jnp.array([[2.0]])), jnp.zeros((1, 1)), None, jnp.array([-1.0]), jnp.ones((1, 1)), settings=NO_KL
+    )
     np.testing.assert_allclose(loss, 2.0, rtol=1e-6)
     assert float(m["clip_frac"]) == 0.0
 
@@ -131,8 +141,9 @@ def test_kl_estimators_by_hand(estimator, want):
     logp = jnp.array([[-1.0, -2.0]])
     ref = jnp.array([[-1.5, -1.0]])
     np.testing.assert_allclose(kl_penalty(logp, ref, estimator)[0], want, rtol=1e-6)
-    loss, m = grpo_loss(logp, logp, ref, jnp.zeros(1), jnp.ones((1, 2)),
-                        settings=LossSettings(kl_coef=0.5, kl_estimator=estimator))
+    loss, m = grpo_loss(
+        logp, logp, ref, jnp.zeros(1), jnp.ones((1, 2)), settings=LossSettings(kl_coef=0.5, kl_estimator=estimator)
+    )
     np.testing.assert_allclose(m["kl"], np.mean(want), rtol=1e-6)
     np.testing.assert_allclose(loss, 0.5 * np.mean(want), rtol=1e-6)
 
@@ -153,8 +164,14 @@ def test_kl_gradient_pulls_policy_toward_reference(estimator):
     def kl_loss(th, est):
         lp = jax.nn.log_softmax(th)
         weights = jax.lax.stop_gradient(jnp.exp(lp))
-        return grpo_loss(lp, jax.lax.stop_gradient(lp), ref_lp, jnp.zeros(4), weights,
-                         settings=LossSettings(kl_coef=1.0, kl_estimator=est))[0]
+        return grpo_loss(
+            lp,
+            jax.lax.stop_gradient(lp),
+            ref_lp,
+            jnp.zeros(4),
+            weights,
+            settings=LossSettings(kl_coef=1.0, kl_estimator=est),
+        )[0]
 
     def kl_exact(th):
         p, r = jax.nn.softmax(th), jnp.exp(ref_lp)

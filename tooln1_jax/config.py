@@ -10,6 +10,7 @@ Units: `rl.train_batch_size` and `rl.mini_batch_size` count PROMPTS (each prompt
 loop is one rollout batch; it makes `train_batch_size / mini_batch_size * ppo_epochs`
 optimizer updates.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -95,8 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
     # segments, each over a response cache twice the last's (`sampling.decode_windows`): more
     # segments read fewer empty cache slots and compile one more loop body each.
     c.rollout = ml_collections.ConfigDict(
-        dict(num_samples=5, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0, prompts_per_call=0,
-             decode_segments=4)
+        dict(
+            num_samples=5, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0, prompts_per_call=0, decode_segments=4
+        )
     )
 
     c.rl = ml_collections.ConfigDict(
@@ -120,14 +122,21 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
     c.optim = ml_collections.ConfigDict(
-        dict(lr=_OPTIM.lr, warmup_steps=_OPTIM.warmup_steps, weight_decay=_OPTIM.weight_decay, b1=_OPTIM.b1,
-             b2=_OPTIM.b2, grad_clip=_OPTIM.grad_clip)
+        dict(
+            lr=_OPTIM.lr,
+            warmup_steps=_OPTIM.warmup_steps,
+            weight_decay=_OPTIM.weight_decay,
+            b1=_OPTIM.b1,
+            b2=_OPTIM.b2,
+            grad_clip=_OPTIM.grad_clip,
+        )
     )
 
     # SFT warm start before RL (0 steps = none, as in the paper). It uses optim's weight_decay,
     # b1, b2 and grad_clip. max_completion_length 0 = rollout.max_new_tokens.
-    c.sft = ml_collections.ConfigDict(dict(warm_start_steps=0, lr=1e-4, batch_size=16, warmup_steps=0,
-                                           max_completion_length=0, log_every=25))
+    c.sft = ml_collections.ConfigDict(
+        dict(warm_start_steps=0, lr=1e-4, batch_size=16, warmup_steps=0, max_completion_length=0, log_every=25)
+    )
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))  # 0 = never (but once if interrupted)
 
@@ -187,8 +196,11 @@ def _finite_floats(c, prefix: str = "") -> None:
     for key, value in c.items():
         if isinstance(value, ml_collections.ConfigDict):
             _finite_floats(value, f"{prefix}{key}.")
-        elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) \
-                and not math.isfinite(float(value)):
+        elif (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, numbers.Integral)
+            and not math.isfinite(float(value))
+        ):
             _fail(f"{prefix}{key}", value, "must be a finite number")
 
 
@@ -201,7 +213,14 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         _fail("output_dir", c.output_dir, "must be a non-empty path")
     _non_negative(c, "seed")
     _positive(c, "distributed.heartbeat_timeout_s")
-    for check in (_check_model_and_tokenizer, _check_data, _check_mesh, _check_rollout, _check_rl, _check_optim_and_sft):
+    for check in (
+        _check_model_and_tokenizer,
+        _check_data,
+        _check_mesh,
+        _check_rollout,
+        _check_rl,
+        _check_optim_and_sft,
+    ):
         check(c)
     _non_negative(c, "checkpoint.every_steps")
     _positive(c, "checkpoint.keep")
@@ -218,11 +237,22 @@ def _check_model_and_tokenizer(c) -> None:
         r = "model.random"
         _one_of(c, f"{r}.model_type", MODEL_TYPES)
         _non_negative(c, f"{r}.vocab_size")
-        _positive(c, f"{r}.hidden_size", f"{r}.intermediate_size", f"{r}.num_layers", f"{r}.num_heads",
-                  f"{r}.num_kv_heads", f"{r}.head_dim", f"{r}.max_position_embeddings")
+        _positive(
+            c,
+            f"{r}.hidden_size",
+            f"{r}.intermediate_size",
+            f"{r}.num_layers",
+            f"{r}.num_heads",
+            f"{r}.num_kv_heads",
+            f"{r}.head_dim",
+            f"{r}.max_position_embeddings",
+        )
         if c.model.random.num_heads % c.model.random.num_kv_heads:
-            _fail(f"{r}.num_heads", c.model.random.num_heads,
-                  f"must be a multiple of config.{r}.num_kv_heads={c.model.random.num_kv_heads}")
+            _fail(
+                f"{r}.num_heads",
+                c.model.random.num_heads,
+                f"must be a multiple of config.{r}.num_kv_heads={c.model.random.num_kv_heads}",
+            )
         if c.model.random.head_dim % 2:
             _fail(f"{r}.head_dim", c.model.random.head_dim, "must be even (rotary embeddings)")
 
@@ -230,8 +260,11 @@ def _check_model_and_tokenizer(c) -> None:
     if c.tokenizer.kind == "tiny":
         _positive(c, "tokenizer.vocab_size")
     if c.tokenizer.kind == "hf" and not (c.tokenizer.name_or_path or c.model.name_or_path):
-        _fail("tokenizer.name_or_path", c.tokenizer.name_or_path,
-              "is empty and so is config.model.name_or_path: an hf tokenizer needs a folder or hub name")
+        _fail(
+            "tokenizer.name_or_path",
+            c.tokenizer.name_or_path,
+            "is empty and so is config.model.name_or_path: an hf tokenizer needs a folder or hub name",
+        )
 
 
 def _check_data(c) -> None:
@@ -270,16 +303,25 @@ def _check_rl(c) -> None:
     if c.rl.total_steps == 0 and c.rl.total_epochs == 0:
         _fail("rl.total_steps", 0, "and config.rl.total_epochs=0: one of them must be positive")
     if c.rl.train_batch_size % c.rl.mini_batch_size:
-        _fail("rl.mini_batch_size", c.rl.mini_batch_size,
-              f"must divide config.rl.train_batch_size={c.rl.train_batch_size}")
+        _fail(
+            "rl.mini_batch_size",
+            c.rl.mini_batch_size,
+            f"must divide config.rl.train_batch_size={c.rl.train_batch_size}",
+        )
     rows = c.rl.mini_batch_size * c.rollout.num_samples
     if c.rl.micro_batch_size and rows % c.rl.micro_batch_size:
-        _fail("rl.micro_batch_size", c.rl.micro_batch_size,
-              f"must divide the mini-batch's sequences (config.rl.mini_batch_size={c.rl.mini_batch_size} "
-              f"x config.rollout.num_samples={c.rollout.num_samples} = {rows})")
+        _fail(
+            "rl.micro_batch_size",
+            c.rl.micro_batch_size,
+            f"must divide the mini-batch's sequences (config.rl.mini_batch_size={c.rl.mini_batch_size} "
+            f"x config.rollout.num_samples={c.rollout.num_samples} = {rows})",
+        )
     if c.rollout.prompts_per_call and c.rl.train_batch_size % c.rollout.prompts_per_call:
-        _fail("rollout.prompts_per_call", c.rollout.prompts_per_call,
-              f"must divide config.rl.train_batch_size={c.rl.train_batch_size}")
+        _fail(
+            "rollout.prompts_per_call",
+            c.rollout.prompts_per_call,
+            f"must divide config.rl.train_batch_size={c.rl.train_batch_size}",
+        )
     _one_of(c, "rl.kl_estimator", KL_ESTIMATORS)
     _one_of(c, "rl.aggregation", AGGREGATIONS)
     _one_of(c, "rl.reward_variant", REWARD_VARIANTS)
@@ -314,18 +356,30 @@ def total_rl_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
 def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
     """The GRPO loss settings of `config.rl`."""
     rl = config.rl
-    return LossSettings(clip_eps=float(rl.clip_eps), kl_coef=float(rl.kl_coef), kl_estimator=str(rl.kl_estimator),
-                        entropy_coef=float(rl.entropy_coef), aggregation=str(rl.aggregation))
+    return LossSettings(
+        clip_eps=float(rl.clip_eps),
+        kl_coef=float(rl.kl_coef),
+        kl_estimator=str(rl.kl_estimator),
+        entropy_coef=float(rl.entropy_coef),
+        aggregation=str(rl.aggregation),
+    )
 
 
 def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
     """The GRPO optimizer of `config.optim`."""
     o = config.optim
-    return OptimizerSettings(lr=float(o.lr), warmup_steps=int(o.warmup_steps), weight_decay=float(o.weight_decay),
-                             b1=float(o.b1), b2=float(o.b2), grad_clip=float(o.grad_clip))
+    return OptimizerSettings(
+        lr=float(o.lr),
+        warmup_steps=int(o.warmup_steps),
+        weight_decay=float(o.weight_decay),
+        b1=float(o.b1),
+        b2=float(o.b2),
+        grad_clip=float(o.grad_clip),
+    )
 
 
 def sft_optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
     """The SFT optimizer: `config.sft`'s rate and warmup, the rest as `config.optim`."""
-    return dataclasses.replace(optimizer_settings(config), lr=float(config.sft.lr),
-                               warmup_steps=int(config.sft.warmup_steps))
+    return dataclasses.replace(
+        optimizer_settings(config), lr=float(config.sft.lr), warmup_steps=int(config.sft.warmup_steps)
+    )

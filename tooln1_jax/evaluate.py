@@ -24,10 +24,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from tooln1_jax import distributed
 from tooln1_jax.data.bfcl import KNOWN_CATEGORIES
 from tooln1_jax.evaluation import api_bank, bfcl
+from tooln1_jax.evaluation.generation import generate_completions, is_hf_folder, load_model
 from tooln1_jax.evaluation.predictions import read_predictions
+from tooln1_jax.sharding import make_mesh
 
 DEFAULT_API_BANK = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "api-bank", "level-1-api.json"
@@ -154,22 +158,23 @@ def _write(out_dir: str, results: list, summary: dict, completions: dict | None)
 
 
 def _generate(args, records) -> tuple[dict[str, str], dict]:
-    from transformers import AutoTokenizer
-
-    from tooln1_jax.evaluation.generation import generate_completions, is_hf_folder, load_model
-
     tok_dir = args.tokenizer or args.checkpoint
     if not args.tokenizer and not is_hf_folder(args.checkpoint):
         raise SystemExit("--tokenizer is required with an orbax checkpoint (it holds no tokenizer files)")
-    from tooln1_jax.sharding import make_mesh
-
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     mesh = make_mesh()
     config, params = load_model(args.checkpoint, step=args.step, mesh=mesh)
-    completions, drops = generate_completions(config, params, tokenizer, records, batch_size=args.batch_size,
-                                              max_new_tokens=args.max_new_tokens,
-                                              max_prompt_length=args.max_prompt_length, mesh=mesh,
-                                              progress=not args.no_progress and distributed.is_main())
+    completions, drops = generate_completions(
+        config,
+        params,
+        tokenizer,
+        records,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_length=args.max_prompt_length,
+        mesh=mesh,
+        progress=not args.no_progress and distributed.is_main(),
+    )
     return completions, dict(drops)
 
 

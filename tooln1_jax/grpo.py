@@ -9,6 +9,7 @@ Conventions: `logprobs[b, t]` is log p(token t | tokens < t) under
 log_softmax(logits / temperature), aligned with `input_ids` (position 0 has no
 prediction and is never in the loss mask).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,7 +89,9 @@ def nonzero_std_groups(rewards: jax.Array, group_size: int) -> jax.Array:
 # ----------------------------------------------------------------------------- log-probs
 
 
-def token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, temperature: float = 1.0, chunk_size: int = 128) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(
+    hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, temperature: float = 1.0, chunk_size: int = 128
+) -> tuple[jax.Array, jax.Array]:
     """Log-probs of `targets` and the entropy, under log_softmax(hidden @ lm_head / temperature).
 
     hidden [B, T, D] (any float dtype), lm_head [D, V], targets [B, T] int
@@ -255,7 +258,9 @@ def empty_terms() -> LossTerms:
 def combine_terms(a: LossTerms, b: LossTerms) -> LossTerms:
     """The terms of the union of two disjoint micro-batches."""
     sums = jax.tree.map(jnp.add, a, b)
-    return sums.replace(ratio_min=jnp.minimum(a.ratio_min, b.ratio_min), ratio_max=jnp.maximum(a.ratio_max, b.ratio_max))
+    return sums.replace(
+        ratio_min=jnp.minimum(a.ratio_min, b.ratio_min), ratio_max=jnp.maximum(a.ratio_max, b.ratio_max)
+    )
 
 
 def _safe_div(num, den):

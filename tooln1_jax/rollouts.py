@@ -1,10 +1,12 @@
 """Rollouts: sample n completions per prompt, decode them, score them with the tool-call reward,
 and lay them out as the [rows, prompt + response] arrays the GRPO update consumes. Also the
 greedy held-out accuracy used for validation and by the demo."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,7 +64,9 @@ class RolloutBatch:
         }
 
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    prompt_ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Token-id lists -> (ids [B, width] int32, mask [B, width] int32), padded on the left; the
     width defaults to the sampler's power-of-two bucket of the longest prompt."""
     longest = max(len(p) for p in prompt_ids)
@@ -86,11 +90,35 @@ def decode_completions(tokenizer: Any, tokens: np.ndarray, lengths: np.ndarray, 
     return tokenizer.batch_decode(rows, skip_special_tokens=False)
 
 
-def _run_sampler(model_config, params, prompt_ids, *, num_samples, max_new_tokens, temperature, top_p, top_k,
-                 stops, pad_id, rng, mesh, decode_segments=sampling.DECODE_SEGMENTS):
+def _run_sampler(
+    model_config,
+    params,
+    prompt_ids,
+    *,
+    num_samples,
+    max_new_tokens,
+    temperature,
+    top_p,
+    top_k,
+    stops,
+    pad_id,
+    rng,
+    mesh,
+    decode_segments=sampling.DECODE_SEGMENTS,
+):
     result = sampling.sample(
-        model_config, params, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stops, pad_id=pad_id, rng=rng, mesh=mesh,
+        model_config,
+        params,
+        prompt_ids,
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop_token_ids=stops,
+        pad_id=pad_id,
+        rng=rng,
+        mesh=mesh,
         decode_segments=decode_segments,
     )
     # Every process gets every row (an all-gather across hosts) and scores them all: the same
@@ -132,11 +160,23 @@ def generate_and_score(
     for i, start in enumerate(range(0, len(prompt_ids), per_call)):
         # One key per chunk, so a chunk's samples do not depend on how many chunks came before.
         chunk_rng = rng if per_call >= len(prompt_ids) else jax.random.fold_in(rng, i)
-        chunks.append(_run_sampler(
-            model_config, params, [list(p) for p in prompt_ids[start:start + per_call]], num_samples=num_samples,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stops=stops,
-            pad_id=pad_id, rng=chunk_rng, mesh=mesh, decode_segments=decode_segments,
-        ))
+        chunks.append(
+            _run_sampler(
+                model_config,
+                params,
+                [list(p) for p in prompt_ids[start : start + per_call]],
+                num_samples=num_samples,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                stops=stops,
+                pad_id=pad_id,
+                rng=chunk_rng,
+                mesh=mesh,
+                decode_segments=decode_segments,
+            )
+        )
     tokens, logprobs, mask, lengths = (np.concatenate(parts) for parts in zip(*chunks))
     completions = decode_completions(tokenizer, tokens, lengths, stops)
     last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
@@ -165,9 +205,19 @@ def generate_and_score(
     )
 
 
-def greedy_completions(model_config, params, tokenizer, records: Sequence[ToolRecord], *, max_new_tokens: int,
-                       max_prompt_length: int, batch_size: int, mesh=None, for_eval: bool = False,
-                       progress: bool = False) -> tuple[list[ToolRecord], list[str], list[int], DropCounts]:
+def greedy_completions(
+    model_config,
+    params,
+    tokenizer,
+    records: Sequence[ToolRecord],
+    *,
+    max_new_tokens: int,
+    max_prompt_length: int,
+    batch_size: int,
+    mesh=None,
+    for_eval: bool = False,
+    progress: bool = False,
+) -> tuple[list[ToolRecord], list[str], list[int], DropCounts]:
     """The one greedy decode path (held-out accuracy and evaluation): (kept records, their
     completions, their lengths in tokens, drops). A prompt that leaves no room for the answer
     within the model's positions, or is over `max_prompt_length`, is dropped and counted.
@@ -180,13 +230,23 @@ def greedy_completions(model_config, params, tokenizer, records: Sequence[ToolRe
     pad_id = pad_id_of(tokenizer)
     stops = stop_token_ids(tokenizer, model_config)
     completions, lengths = [None] * len(kept), [0] * len(kept)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", disable=not progress):
         chunk = [prompt_ids[i] for i in batch]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(order) > batch_size else chunk
         tokens, _, _, lens = _run_sampler(
-            model_config, params, padded, num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0,
-            top_p=1.0, top_k=0, stops=stops, pad_id=pad_id, rng=jax.random.key(0), mesh=mesh,
+            model_config,
+            params,
+            padded,
+            num_samples=1,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=0,
+            stops=stops,
+            pad_id=pad_id,
+            rng=jax.random.key(0),
+            mesh=mesh,
         )
         texts = decode_completions(tokenizer, tokens[: len(chunk)], lens[: len(chunk)], stops)
         for row, i in enumerate(batch):
@@ -194,13 +254,29 @@ def greedy_completions(model_config, params, tokenizer, records: Sequence[ToolRe
     return list(kept), completions, lengths, drops
 
 
-def greedy_accuracy(model_config, params, tokenizer, records: Sequence[ToolRecord], *, max_new_tokens: int,
-                    max_prompt_length: int, batch_size: int = 32, mesh=None) -> dict:
+def greedy_accuracy(
+    model_config,
+    params,
+    tokenizer,
+    records: Sequence[ToolRecord],
+    *,
+    max_new_tokens: int,
+    max_prompt_length: int,
+    batch_size: int = 32,
+    mesh=None,
+) -> dict:
     """Greedy decoding on `records` (`greedy_completions`): exact-call accuracy (binary reward 1),
     format-failure rate, mean response length, and the counts scored and dropped."""
     kept, completions, lengths, drops = greedy_completions(
-        model_config, params, tokenizer, records, max_new_tokens=max_new_tokens,
-        max_prompt_length=max_prompt_length, batch_size=batch_size, mesh=mesh)
+        model_config,
+        params,
+        tokenizer,
+        records,
+        max_new_tokens=max_new_tokens,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+        mesh=mesh,
+    )
     reward, reasons = rewards_lib.batch_rewards(completions, [r.answer for r in kept], "binary")
     n = max(len(kept), 1)
     return {

@@ -5,6 +5,7 @@ and the greedy held-out accuracy both report.
 Set-up runs in two stages, each failing on every process when it fails on one
 (`distributed.all_or_none`): a data file missing on one host stops every host with its error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,9 @@ def _synthetic_records(config) -> tuple[list[ToolRecord], DropCounts]:
     fields = {f.name for f in dataclasses.fields(synthetic.SyntheticConfig)}
     unknown = sorted(set(knobs) - fields)
     if unknown:
-        raise ConfigError(f"config.data.synthetic has unknown fields {unknown}; known: "
-                          f"num_examples, seed, {sorted(fields)}")
+        raise ConfigError(
+            f"config.data.synthetic has unknown fields {unknown}; known: num_examples, seed, {sorted(fields)}"
+        )
     sc = synthetic.SyntheticConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in knobs.items()})
     return convert_rows(synthetic.generate(num, sc, seed=seed), source="synthetic")
 
@@ -85,11 +87,21 @@ def _random_model_config(config, tokenizer) -> ModelConfig:
     r = config.model.random
     vocab = int(r.vocab_size) or len(tokenizer)
     return ModelConfig(
-        vocab_size=vocab, hidden_size=r.hidden_size, intermediate_size=r.intermediate_size, num_layers=r.num_layers,
-        num_heads=r.num_heads, num_kv_heads=r.num_kv_heads, head_dim=r.head_dim, rope_theta=float(r.rope_theta),
-        tie_word_embeddings=bool(r.tie_word_embeddings), attention_bias=r.model_type == "qwen2",
-        max_position_embeddings=r.max_position_embeddings, model_type=r.model_type,
-        eos_token_id=tokenizer.eos_token_id, dtype=config.model.dtype, remat=config.model.remat,
+        vocab_size=vocab,
+        hidden_size=r.hidden_size,
+        intermediate_size=r.intermediate_size,
+        num_layers=r.num_layers,
+        num_heads=r.num_heads,
+        num_kv_heads=r.num_kv_heads,
+        head_dim=r.head_dim,
+        rope_theta=float(r.rope_theta),
+        tie_word_embeddings=bool(r.tie_word_embeddings),
+        attention_bias=r.model_type == "qwen2",
+        max_position_embeddings=r.max_position_embeddings,
+        model_type=r.model_type,
+        eos_token_id=tokenizer.eos_token_id,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
     )
 
 
@@ -106,8 +118,13 @@ def build_model(config, tokenizer, mesh, *, load_weights: bool = True) -> tuple[
     params is None (a resumed run restores them from its checkpoint)."""
     if config.model.name_or_path:
         if load_weights:
-            model_config, params = load_pretrained(config.model.name_or_path, dtype=jnp.dtype(config.model.param_dtype),
-                                                   mesh=mesh, rules=TRAIN_RULES, compute_dtype=config.model.dtype)
+            model_config, params = load_pretrained(
+                config.model.name_or_path,
+                dtype=jnp.dtype(config.model.param_dtype),
+                mesh=mesh,
+                rules=TRAIN_RULES,
+                compute_dtype=config.model.dtype,
+            )
         else:
             folder = resolve_checkpoint_dir(config.model.name_or_path)
             model_config, params = ModelConfig.from_hf(folder, dtype=config.model.dtype), None
@@ -119,8 +136,10 @@ def build_model(config, tokenizer, mesh, *, load_weights: bool = True) -> tuple[
             params = _sharded_init(model_config, config.model.param_dtype, mesh)(jax.random.key(config.seed))
     if len(tokenizer) > model_config.vocab_size:
         field = "config.model.random.vocab_size" if not config.model.name_or_path else "config.tokenizer.name_or_path"
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
-                          f"{model_config.vocab_size}: check {field}")
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+            f"{model_config.vocab_size}: check {field}"
+        )
     return model_config, params
 
 
@@ -135,22 +154,27 @@ def setup_run(config, *, load_weights: bool = True) -> RunSetup:
     def data_stage():
         tokenizer = build_tokenizer(config)
         records, drops = load_records(config)
-        train, val = train_val_split(records, seed=int(config.data.split_seed),
-                                     val_fraction=float(config.data.val_fraction))
+        train, val = train_val_split(
+            records, seed=int(config.data.split_seed), val_fraction=float(config.data.val_fraction)
+        )
         if config.data.max_train_examples:
             train = train[: int(config.data.max_train_examples)]
-        prompt_ids, kept, prompt_drops = encode_prompts(tokenizer, train,
-                                                        max_prompt_length=int(config.data.max_prompt_length))
+        prompt_ids, kept, prompt_drops = encode_prompts(
+            tokenizer, train, max_prompt_length=int(config.data.max_prompt_length)
+        )
         drops = drops.merged(DropCounts({f"train/{k}": v for k, v in prompt_drops.items()}))
         if len(kept) < config.rl.train_batch_size:
-            raise ConfigError(f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {len(kept)} "
-                              f"training prompts left after filtering ({dict(drops)})")
+            raise ConfigError(
+                f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {len(kept)} "
+                f"training prompts left after filtering ({dict(drops)})"
+            )
         return tokenizer, kept, prompt_ids, val, drops
 
     tokenizer, kept, prompt_ids, val, drops = distributed.all_or_none("data setup", data_stage)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model_config, params = distributed.all_or_none(
-        "model setup", lambda: build_model(config, tokenizer, mesh, load_weights=load_weights))
+        "model setup", lambda: build_model(config, tokenizer, mesh, load_weights=load_weights)
+    )
     return RunSetup(config, mesh, tokenizer, model_config, params, kept, prompt_ids, val, drops)
 
 
@@ -161,8 +185,14 @@ def held_out_accuracy(config, setup: RunSetup, params, *, num_examples: int | No
     if not records:
         return {"accuracy": float("nan"), "format_failure_rate": float("nan"), "num_scored": 0}
     return rollouts.greedy_accuracy(
-        setup.model_config, params, setup.tokenizer, records, max_new_tokens=int(config.eval.max_new_tokens),
-        max_prompt_length=int(config.data.max_prompt_length), batch_size=int(config.eval.batch_size), mesh=setup.mesh,
+        setup.model_config,
+        params,
+        setup.tokenizer,
+        records,
+        max_new_tokens=int(config.eval.max_new_tokens),
+        max_prompt_length=int(config.data.max_prompt_length),
+        batch_size=int(config.eval.batch_size),
+        mesh=setup.mesh,
     )
 
 

@@ -12,6 +12,7 @@ P-1 ... P+C-2 only (no lm_head work on prompt tokens). Log-probs are GRPO's `seq
 
     python -m tooln1_jax.sft --config configs/tiny_cpu.py [--config.sft.warm_start_steps=1000]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,8 @@ import functools
 import json
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +29,10 @@ import numpy as np
 import optax
 
 from tooln1_jax import cli, distributed
+from tooln1_jax.config import sft_optimizer_settings
 from tooln1_jax.data.prompt import encode_prompts, format_completion
 from tooln1_jax.data.records import DropCounts, ToolRecord
 from tooln1_jax.data.synthetic import template_reasoning
-from tooln1_jax.config import sft_optimizer_settings
 from tooln1_jax.models import ModelConfig, shard_params
 from tooln1_jax.optimizer import make_optimizer
 from tooln1_jax.run_setup import held_out_accuracy, setup_run
@@ -58,8 +60,14 @@ def completion_text(record: ToolRecord) -> str:
     return format_completion(record.answer, template_reasoning(record.answer))
 
 
-def encode_sft(tokenizer: Any, records: Sequence[ToolRecord], *, max_prompt_length: int, max_completion_length: int,
-               prompt_width: int | None = None) -> SFTData:
+def encode_sft(
+    tokenizer: Any,
+    records: Sequence[ToolRecord],
+    *,
+    max_prompt_length: int,
+    max_completion_length: int,
+    prompt_width: int | None = None,
+) -> SFTData:
     """Records -> `SFTData`. Prompts over `max_prompt_length` tokens (`prompt_too_long`) and
     targets over `max_completion_length` tokens (`completion_too_long`) are dropped and counted.
     `prompt_width` P defaults to the longest kept prompt; C is `max_completion_length`."""
@@ -85,10 +93,10 @@ def encode_sft(tokenizer: Any, records: Sequence[ToolRecord], *, max_prompt_leng
     for i, (p, t, _) in enumerate(rows):
         if len(p) > width:
             raise ValueError(f"SFT: prompt of record {rows[i][2].id!r} has {len(p)} tokens > prompt_width {width}")
-        ids[i, width - len(p):width] = p
-        ids[i, width:width + len(t)] = t
-        attn[i, width - len(p):width + len(t)] = 1
-        loss[i, :len(t)] = 1.0
+        ids[i, width - len(p) : width] = p
+        ids[i, width : width + len(t)] = t
+        attn[i, width - len(p) : width + len(t)] = 1
+        loss[i, : len(t)] = 1.0
     return SFTData(ids, attn, loss, width, [r for _, _, r in rows], drops)
 
 
@@ -96,18 +104,28 @@ def sft_loss(model_config: ModelConfig, params: dict, input_ids, attention_mask,
     """Mean negative log-likelihood over the loss-mask tokens. input_ids / attention_mask
     [B, P + C]; loss_mask [B, C]. Only the C completion positions meet the lm_head."""
     completion_len = input_ids.shape[1] - prompt_width
-    lp, _ = sequence_logprobs(model_config, params, input_ids, attention_mask, temperature=1.0,
-                              completion_len=completion_len)
+    lp, _ = sequence_logprobs(
+        model_config, params, input_ids, attention_mask, temperature=1.0, completion_len=completion_len
+    )
     lp = lp[:, prompt_width:]
     return -jnp.sum(lp * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "optimizer", "prompt_width"), donate_argnums=(0,))
-def sft_step(state: TrainState, input_ids, attention_mask, loss_mask, *, model_config: ModelConfig,
-             optimizer: optax.GradientTransformation, prompt_width: int) -> tuple[TrainState, jax.Array]:
+def sft_step(
+    state: TrainState,
+    input_ids,
+    attention_mask,
+    loss_mask,
+    *,
+    model_config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    prompt_width: int,
+) -> tuple[TrainState, jax.Array]:
     """One AdamW update on a batch; returns (new state, loss before the update)."""
     loss, grads = jax.value_and_grad(
-        lambda p: sft_loss(model_config, p, input_ids, attention_mask, loss_mask, prompt_width))(state.params)
+        lambda p: sft_loss(model_config, p, input_ids, attention_mask, loss_mask, prompt_width)
+    )(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
 
@@ -117,7 +135,9 @@ def max_completion_length(config) -> int:
     return int(config.sft.max_completion_length or config.rollout.max_new_tokens)
 
 
-def init_sft_state(config, model_config: ModelConfig, params: dict, *, mesh=None) -> tuple[TrainState, optax.GradientTransformation]:
+def init_sft_state(
+    config, model_config: ModelConfig, params: dict, *, mesh=None
+) -> tuple[TrainState, optax.GradientTransformation]:
     """A fresh SFT state (params copied, since the step donates its state) and its optimizer."""
     optimizer = make_optimizer(sft_optimizer_settings(config))
     if mesh is not None:
@@ -126,9 +146,20 @@ def init_sft_state(config, model_config: ModelConfig, params: dict, *, mesh=None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)), optimizer
 
 
-def sft_loop(config, model_config: ModelConfig, state: TrainState, optimizer, data: SFTData, *, mesh=None,
-             start_step: int = 0, steps: int, time_budget_s: float | None = None, log_fn=None,
-             should_stop=None) -> tuple[TrainState, dict]:
+def sft_loop(
+    config,
+    model_config: ModelConfig,
+    state: TrainState,
+    optimizer,
+    data: SFTData,
+    *,
+    mesh=None,
+    start_step: int = 0,
+    steps: int,
+    time_budget_s: float | None = None,
+    log_fn=None,
+    should_stop=None,
+) -> tuple[TrainState, dict]:
     """Runs up to `steps` updates from data position `start_step` (a seeded shuffle of the
     examples, cycled), stopping early once `time_budget_s` seconds of steps have passed, or when
     `should_stop()` (checked after each step; metrics["interrupted"]). `log_fn(step, dict)`
@@ -146,10 +177,17 @@ def sft_loop(config, model_config: ModelConfig, state: TrainState, optimizer, da
         if losses and should_stop is not None and should_stop():
             interrupted = True
             break
-        idx = order[step * bs:(step + 1) * bs]
+        idx = order[step * bs : (step + 1) * bs]
         t0 = time.perf_counter()
-        state, loss = sft_step(state, put(data.input_ids[idx]), put(data.attention_mask[idx]), put(data.loss_mask[idx]),
-                               model_config=model_config, optimizer=optimizer, prompt_width=data.prompt_width)
+        state, loss = sft_step(
+            state,
+            put(data.input_ids[idx]),
+            put(data.attention_mask[idx]),
+            put(data.loss_mask[idx]),
+            model_config=model_config,
+            optimizer=optimizer,
+            prompt_width=data.prompt_width,
+        )
         loss = float(loss)
         if not np.isfinite(loss):
             raise FloatingPointError(f"SFT loss is {loss} at step {step + 1}: lower config.sft.lr")
@@ -158,25 +196,55 @@ def sft_loop(config, model_config: ModelConfig, state: TrainState, optimizer, da
         if log_fn is not None and len(losses) % log_every == 0:
             log_fn(step + 1, {"sft_loss": float(np.mean(losses[-log_every:])), "sft_step_time": times[-1]})
     metrics = {
-        "sft_steps": len(losses), "interrupted": interrupted, "sft_examples": n, "sft_drops": dict(data.drops),
-        "sft_losses": losses, "sft_final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
-        "sft_seconds": time.perf_counter() - t_start, "sft_step_times": times,
+        "sft_steps": len(losses),
+        "interrupted": interrupted,
+        "sft_examples": n,
+        "sft_drops": dict(data.drops),
+        "sft_losses": losses,
+        "sft_final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+        "sft_seconds": time.perf_counter() - t_start,
+        "sft_step_times": times,
     }
     return state, metrics
 
 
-def run_sft(config, model_config: ModelConfig, params: dict, tokenizer: Any, records: Sequence[ToolRecord], *,
-            mesh=None, steps: int | None = None, start_step: int = 0, data: SFTData | None = None, log_fn=None,
-            should_stop=None) -> tuple[dict, dict]:
+def run_sft(
+    config,
+    model_config: ModelConfig,
+    params: dict,
+    tokenizer: Any,
+    records: Sequence[ToolRecord],
+    *,
+    mesh=None,
+    steps: int | None = None,
+    start_step: int = 0,
+    data: SFTData | None = None,
+    log_fn=None,
+    should_stop=None,
+) -> tuple[dict, dict]:
     """SFT for `steps` updates (default `config.sft.warm_start_steps`) on `records`, cycling a
     seeded shuffle of them. Returns (params, metrics: losses, step times, example counts).
     The caller's `params` are left intact; `data` reuses an already encoded `SFTData`."""
     steps = int(config.sft.warm_start_steps if steps is None else steps)
-    data = data or encode_sft(tokenizer, records, max_prompt_length=int(config.data.max_prompt_length),
-                              max_completion_length=max_completion_length(config))
+    data = data or encode_sft(
+        tokenizer,
+        records,
+        max_prompt_length=int(config.data.max_prompt_length),
+        max_completion_length=max_completion_length(config),
+    )
     state, optimizer = init_sft_state(config, model_config, params, mesh=mesh)
-    state, metrics = sft_loop(config, model_config, state, optimizer, data, mesh=mesh, start_step=start_step,
-                              steps=steps, log_fn=log_fn, should_stop=should_stop)
+    state, metrics = sft_loop(
+        config,
+        model_config,
+        state,
+        optimizer,
+        data,
+        mesh=mesh,
+        start_step=start_step,
+        steps=steps,
+        log_fn=log_fn,
+        should_stop=should_stop,
+    )
     return state.params, metrics
 
 
@@ -186,19 +254,31 @@ def sft_baseline(config) -> dict:
     `<output_dir>/sft_summary.json`. Returns that summary."""
     distributed.initialize_from_config(config.distributed)
     main_process = distributed.is_main()
-    distributed.all_or_none("output setup", lambda: distributed.check_writable(
-        config.output_dir, "config.output_dir") if main_process else None)
+    distributed.all_or_none(
+        "output setup",
+        lambda: distributed.check_writable(config.output_dir, "config.output_dir") if main_process else None,
+    )
     setup = setup_run(config)
-    params, metrics = run_sft(config, setup.model_config, setup.params, setup.tokenizer, setup.train_records,
-                              mesh=setup.mesh,
-                              log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True)
-                              if main_process else None)
+    params, metrics = run_sft(
+        config,
+        setup.model_config,
+        setup.params,
+        setup.tokenizer,
+        setup.train_records,
+        mesh=setup.mesh,
+        log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True) if main_process else None,
+    )
     acc = held_out_accuracy(config, setup, params)
-    summary = {"accuracy": {k: v for k, v in acc.items() if not isinstance(v, list)},
-               **{k: v for k, v in metrics.items() if k != "sft_step_times"}}
+    summary = {
+        "accuracy": {k: v for k, v in acc.items() if not isinstance(v, list)},
+        **{k: v for k, v in metrics.items() if k != "sft_step_times"},
+    }
     if main_process:
-        print(f"SFT {metrics['sft_steps']} steps ({metrics['sft_seconds']:.0f} s): held-out exact-call accuracy "
-              f"{acc['accuracy']:.3f} on {acc['num_scored']} prompts", flush=True)
+        print(
+            f"SFT {metrics['sft_steps']} steps ({metrics['sft_seconds']:.0f} s): held-out exact-call accuracy "
+            f"{acc['accuracy']:.3f} on {acc['num_scored']} prompts",
+            flush=True,
+        )
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "sft_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)

@@ -5,10 +5,12 @@
 through the same path as training's held-out accuracy (`rollouts.greedy_completions`), with
 the evaluation prompt; with several processes each one gets every completion.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tooln1_jax.checkpoint import restore_policy
 from tooln1_jax.data.records import DropCounts, ToolRecord
@@ -29,12 +31,30 @@ def load_model(path: str, *, step: int | None = None, mesh=None):
     return restore_policy(path, step=step, mesh=mesh)
 
 
-def generate_completions(config, params, tokenizer: Any, records: Sequence[ToolRecord], *, batch_size: int,
-                         max_new_tokens: int, max_prompt_length: int, mesh=None,
-                         progress: bool = True) -> tuple[dict[str, str], DropCounts]:
+def generate_completions(
+    config,
+    params,
+    tokenizer: Any,
+    records: Sequence[ToolRecord],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    max_prompt_length: int,
+    mesh=None,
+    progress: bool = True,
+) -> tuple[dict[str, str], DropCounts]:
     """{record id: completion text} for every record whose prompt fits (`rollouts.greedy_completions`
     with the evaluation prompt), and the drops, scored wrong as prompt_too_long by the caller."""
     kept, completions, _, drops = greedy_completions(
-        config, params, tokenizer, records, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
-        batch_size=batch_size, mesh=mesh, for_eval=True, progress=progress)
+        config,
+        params,
+        tokenizer,
+        records,
+        max_new_tokens=max_new_tokens,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+        mesh=mesh,
+        for_eval=True,
+        progress=progress,
+    )
     return {r.id: text for r, text in zip(kept, completions)}, drops
