@@ -1,4 +1,5 @@
 """tooln1-jax: Tool-N1 (GRPO with a rule-based tool-call reward) in pure JAX."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -45,6 +46,8 @@ setup(
             "nbformat>=5.9,<6",
             "ipykernel>=6.29,<8",
             "tensorboardX>=2.6,<3",
+            # Lint and format check (configured in pyproject.toml), run by tests/run_tests.sh.
+            "ruff>=0.17,<0.18",
         ],
         "tensorboard": ["tensorboardX>=2.6,<3"],
         # Optional: read xLAM / ToolACE through tensorflow-datasets' HF bridge. Never in the base install.

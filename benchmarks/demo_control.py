@@ -21,9 +21,9 @@ Matching (`--match`):
   on SFT in this process right after (noisy on a shared machine).
 Writes `<output_dir>/control_<match>.json`.
 """
+
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -33,10 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-train_lib = importlib.import_module("tooln1_jax.train")  # the module (the package attribute is a function)
 from tooln1_jax import cli  # noqa: E402
 from tooln1_jax.metrics import METRICS_FILE, read_jsonl  # noqa: E402
-from tooln1_jax.sft import _sft_settings, encode_sft, init_sft_state, sft_loop  # noqa: E402
+from tooln1_jax.run_setup import held_out_accuracy, setup_run  # noqa: E402
+from tooln1_jax.sampling import prompt_bucket  # noqa: E402
+from tooln1_jax.sft import encode_sft, init_sft_state, max_completion_length, sft_loop  # noqa: E402
+from tooln1_jax.train import train  # noqa: E402
 
 _DEMO_DIR = flags.DEFINE_string("demo_dir", "", "A finished demo run's output_dir to reuse (skip step 1).")
 _MATCH = flags.DEFINE_enum("match", "flops", ["flops", "wallclock"], "How the control's compute is matched.")
@@ -65,15 +67,17 @@ def grpo_seconds(output_dir: str) -> tuple[float, int]:
 def control(config, *, seconds: float | None = None, grpo_steps: int | None = None) -> dict:
     """Warm start as in the demo, then more SFT for `seconds` (wall-clock matching) or for the
     FLOPs of `grpo_steps` GRPO steps; held-out accuracy after each."""
-    from tooln1_jax.sampling import prompt_bucket
-
-    setup = train_lib.setup_run(config)
-    data = encode_sft(setup.tokenizer, setup.train_records, max_prompt_length=int(config.data.max_prompt_length),
-                      max_completion_length=_sft_settings(config)["max_completion_length"])
+    setup = setup_run(config)
+    data = encode_sft(
+        setup.tokenizer,
+        setup.train_records,
+        max_prompt_length=int(config.data.max_prompt_length),
+        max_completion_length=max_completion_length(config),
+    )
     state, optimizer = init_sft_state(config, setup.model_config, setup.params, mesh=setup.mesh)
     warm = int(config.sft.warm_start_steps)
     state, m_warm = sft_loop(config, setup.model_config, state, optimizer, data, mesh=setup.mesh, steps=warm)
-    acc_warm = train_lib.held_out_accuracy(config, setup, state.params)
+    acc_warm = held_out_accuracy(config, setup, state.params)
     print(f"control: warm start ({warm} SFT steps) held-out accuracy {acc_warm['accuracy']:.3f}", flush=True)
     flops = {}
     if seconds is None:
@@ -81,15 +85,33 @@ def control(config, *, seconds: float | None = None, grpo_steps: int | None = No
         steps, flops = matched_sft_steps(config, grpo_steps, rl_width, data.input_ids.shape[1])
         flops.update(rl_prompt_width=rl_width, sft_width=int(data.input_ids.shape[1]))
     t0 = time.perf_counter()
-    state, m_more = sft_loop(config, setup.model_config, state, optimizer, data, mesh=setup.mesh, start_step=warm,
-                             steps=10**9 if seconds is not None else steps, time_budget_s=seconds)
+    state, m_more = sft_loop(
+        config,
+        setup.model_config,
+        state,
+        optimizer,
+        data,
+        mesh=setup.mesh,
+        start_step=warm,
+        steps=10**9 if seconds is not None else steps,
+        time_budget_s=seconds,
+    )
     spent = time.perf_counter() - t0
-    acc_more = train_lib.held_out_accuracy(config, setup, state.params)
-    print(f"control: +{m_more['sft_steps']} SFT steps in {spent:.0f} s held-out accuracy {acc_more['accuracy']:.3f}",
-          flush=True)
-    return {"warm_steps": warm, "accuracy_warm": acc_warm["accuracy"], "extra_sft_steps": m_more["sft_steps"],
-            "extra_sft_seconds": spent, "accuracy_more_sft": acc_more["accuracy"],
-            "num_scored": acc_more["num_scored"], "sft_final_loss": m_more["sft_final_loss"], **flops}
+    acc_more = held_out_accuracy(config, setup, state.params)
+    print(
+        f"control: +{m_more['sft_steps']} SFT steps in {spent:.0f} s held-out accuracy {acc_more['accuracy']:.3f}",
+        flush=True,
+    )
+    return {
+        "warm_steps": warm,
+        "accuracy_warm": acc_warm["accuracy"],
+        "extra_sft_steps": m_more["sft_steps"],
+        "extra_sft_seconds": spent,
+        "accuracy_more_sft": acc_more["accuracy"],
+        "num_scored": acc_more["num_scored"],
+        "sft_final_loss": m_more["sft_final_loss"],
+        **flops,
+    }
 
 
 def main(_):
@@ -100,7 +122,7 @@ def main(_):
         with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
     elif not (_NO_DEMO.value and _MATCH.value == "flops"):
-        summary = train_lib.train(config)
+        summary = train(config)
     if _MATCH.value == "wallclock":
         seconds, steps = grpo_seconds(out)
         ctrl = control(config, seconds=seconds)
@@ -110,8 +132,12 @@ def main(_):
         steps, seconds = int(config.rl.total_steps), None
         ctrl = control(config, grpo_steps=steps)
     result = {
-        "accuracy_after_sft": summary.get("accuracy_start"), "accuracy_after_grpo": summary.get("accuracy_end"),
-        "grpo_steps": steps, "grpo_seconds": seconds, "demo_wall_s": summary.get("wall_s"), **ctrl,
+        "accuracy_after_sft": summary.get("accuracy_start"),
+        "accuracy_after_grpo": summary.get("accuracy_end"),
+        "grpo_steps": steps,
+        "grpo_seconds": seconds,
+        "demo_wall_s": summary.get("wall_s"),
+        **ctrl,
         "compute_matched_by": _MATCH.value,
     }
     os.makedirs(out, exist_ok=True)
@@ -119,10 +145,13 @@ def main(_):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"held-out exact-call accuracy: after SFT {fmt(result['accuracy_after_sft'])}; "
-          f"+GRPO ({steps} steps) {fmt(result['accuracy_after_grpo'])}; "
-          f"+SFT instead ({ctrl['extra_sft_steps']} steps, {_MATCH.value}-matched) "
-          f"{ctrl['accuracy_more_sft']:.3f}  [{path}]", flush=True)
+    print(
+        f"held-out exact-call accuracy: after SFT {fmt(result['accuracy_after_sft'])}; "
+        f"+GRPO ({steps} steps) {fmt(result['accuracy_after_grpo'])}; "
+        f"+SFT instead ({ctrl['extra_sft_steps']} steps, {_MATCH.value}-matched) "
+        f"{ctrl['accuracy_more_sft']:.3f}  [{path}]",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ is meaningful on a busy machine.
     python benchmarks/forward.py                       # small config, 1 and 8 devices
     python benchmarks/forward.py --rules sample --batch 16 --seq 256 --no-torch
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -43,26 +46,34 @@ def main(argv=None):
     counts = [int(n) for n in args.devices.split(",")]
     # Virtual CPU devices must be requested before JAX starts.
     if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(counts)}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(counts)}"
+        ).strip()
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from tooln1_jax.models import ModelConfig, init_params, logits
-    from tooln1_jax.models import shard_params
+    from tooln1_jax.models import ModelConfig, init_params, logits, shard_params
     from tooln1_jax.sharding import SAMPLE_RULES, TRAIN_RULES, batch_sharding, make_mesh
 
     config = ModelConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_layers=args.layers,
-        num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads, dtype=args.dtype,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        dtype=args.dtype,
     )
     rules = TRAIN_RULES if args.rules == "train" else SAMPLE_RULES
     tokens = args.batch * args.seq
     ids = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     mask = np.ones_like(ids)
     params = init_params(config, jax.random.key(0))
-    print(f"backend={jax.default_backend()} devices={jax.device_count()} params={config.num_params / 1e6:.1f}M "
-          f"batch={args.batch} seq={args.seq} dtype={args.dtype} rules={args.rules}")
+    print(
+        f"backend={jax.default_backend()} devices={jax.device_count()} params={config.num_params / 1e6:.1f}M "
+        f"batch={args.batch} seq={args.seq} dtype={args.dtype} rules={args.rules}"
+    )
 
     results = {}
     for n in counts:
@@ -85,8 +96,10 @@ def main(argv=None):
             times.append(time.perf_counter() - start)
         step = statistics.median(times)
         results[n] = tokens / step
-        print(f"jax   {n} device(s) mesh={dict(mesh.shape)}: compile {compile_s:6.2f} s, "
-              f"forward {step * 1e3:8.1f} ms, {tokens / step:10.0f} tok/s")
+        print(
+            f"jax   {n} device(s) mesh={dict(mesh.shape)}: compile {compile_s:6.2f} s, "
+            f"forward {step * 1e3:8.1f} ms, {tokens / step:10.0f} tok/s"
+        )
 
     if not args.no_torch:
         import torch

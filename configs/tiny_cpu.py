@@ -24,6 +24,7 @@ because this tiny model is still far from converged after the warm start. The mo
 format and tool names early but copies argument values only after ~700 SFT steps (600
 steps: 0.024, and GRPO then finds almost no positive samples).
 """
+
 from tooln1_jax.config import default_config, validate_config
 
 
@@ -32,10 +33,20 @@ def get_config():
     c.seed = 0
     c.output_dir = "runs/tiny_cpu"
 
-    c.model.random.update(dict(
-        model_type="qwen2", vocab_size=0, hidden_size=192, intermediate_size=512, num_layers=2,
-        num_heads=6, num_kv_heads=6, head_dim=32, tie_word_embeddings=True, max_position_embeddings=512,
-    ))
+    c.model.random.update(
+        dict(
+            model_type="qwen2",
+            vocab_size=0,
+            hidden_size=192,
+            intermediate_size=512,
+            num_layers=2,
+            num_heads=6,
+            num_kv_heads=6,
+            head_dim=32,
+            tie_word_embeddings=True,
+            max_position_embeddings=512,
+        )
+    )
     c.tokenizer.kind = "tiny"
     c.tokenizer.vocab_size = 1536
 
@@ -43,9 +54,15 @@ def get_config():
     c.data.max_prompt_length = 128
     c.data.val_fraction = 0.1
     c.data.synthetic = dict(
-        num_examples=4000, seed=0, num_tools=2, min_calls=1, max_calls=1,
+        num_examples=4000,
+        seed=0,
+        num_tools=2,
+        min_calls=1,
+        max_calls=1,
         arg_types=("string", "enum", "integer", "boolean"),
-        similar_distractor_prob=0.7, optional_prob=0.3, distinct_tools=True,
+        similar_distractor_prob=0.7,
+        optional_prob=0.3,
+        distinct_tools=True,
     )
 
     c.sft.warm_start_steps = 1000

@@ -1,7 +1,8 @@
 """Tool-N1-14B: the 7B recipe (same hyperparameters, as in the paper) on Qwen2.5-14B-Instruct.
 
-    python -m tooln1_jax.train --config configs/tool_n1_qwen2_5_14b.py
+python -m tooln1_jax.train --config configs/tool_n1_qwen2_5_14b.py
 """
+
 import importlib.util
 import os
 

@@ -12,6 +12,7 @@ temperature 0.7, top_p 1, no top-k; KL k3 coefficient 1e-3 to the frozen initial
 `distributed.enabled` starts `jax.distributed.initialize()` (auto-detected on TPU pods and
 SLURM/MPI clusters); on a single host add `--config.distributed.enabled=False`.
 """
+
 from tooln1_jax.config import default_config, validate_config
 
 

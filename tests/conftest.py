@@ -1,4 +1,5 @@
 """Shared fixtures. Eight virtual CPU devices for the whole suite, set before JAX starts."""
+
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()

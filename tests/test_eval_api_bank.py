@@ -1,5 +1,6 @@
 """API-Bank level-1 (call mode): parsing the expected requests with `ast` literals, prompts,
 exact-match scoring on oracle and perturbed completions, and the CLI on prediction files."""
+
 import ast
 import json
 import os
@@ -29,11 +30,14 @@ def test_loads_all_items_and_the_multi_turn_split(items):
 
 def test_parse_api_request():
     assert api_bank.parse_api_request("API-Request: [ToolSearcher(keywords='bank, token', n=3)]") == (
-        "ToolSearcher", {"keywords": "bank, token", "n": 3})
+        "ToolSearcher",
+        {"keywords": "bank, token", "n": 3},
+    )
     assert api_bank.parse_api_request("[A(x=\"it's\")]->{'ok': 1}") == ("A", {"x": "it's"})
     # the dataset's quoted list literal with clashing inner quotes
     name, args = api_bank.parse_api_request(
-        "API-Request: [RecordHealthData(user_id='1', health_data='[{'name': 'bp', 'value': '120/80'}]', t='x')]")
+        "API-Request: [RecordHealthData(user_id='1', health_data='[{'name': 'bp', 'value': '120/80'}]', t='x')]"
+    )
     assert name == "RecordHealthData" and args["user_id"] == "1" and args["t"] == "x"
     assert api_bank.canonical_value(args["health_data"]) == [{"name": "bp", "value": "120/80"}]
     # never evaluated: calls and names are not literals
@@ -51,7 +55,7 @@ def test_every_expected_request_parses_to_strings(items):
     quirky = []
     for item, row in zip(items, rows):
         try:
-            ast.parse(row["expected_output"][len("API-Request: "):], mode="eval")
+            ast.parse(row["expected_output"][len("API-Request: ") :], mode="eval")
         except SyntaxError:
             quirky.append(item)
     # 31 requests quote a list literal that has quotes inside; each still splits into its keys,
@@ -79,8 +83,12 @@ def test_prompt_record(items):
 
 def test_oracle_scores_100_and_perturbations_0(items):
     summary = api_bank.summarize([api_bank.score_item(i, api_bank.oracle_completion(i)) for i in items])
-    assert summary["api_bank"] == {"accuracy": 100.0, "correct": 212, "total": 212,
-                                   "covers": "items whose dialogue has no earlier API call"}
+    assert summary["api_bank"] == {
+        "accuracy": 100.0,
+        "correct": 212,
+        "total": 212,
+        "covers": "items whose dialogue has no earlier API call",
+    }
     assert summary["api_bank_all"]["correct"] == 399
 
     def perturbed(item, how):
@@ -105,8 +113,10 @@ def test_oracle_scores_100_and_perturbations_0(items):
         assert sum(r.valid for r in results) == 0, how
     # two calls where one is expected is wrong too
     item = items[0]
-    two = api_bank.oracle_completion(item).replace("]\n</tool_call>", ", " + json.dumps(
-        {"name": item.expected_name, "arguments": item.expected_arguments}) + "]\n</tool_call>")
+    two = api_bank.oracle_completion(item).replace(
+        "]\n</tool_call>",
+        ", " + json.dumps({"name": item.expected_name, "arguments": item.expected_arguments}) + "]\n</tool_call>",
+    )
     assert api_bank.score_item(item, two).error_type == "wrong_call_count"
 
 
@@ -131,8 +141,22 @@ def test_cli_predictions(items, tmp_path, capsys):
     rows.append("garbage line")
     (tmp_path / "p.jsonl").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
-    assert main(["api_bank", "--predictions", str(tmp_path / "p.jsonl"), "--data", DATA, "--limit", "40",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "api_bank",
+                "--predictions",
+                str(tmp_path / "p.jsonl"),
+                "--data",
+                DATA,
+                "--limit",
+                "40",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     first_call = [i for i in items[:40] if not i.multi_turn]
     assert summary["api_bank"]["total"] == len(first_call)
@@ -171,21 +195,40 @@ def test_api_bank_needs_no_nvidia_bfcl(items, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bfcl", None)
     monkeypatch.delitem(sys.modules, "tooln1_jax.evaluation.bfcl", raising=False)
     monkeypatch.delattr(tooln1_jax.evaluation, "bfcl", raising=False)
-    (tmp_path / "p.jsonl").write_text(json.dumps({"id": items[0].id, "completion": api_bank.oracle_completion(items[0])}))
-    assert main(["api_bank", "--predictions", str(tmp_path / "p.jsonl"), "--data", DATA, "--limit", "1",
-                 "--output", str(tmp_path / "out")]) == 0
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"id": items[0].id, "completion": api_bank.oracle_completion(items[0])})
+    )
+    assert (
+        main(
+            [
+                "api_bank",
+                "--predictions",
+                str(tmp_path / "p.jsonl"),
+                "--data",
+                DATA,
+                "--limit",
+                "1",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["api_bank_all"]["correct"] == 1
     with pytest.raises(SystemExit, match=r"pip install --no-deps nvidia-bfcl"):
         main(["bfcl", "--predictions", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "b")])
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "empty file, no API-Bank items"),
-    ("[]", "no API-Bank items"),
-    ("\n\n", "empty file"),
-    ('[{"file": "a.jsonl", "id": 0,\n "instruction": "x', r"line 2 column 17: not valid JSON .*truncated\?"),
-    ("[5]", "item 0: a JSON int, not an item object"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty file, no API-Bank items"),
+        ("[]", "no API-Bank items"),
+        ("\n\n", "empty file"),
+        ('[{"file": "a.jsonl", "id": 0,\n "instruction": "x', r"line 2 column 17: not valid JSON .*truncated\?"),
+        ("[5]", "item 0: a JSON int, not an item object"),
+    ],
+)
 def test_unusable_data_file_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "level-1-api.json"
     path.write_text(text)

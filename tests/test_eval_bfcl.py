@@ -1,6 +1,7 @@
 """BFCL v3 evaluation: the official checker on oracle and perturbed completions, the leaderboard
 aggregation (against the paper's figures and the package's own code), prediction-file handling,
 and an end-to-end generation run of a tiny model through the CLI."""
+
 import ast
 import json
 import os
@@ -12,24 +13,46 @@ from tooln1_jax.evaluation import bfcl
 # Items no completion can pass, because of the shipped data (nvidia-bfcl 26.3): id -> the
 # checker's error type for the oracle, and why.
 KNOWN_EXCEPTIONS = {
-    "simple_363": ("simple_function_checker:wrong_func_name",
-                   "ground truth calls 'find_closest'; the tool is 'restaurant_search.find_closest'"),
-    "javascript_41": ("simple_function_checker:wrong_func_name",
-                      "ground truth calls 'queue'; the tool is 'queue_1'"),
-    "java_36": ("value_error:list/tuple", "ArrayList of 'any': the converter yields strings, the answer has 42 and True"),
+    "simple_363": (
+        "simple_function_checker:wrong_func_name",
+        "ground truth calls 'find_closest'; the tool is 'restaurant_search.find_closest'",
+    ),
+    "javascript_41": ("simple_function_checker:wrong_func_name", "ground truth calls 'queue'; the tool is 'queue_1'"),
+    "java_36": (
+        "value_error:list/tuple",
+        "ArrayList of 'any': the converter yields strings, the answer has 42 and True",
+    ),
     "java_65": ("value_error:list/tuple", "ArrayList of 'any': the converter yields strings, the answer has True"),
-    "java_64": ("value_error:dict_value",
-                "HashMap answer is a literal dict, which dict_checker reads as per-key option lists"),
+    "java_64": (
+        "value_error:dict_value",
+        "HashMap answer is a literal dict, which dict_checker reads as per-key option lists",
+    ),
     "live_simple_106-63-0": ("simple_function_checker:wrong_count", "some arguments accept no value at all ([])"),
     "live_simple_112-68-0": ("simple_function_checker:wrong_count", "some arguments accept no value at all ([])"),
-    "live_multiple_862-181-3": ("simple_function_checker:unexpected_param",
-                                "ground truth passes 'journey_start_time', which Trains_1_FindTrains lacks"),
-    "live_multiple_964-207-0": ("simple_function_checker:missing_required",
-                                "ground truth omits the required 'statement'"),
+    "live_multiple_862-181-3": (
+        "simple_function_checker:unexpected_param",
+        "ground truth passes 'journey_start_time', which Trains_1_FindTrains lacks",
+    ),
+    "live_multiple_964-207-0": (
+        "simple_function_checker:missing_required",
+        "ground truth omits the required 'statement'",
+    ),
 }
-SIZES = {"simple": 400, "java": 100, "javascript": 50, "multiple": 200, "parallel": 200, "parallel_multiple": 200,
-         "live_simple": 258, "live_multiple": 1053, "live_parallel": 16, "live_parallel_multiple": 24,
-         "irrelevance": 240, "live_irrelevance": 882, "live_relevance": 18}
+SIZES = {
+    "simple": 400,
+    "java": 100,
+    "javascript": 50,
+    "multiple": 200,
+    "parallel": 200,
+    "parallel_multiple": 200,
+    "live_simple": 258,
+    "live_multiple": 1053,
+    "live_parallel": 16,
+    "live_parallel_multiple": 24,
+    "irrelevance": 240,
+    "live_irrelevance": 882,
+    "live_relevance": 18,
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +74,17 @@ def test_oracle_scores_100_except_known_data_errors(items):
     category_of = {r.id: r.category for r in results}
     for category, size in SIZES.items():
         wrong = sum(category_of[k] == category for k in KNOWN_EXCEPTIONS)
-        assert scores[category] == {"accuracy": round(100 * (size - wrong) / size, 2), "correct": size - wrong,
-                                    "total": size}
+        assert scores[category] == {
+            "accuracy": round(100 * (size - wrong) / size, 2),
+            "correct": size - wrong,
+            "total": size,
+        }
 
 
 def _perturb(completion_fn, how):
     def make(item):
         text = completion_fn(item)
-        body = text[text.index("<tool_call>") + len("<tool_call>"): text.index("</tool_call>")]
+        body = text[text.index("<tool_call>") + len("<tool_call>") : text.index("</tool_call>")]
         calls = json.loads(body)
         if not calls:  # the two unsatisfiable items (KNOWN_EXCEPTIONS): already wrong
             return text
@@ -75,6 +101,7 @@ def _perturb(completion_fn, how):
             else:
                 args["unexpected_argument"] = 1
         return text.replace(body, "\n" + json.dumps(calls) + "\n")
+
     return make
 
 
@@ -108,11 +135,16 @@ def test_first_tool_call_block_is_scored(items):
 
 
 def test_odd_model_output_never_raises(items):
-    odd = ["", "<tool_call>5</tool_call>", "<tool_call>\"[1]\"</tool_call>",
-           '<tool_call>[{"name": ["x"], "arguments": {}}]</tool_call>',
-           '<tool_call>[{"name": "f", "arguments": [1, 2]}]</tool_call>',
-           '<tool_call>{"name": "f", "arguments": {"a": {"b": [null]}}}</tool_call>',
-           '<tool_call>[{"name": "GeometryPresentation.createPresentation", "arguments": {"controller": 1, "parent": null}}]</tool_call>']
+    odd = [
+        "",
+        "<tool_call>5</tool_call>",
+        '<tool_call>"[1]"</tool_call>',
+        '<tool_call>[{"name": ["x"], "arguments": {}}]</tool_call>',
+        '<tool_call>[{"name": "f", "arguments": [1, 2]}]</tool_call>',
+        '<tool_call>{"name": "f", "arguments": {"a": {"b": [null]}}}</tool_call>',
+        '<tool_call>[{"name": "GeometryPresentation.createPresentation", '
+        '"arguments": {"controller": 1, "parent": null}}]</tool_call>',
+    ]
     for category in bfcl.ALL_CATEGORIES:
         for item in items[category][:5]:
             for text in odd:
@@ -138,9 +170,16 @@ def test_prompt_tools_follow_bfcl_language_rules(items):
 
 # ---- aggregation ------------------------------------------------------------------------------------
 
-PAPER_TOOL_N1_7B = {"simple": 77.00, "multiple": 95.00, "parallel": 94.50, "parallel_multiple": 90.50,
-                    "live_simple": 82.17, "live_multiple": 80.44, "live_parallel": 62.50,
-                    "live_parallel_multiple": 70.83}
+PAPER_TOOL_N1_7B = {
+    "simple": 77.00,
+    "multiple": 95.00,
+    "parallel": 94.50,
+    "parallel_multiple": 90.50,
+    "live_simple": 82.17,
+    "live_multiple": 80.44,
+    "live_parallel": 62.50,
+    "live_parallel_multiple": 70.83,
+}
 LIVE_COUNTS = {"live_simple": 258, "live_multiple": 1053, "live_parallel": 16, "live_parallel_multiple": 24}
 
 
@@ -168,8 +207,11 @@ def _package_functions():
     folder = list(importlib.util.find_spec("bfcl").submodule_search_locations)[0]
     path = os.path.join(folder, "eval_checker", "eval_runner_helper.py")
     tree = ast.parse(open(path).read())
-    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef)
-              and n.name in ("calculate_weighted_accuracy", "calculate_unweighted_accuracy")]
+    wanted = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef) and n.name in ("calculate_weighted_accuracy", "calculate_unweighted_accuracy")
+    ]
     assert len(wanted) == 2
     namespace = {}
     exec(compile(ast.Module(body=wanted, type_ignores=[]), path, "exec"), namespace)  # package code, not data
@@ -182,8 +224,14 @@ def test_mirrored_averages_equal_the_package_code():
     pkg = _package_functions()
     rng = random.Random(0)
     for _ in range(200):
-        entries = [{"accuracy": rng.random(), "total_count": rng.randint(0, 50),
-                    "display_accuracy": "N/A" if rng.random() < 0.2 else 0.0} for _ in range(rng.randint(1, 6))]
+        entries = [
+            {
+                "accuracy": rng.random(),
+                "total_count": rng.randint(0, 50),
+                "display_accuracy": "N/A" if rng.random() < 0.2 else 0.0,
+            }
+            for _ in range(rng.randint(1, 6))
+        ]
         for name in ("calculate_weighted_accuracy", "calculate_unweighted_accuracy"):
             for flag in (True, False):
                 ours = getattr(bfcl, name)([dict(e) for e in entries], flag)
@@ -199,6 +247,7 @@ def test_mirrored_averages_equal_the_package_code():
 
 # ---- the CLI: prediction files ----------------------------------------------------------------------
 
+
 def _write_jsonl(path, rows):
     with open(path, "w") as f:
         for row in rows:
@@ -209,11 +258,28 @@ def _write_jsonl(path, rows):
 def test_cli_scores_oracle_predictions(items, tmp_path):
     from tooln1_jax.evaluate import main
 
-    rows = [{"id": it.id, "completion": bfcl.oracle_completion(it)} for c in ("multiple", "live_parallel") for it in items[c]]
+    rows = [
+        {"id": it.id, "completion": bfcl.oracle_completion(it)}
+        for c in ("multiple", "live_parallel")
+        for it in items[c]
+    ]
     _write_jsonl(tmp_path / "p.jsonl", rows)
     out = tmp_path / "out"
-    assert main(["bfcl", "--predictions", str(tmp_path / "p.jsonl"), "--categories", "multiple", "live_parallel",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bfcl",
+                "--predictions",
+                str(tmp_path / "p.jsonl"),
+                "--categories",
+                "multiple",
+                "live_parallel",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["multiple"] == {"accuracy": 100.0, "correct": 200, "total": 200}
     assert summary["live_parallel"] == {"accuracy": 100.0, "correct": 16, "total": 16}
@@ -228,29 +294,68 @@ def test_cli_malformed_prediction_files(items, tmp_path, capsys):
     from tooln1_jax.evaluate import main
 
     good = [{"id": it.id, "completion": bfcl.oracle_completion(it)} for it in items["parallel"][:10]]
-    rows = good[:6] + ["{not json", '["a list"]', {"completion": "no id"}, {"id": "parallel_7"},
-                       good[0], {"id": "no_such_item", "completion": "x"}]
+    rows = good[:6] + [
+        "{not json",
+        '["a list"]',
+        {"completion": "no id"},
+        {"id": "parallel_7"},
+        good[0],
+        {"id": "no_such_item", "completion": "x"},
+    ]
     _write_jsonl(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "out"
-    assert main(["bfcl", "--predictions", str(tmp_path / "bad.jsonl"), "--categories", "parallel",
-                 "--limit", "10", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bfcl",
+                "--predictions",
+                str(tmp_path / "bad.jsonl"),
+                "--categories",
+                "parallel",
+                "--limit",
+                "10",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["parallel"] == {"accuracy": 60.0, "correct": 6, "total": 10}  # 4 without a prediction
     run = summary["run"]
     assert run["missing_prediction"] == 4
-    assert run["skipped_lines"] == {"non_json_line": 1, "not_an_object": 1, "missing_id": 1,
-                                    "missing_completion": 1, "duplicate_id": 1, "unknown_id": 1}
+    assert run["skipped_lines"] == {
+        "non_json_line": 1,
+        "not_an_object": 1,
+        "missing_id": 1,
+        "missing_completion": 1,
+        "duplicate_id": 1,
+        "unknown_id": 1,
+    }
     assert any(p.startswith(f"{tmp_path / 'bad.jsonl'}:7: not JSON") for p in run["problems"])
     # the same id with a different completion: an error naming the file and both lines
     _write_jsonl(tmp_path / "dup.jsonl", good[:2] + [{"id": good[1]["id"], "completion": "other"}])
-    assert main(["bfcl", "--predictions", str(tmp_path / "dup.jsonl"), "--categories", "parallel",
-                 "--output", str(tmp_path / "o2")]) == 2
+    assert (
+        main(
+            [
+                "bfcl",
+                "--predictions",
+                str(tmp_path / "dup.jsonl"),
+                "--categories",
+                "parallel",
+                "--output",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{tmp_path / 'dup.jsonl'}:3: id 'parallel_1' appears again (first at line 2)" in err
     assert not (tmp_path / "o2").exists()
 
 
 # ---- end to end: generation with a tiny random model --------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer):
@@ -260,9 +365,17 @@ def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer):
     from tooln1_jax.models.hf_io import save_pretrained
     from tooln1_jax.models.params import init_params
 
-    config = ModelConfig(vocab_size=len(qwen_tokenizer), hidden_size=16, intermediate_size=32, num_layers=1,
-                         num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True,
-                         eos_token_id=qwen_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    config = ModelConfig(
+        vocab_size=len(qwen_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        tie_word_embeddings=True,
+        eos_token_id=qwen_tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
     params = init_params(config, jax.random.PRNGKey(0))
     return save_pretrained(config, params, str(tmp_path_factory.mktemp("tiny_qwen")), tokenizer=qwen_tokenizer)
 
@@ -272,18 +385,54 @@ def test_cli_generation_end_to_end(tiny_qwen_dir, tmp_path, items, qwen_tokenize
     from tooln1_jax.evaluate import main
 
     out = tmp_path / "gen"
-    categories = ["simple", "java", "javascript", "multiple", "parallel", "parallel_multiple", "live_simple",
-                  "live_multiple", "live_parallel", "live_parallel_multiple"]
+    categories = [
+        "simple",
+        "java",
+        "javascript",
+        "multiple",
+        "parallel",
+        "parallel_multiple",
+        "live_simple",
+        "live_multiple",
+        "live_parallel",
+        "live_parallel_multiple",
+    ]
     # a prompt-length limit that drops the longest prompts: they are scored wrong, not left out
-    lengths = sorted(len(qwen_tokenizer(render_prompt(qwen_tokenizer, bfcl.prompt_record(it), for_eval=True),
-                                        add_special_tokens=False)["input_ids"])
-                     for c in categories for it in items[c][:2])
+    lengths = sorted(
+        len(
+            qwen_tokenizer(
+                render_prompt(qwen_tokenizer, bfcl.prompt_record(it), for_eval=True), add_special_tokens=False
+            )["input_ids"]
+        )
+        for c in categories
+        for it in items[c][:2]
+    )
     limit = lengths[16]
     too_long = sum(n > limit for n in lengths)
     assert 0 < too_long < 20
-    assert main(["bfcl", "--checkpoint", tiny_qwen_dir, "--categories", *categories, "--limit", "2",
-                 "--batch-size", "20", "--max-new-tokens", "4", "--max-prompt-length", str(limit),
-                 "--output", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "bfcl",
+                "--checkpoint",
+                tiny_qwen_dir,
+                "--categories",
+                *categories,
+                "--limit",
+                "2",
+                "--batch-size",
+                "20",
+                "--max-new-tokens",
+                "4",
+                "--max-prompt-length",
+                str(limit),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for name in ("summary.json", "summary.md", "results.jsonl", "predictions.jsonl"):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
@@ -315,8 +464,16 @@ def test_orbax_checkpoint_hook_restores_the_policy(tmp_path):
     from tooln1_jax.models.model_config import ModelConfig
     from tooln1_jax.models.params import init_params
 
-    config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                         num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        tie_word_embeddings=True,
+    )
     params = init_params(config, jax.random.PRNGKey(1))
     ckpt = RunCheckpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(3, params, {"count": jnp.zeros((), jnp.int32)}, {"model_config": dataclasses.asdict(config)})
@@ -337,15 +494,33 @@ def test_prompts_beyond_the_model_positions_are_dropped_not_fatal(items, qwen_to
     from tooln1_jax.models.params import init_params
 
     records = [bfcl.prompt_record(it) for it in items["multiple"][:4]]
-    lengths = [len(qwen_tokenizer(render_prompt(qwen_tokenizer, r, for_eval=True), add_special_tokens=False)["input_ids"])
-               for r in records]
+    lengths = [
+        len(qwen_tokenizer(render_prompt(qwen_tokenizer, r, for_eval=True), add_special_tokens=False)["input_ids"])
+        for r in records
+    ]
     positions, new_tokens = sorted(lengths)[1] + 4, 4  # room for the two shortest prompts only
-    config = ModelConfig(vocab_size=len(qwen_tokenizer), hidden_size=16, intermediate_size=32, num_layers=1,
-                         num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True,
-                         max_position_embeddings=positions)
+    config = ModelConfig(
+        vocab_size=len(qwen_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        tie_word_embeddings=True,
+        max_position_embeddings=positions,
+    )
     params = init_params(config, jax.random.PRNGKey(0))
-    completions, drops = generate_completions(config, params, qwen_tokenizer, records, batch_size=4,
-                                              max_new_tokens=new_tokens, max_prompt_length=4096, progress=False)
+    completions, drops = generate_completions(
+        config,
+        params,
+        qwen_tokenizer,
+        records,
+        batch_size=4,
+        max_new_tokens=new_tokens,
+        max_prompt_length=4096,
+        progress=False,
+    )
     expected = sum(n > positions - new_tokens for n in lengths)
     assert expected >= 1 and drops["prompt_too_long"] == expected
     assert len(completions) == len(records) - expected

@@ -1,4 +1,5 @@
 """GRPO maths against hand-computed values: advantages, chunked log-probs, the clipped loss."""
+
 import functools
 import math
 
@@ -8,12 +9,20 @@ import numpy as np
 import pytest
 
 from tooln1_jax import grpo
-from tooln1_jax.grpo import combine_terms, finalize_terms, group_advantages, kl_penalty, nonzero_std_groups
+from tooln1_jax.grpo import (
+    LossSettings,
+    combine_terms,
+    finalize_terms,
+    group_advantages,
+    kl_penalty,
+    nonzero_std_groups,
+)
 
 # Jitted once per option set: op-by-op dispatch of the loss costs more than its compile.
-_STATIC = ("clip_eps", "kl_coef", "kl_estimator", "entropy_coef", "aggregation", "norm_constant")
+_STATIC = ("settings",)  # LossSettings is hashable
 grpo_loss = jax.jit(grpo.grpo_loss, static_argnames=_STATIC)
 grpo_loss_terms = jax.jit(grpo.grpo_loss_terms, static_argnames=_STATIC)
+NO_KL = LossSettings(kl_coef=0.0)
 token_logprobs = jax.jit(grpo.token_logprobs, static_argnames=("temperature", "chunk_size"))
 
 # ----------------------------------------------------------------------------- advantages
@@ -101,19 +110,21 @@ def test_clipped_surrogate_by_hand_both_signs():
     adv = np.array([1.0, -1.0], np.float32)
     mask = np.ones((2, 2), np.float32)
     # Per token max(-A r, -A clip(r)): -1.2 (clipped high), -0.5, 0.8 (clipped low), 1.5.
-    loss, m = grpo_loss(logp, old, None, adv, mask, kl_coef=0.0)
+    loss, m = grpo_loss(logp, old, None, adv, mask, settings=NO_KL)
     np.testing.assert_allclose(loss, (-1.2 - 0.5 + 0.8 + 1.5) / 4, rtol=1e-5)
     np.testing.assert_allclose(m["policy_loss"], 0.15, rtol=1e-5)
     np.testing.assert_allclose([m["clip_frac"], m["clip_frac_low"], m["clip_frac_high"]], [0.5, 0.25, 0.25])
     np.testing.assert_allclose([m["ratio_min"], m["ratio_max"], m["ratio_mean"]], [0.5, 1.5, 1.05], rtol=1e-5)
     # d loss / d logp = -A r / 4 where unclipped, 0 where the clip is active.
-    grad = jax.grad(lambda lp: grpo_loss(lp, old, None, adv, mask, kl_coef=0.0)[0])(logp)
+    grad = jax.grad(lambda lp: grpo_loss(lp, old, None, adv, mask, settings=NO_KL)[0])(logp)
     np.testing.assert_allclose(grad, [[0.0, -0.5 / 4], [0.0, 1.5 / 4]], atol=1e-6)
 
 
 def test_negative_advantage_inside_clip_range_is_not_clipped():
     # A < 0 and r > 1 + eps: the unclipped -A r is larger (more pessimistic) and must be used.
-    loss, m = grpo_loss(jnp.log(jnp.array([[2.0]])), jnp.zeros((1, 1)), None, jnp.array([-1.0]), jnp.ones((1, 1)), kl_coef=0.0)
+    loss, m = grpo_loss(
+        jnp.log(jnp.array([[2.0]])), jnp.zeros((1, 1)), None, jnp.array([-1.0]), jnp.ones((1, 1)), settings=NO_KL
+    )
     np.testing.assert_allclose(loss, 2.0, rtol=1e-6)
     assert float(m["clip_frac"]) == 0.0
 
@@ -130,7 +141,9 @@ def test_kl_estimators_by_hand(estimator, want):
     logp = jnp.array([[-1.0, -2.0]])
     ref = jnp.array([[-1.5, -1.0]])
     np.testing.assert_allclose(kl_penalty(logp, ref, estimator)[0], want, rtol=1e-6)
-    loss, m = grpo_loss(logp, logp, ref, jnp.zeros(1), jnp.ones((1, 2)), kl_coef=0.5, kl_estimator=estimator)
+    loss, m = grpo_loss(
+        logp, logp, ref, jnp.zeros(1), jnp.ones((1, 2)), settings=LossSettings(kl_coef=0.5, kl_estimator=estimator)
+    )
     np.testing.assert_allclose(m["kl"], np.mean(want), rtol=1e-6)
     np.testing.assert_allclose(loss, 0.5 * np.mean(want), rtol=1e-6)
 
@@ -151,7 +164,14 @@ def test_kl_gradient_pulls_policy_toward_reference(estimator):
     def kl_loss(th, est):
         lp = jax.nn.log_softmax(th)
         weights = jax.lax.stop_gradient(jnp.exp(lp))
-        return grpo_loss(lp, jax.lax.stop_gradient(lp), ref_lp, jnp.zeros(4), weights, kl_coef=1.0, kl_estimator=est)[0]
+        return grpo_loss(
+            lp,
+            jax.lax.stop_gradient(lp),
+            ref_lp,
+            jnp.zeros(4),
+            weights,
+            settings=LossSettings(kl_coef=1.0, kl_estimator=est),
+        )[0]
 
     def kl_exact(th):
         p, r = jax.nn.softmax(th), jnp.exp(ref_lp)
@@ -184,7 +204,7 @@ def _agg_example():
 )
 def test_aggregations_by_hand_and_split_exactly(aggregation, norm_constant, want):
     logp, adv, mask = _agg_example()
-    kw = dict(kl_coef=0.0, aggregation=aggregation, norm_constant=norm_constant)
+    kw = dict(settings=LossSettings(kl_coef=0.0, aggregation=aggregation, norm_constant=norm_constant))
     loss, m = grpo_loss(logp, logp, None, adv, mask, **kw)
     np.testing.assert_allclose(loss, want, rtol=1e-6)
     assert float(m["num_tokens"]) == 4 and float(m["num_seqs"]) == 2
@@ -200,7 +220,7 @@ def test_entropy_bonus_and_padding_nan_ignored():
     logp = jnp.array([[jnp.nan, -1.0, -2.0]])  # the masked slot may hold garbage
     ent = jnp.array([[jnp.nan, 2.0, 4.0]])
     mask = jnp.array([[0.0, 1.0, 1.0]])
-    loss, m = grpo_loss(logp, logp, logp, jnp.zeros(1), mask, entropy=ent, entropy_coef=0.1)
+    loss, m = grpo_loss(logp, logp, logp, jnp.zeros(1), mask, entropy=ent, settings=LossSettings(entropy_coef=0.1))
     np.testing.assert_allclose(loss, -0.1 * 3.0, rtol=1e-6)
     np.testing.assert_allclose(m["entropy"], 3.0, rtol=1e-6)
 
@@ -208,8 +228,8 @@ def test_entropy_bonus_and_padding_nan_ignored():
 def test_bad_options_fail_clearly():
     x = jnp.zeros((1, 2))
     with pytest.raises(ValueError, match="kl_estimator"):
-        grpo_loss(x, x, x, jnp.zeros(1), x, kl_estimator="k4")
+        grpo_loss(x, x, x, jnp.zeros(1), x, settings=LossSettings(kl_estimator="k4"))
     with pytest.raises(ValueError, match="aggregation"):
-        grpo_loss(x, x, x, jnp.zeros(1), x, aggregation="sum")
+        grpo_loss(x, x, x, jnp.zeros(1), x, settings=LossSettings(aggregation="sum"))
     with pytest.raises(ValueError, match="ref_logprobs"):
-        grpo_loss(x, x, None, jnp.zeros(1), x, kl_coef=0.1)
+        grpo_loss(x, x, None, jnp.zeros(1), x, settings=LossSettings(kl_coef=0.1))

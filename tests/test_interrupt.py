@@ -2,6 +2,7 @@
 the step, saves a checkpoint (even with checkpoint.every_steps=0) and its summary, and exits with
 128 + the signal; the same command then resumes and ends exactly like an uninterrupted run. A
 second Ctrl-C stops at once. Also: the CLI's one-line errors and --help."""
+
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from tooln1_jax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"tokens_per_s", "rollout_tokens_per_s", "step_time", "rollout_time", "update_time"}
-CONFIG_FILE = '''
+CONFIG_FILE = """
 from tooln1_jax.config import default_config, validate_config
 
 
@@ -38,7 +39,7 @@ def get_config():
     c.log.plot = False
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     return validate_config(c)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,14 @@ def start(config_path, out_dir, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if "TOOLN1_TEST_JAX_CACHE" in env:
         env.update(CACHE_ENV, JAX_COMPILATION_CACHE_DIR=env["TOOLN1_TEST_JAX_CACHE"])
-    return subprocess.Popen([sys.executable, "-m", "tooln1_jax.train", f"--config={config_path}",
-                             f"--config.output_dir={out_dir}", *extra], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tooln1_jax.train", f"--config={config_path}", f"--config.output_dir={out_dir}", *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def wait_for_rows(out_dir, proc, n, timeout=600):
@@ -77,7 +83,9 @@ def wait_for_rows(out_dir, proc, n, timeout=600):
 
 
 def rows(out_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl"))]
+    return [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +95,9 @@ def uninterrupted(config_path, tmp_path_factory):
     return out
 
 
-def test_sigterm_saves_once_and_the_rerun_equals_an_uninterrupted_run(config_path, uninterrupted, compile_cache,
-                                                                     tmp_path):
+def test_sigterm_saves_once_and_the_rerun_equals_an_uninterrupted_run(
+    config_path, uninterrupted, compile_cache, tmp_path
+):
     out = tmp_path / "run"
     step = interrupt_run(start(config_path, out), out, signal.SIGTERM)
     rerun = start(config_path, out)
@@ -106,7 +115,9 @@ def interrupt_run(proc, out, signum) -> int:
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith("interrupted at step ") and line.endswith("run the same command again to resume"), err[-2000:]
+    assert line.startswith("interrupted at step ") and line.endswith("run the same command again to resume"), err[
+        -2000:
+    ]
     step = int(line.split("interrupted at step ", 1)[1].split()[0])
     assert 2 <= step < 12
     assert sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit()) == [step]  # saved once
@@ -174,11 +185,15 @@ def test_cli_errors_are_one_line_and_help_exits_0(tmp_path):
     for args, message in cases.items():
         r = run_cli(*args)
         assert r.returncode == 2, (args, r.stderr[-2000:])
-        lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1", "WARNING"))]
+        lines = [
+            line for line in r.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1", "WARNING"))
+        ]
         assert len(lines) == 1 and lines[0].startswith(message), (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
-    for module, args in (("tooln1_jax.sft", [f"--config.output_dir={a_file}"]),
-                         ("tooln1_jax.evaluate", ["api_bank", "--predictions", str(a_file), "--output", str(a_file)])):
+    for module, args in (
+        ("tooln1_jax.sft", [f"--config.output_dir={a_file}"]),
+        ("tooln1_jax.evaluate", ["api_bank", "--predictions", str(a_file), "--output", str(a_file)]),
+    ):
         r = run_cli(*args, module=module)  # an unusable output folder fails before any work
         assert r.returncode == 2 and f"{str(a_file)!r} is a file, not a folder" in r.stderr, r.stderr[-2000:]
     r = run_cli("--config.rl.bogus=3", "--verbose")
@@ -187,13 +202,28 @@ def test_cli_errors_are_one_line_and_help_exits_0(tmp_path):
 
 def test_a_resume_with_a_different_config_warns_or_is_refused(config_path, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    r = run_cli(f"--config={config_path}", f"--config.output_dir={out}", "--config.rl.total_steps=2",
-                "--config.checkpoint.every_steps=1")
+    r = run_cli(
+        f"--config={config_path}",
+        f"--config.output_dir={out}",
+        "--config.rl.total_steps=2",
+        "--config.checkpoint.every_steps=1",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     changed = ["--config.seed=5", "--config.optim.lr=0.002"]
-    r = run_cli(f"--config={config_path}", f"--config.output_dir={out}", "--config.rl.total_steps=3",
-                "--config.checkpoint.every_steps=1", *changed, "--config.resume.strict=True")
+    r = run_cli(
+        f"--config={config_path}",
+        f"--config.output_dir={out}",
+        "--config.rl.total_steps=3",
+        "--config.checkpoint.every_steps=1",
+        *changed,
+        "--config.resume.strict=True",
+    )
     assert r.returncode == 2 and "config.seed: 0 in the checkpoint, 5 now" in r.stderr and "config.optim.lr" in r.stderr
-    r = run_cli(f"--config={config_path}", f"--config.output_dir={out}", "--config.rl.total_steps=3",
-                "--config.checkpoint.every_steps=1", *changed)
+    r = run_cli(
+        f"--config={config_path}",
+        f"--config.output_dir={out}",
+        "--config.rl.total_steps=3",
+        "--config.checkpoint.every_steps=1",
+        *changed,
+    )
     assert r.returncode == 0 and "warning: resuming with a config that differs" in r.stderr

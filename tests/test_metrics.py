@@ -1,5 +1,6 @@
 """Run logs survive a writer that died mid-line: the torn last line is dropped with a warning and
 a resumed run goes on; damage before the last line is a clear error naming the line."""
+
 import json
 import os
 

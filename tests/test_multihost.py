@@ -3,6 +3,7 @@ distributed runtime on localhost, exactly as `tpu_scripts/launch.py` starts them
 `program_argv`) plus the flags a slice detects by itself (`local_process_flags`). Each result is
 compared with the same config run here, in this one process, over the suite's 8 devices with the
 same mesh shape. Compiled programs are shared between the runs through JAX's persistent cache."""
+
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ import pytest
 
 import tooln1_jax.train as train_lib
 from tooln1_jax import evaluate as evaluate_cli
+from tooln1_jax import run_setup
 from tooln1_jax.checkpoint import export_hf
 from tooln1_jax.cli import parse_config_args
 from tooln1_jax.metrics import read_jsonl
@@ -45,24 +47,46 @@ CONFIG = "configs/tiny_cpu.py"
 # the KL term give every update a non-zero gradient while the toy model earns no reward.
 TOY = [
     "--config.data.synthetic.num_examples=200",
-    "--config.model.random.hidden_size=32", "--config.model.random.intermediate_size=64",
-    "--config.model.random.num_layers=1", "--config.model.random.num_heads=8",
-    "--config.model.random.num_kv_heads=8", "--config.model.random.head_dim=8",
-    "--config.sft.warm_start_steps=2", "--config.sft.batch_size=8",
-    "--config.rl.train_batch_size=4", "--config.rl.mini_batch_size=2",
-    "--config.rl.entropy_coef=0.01", "--config.rl.kl_coef=0.01",
-    "--config.rollout.num_samples=4", "--config.rollout.max_new_tokens=8",
-    "--config.eval.num_examples=8", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=8",
-    "--config.eval.every_steps=1", "--config.checkpoint.every_steps=1",
-    "--config.log.progress_bar=False", "--config.log.plot=False",
+    "--config.model.random.hidden_size=32",
+    "--config.model.random.intermediate_size=64",
+    "--config.model.random.num_layers=1",
+    "--config.model.random.num_heads=8",
+    "--config.model.random.num_kv_heads=8",
+    "--config.model.random.head_dim=8",
+    "--config.sft.warm_start_steps=2",
+    "--config.sft.batch_size=8",
+    "--config.rl.train_batch_size=4",
+    "--config.rl.mini_batch_size=2",
+    "--config.rl.entropy_coef=0.01",
+    "--config.rl.kl_coef=0.01",
+    "--config.rollout.num_samples=4",
+    "--config.rollout.max_new_tokens=8",
+    "--config.eval.num_examples=8",
+    "--config.eval.batch_size=8",
+    "--config.eval.max_new_tokens=8",
+    "--config.eval.every_steps=1",
+    "--config.checkpoint.every_steps=1",
+    "--config.log.progress_bar=False",
+    "--config.log.plot=False",
     "--config.model.random.max_position_embeddings=2048",  # room for API-Bank prompts in the evaluation test
 ]
 DATA_FSDP = ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.tensor=1"]
 # Devices are numbered process by process, so the last mesh axis crosses processes only when it
 # is longer than one process's 4 devices: tensor=8 makes every tensor-parallel collective cross.
 TENSOR = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=8"]
-COMPARED = ("reward_mean", "accuracy", "loss", "policy_loss", "kl", "entropy", "grad_norm", "ratio_mean",
-            "ratio_max", "response_length", "zero_std_group_frac")
+COMPARED = (
+    "reward_mean",
+    "accuracy",
+    "loss",
+    "policy_loss",
+    "kl",
+    "entropy",
+    "grad_norm",
+    "ratio_mean",
+    "ratio_max",
+    "response_length",
+    "zero_std_group_frac",
+)
 TIMEOUT = 900
 
 
@@ -76,16 +100,26 @@ class Processes:
 
     def __init__(self, program: list[str], logs_dir, cache: str, extra=None, heartbeat_s: int = 60, n: int = 2):
         port = launch.free_port()
-        env = {**launch.local_env(4), "JAX_COMPILATION_CACHE_DIR": cache,
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-               "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **launch.local_env(4),
+            "JAX_COMPILATION_CACHE_DIR": cache,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         self.logs = [os.path.join(logs_dir, f"process_{i}.log") for i in range(n)]
         self.procs = []
         for i in range(n):
             flags = launch.local_process_flags(port, n, i)
             if program[1] != "tooln1_jax.train" and program[1] != "tooln1_jax.sft":  # argparse CLIs
-                flags = ["--distributed", f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={n}",
-                         f"--process-id={i}", f"--heartbeat-timeout-s={heartbeat_s}"]
+                flags = [
+                    "--distributed",
+                    f"--coordinator-address=127.0.0.1:{port}",
+                    f"--num-processes={n}",
+                    f"--process-id={i}",
+                    f"--heartbeat-timeout-s={heartbeat_s}",
+                ]
             else:
                 flags.append(f"--config.distributed.heartbeat_timeout_s={heartbeat_s}")
             argv = [sys.executable, *program, *flags, *((extra or {}).get(i, []))]
@@ -113,7 +147,9 @@ class Processes:
 
 
 def train_program(out_dir, mesh, total_steps: int) -> list[str]:
-    return launch.program_argv("tooln1_jax.train", CONFIG, str(out_dir), mesh, [*TOY, f"--config.rl.total_steps={total_steps}"])
+    return launch.program_argv(
+        "tooln1_jax.train", CONFIG, str(out_dir), mesh, [*TOY, f"--config.rl.total_steps={total_steps}"]
+    )
 
 
 def one_process(out_dir, mesh, total_steps: int, module: str = "tooln1_jax.train"):
@@ -148,15 +184,17 @@ def two_process_run(tmp_path_factory, compile_cache):
     return out / "run", run
 
 
-def test_two_processes_train_like_one_resume_and_stop_when_a_peer_dies(two_process_run, reference_run, compile_cache,
-                                                                        tmp_path):
+def test_two_processes_train_like_one_resume_and_stop_when_a_peer_dies(
+    two_process_run, reference_run, compile_cache, tmp_path
+):
     run_dir, run = two_process_run
     want = read_jsonl(os.path.join(reference_run, "metrics.jsonl"))
     # Exactly one writer: process 0 wrote the logs; both took part in every checkpoint.
     assert sorted(os.listdir(run_dir)) == ["checkpoints", "eval.jsonl", "metrics.jsonl", "reference", "summary.json"]
     assert_rows_equal(read_jsonl(run_dir / "metrics.jsonl"), want[:3])
-    assert [r["accuracy"] for r in read_jsonl(run_dir / "eval.jsonl")] == \
-        [r["accuracy"] for r in read_jsonl(reference_run / "eval.jsonl")][:4]
+    assert [r["accuracy"] for r in read_jsonl(run_dir / "eval.jsonl")] == [
+        r["accuracy"] for r in read_jsonl(reference_run / "eval.jsonl")
+    ][:4]
     assert "held-out exact-call accuracy" in run.log(0) and "held-out exact-call accuracy" not in run.log(1)
 
     # Resume in 2 processes from step 3; kill -9 process 1 during step 5, once checkpoint 4 is complete.
@@ -212,10 +250,25 @@ def test_evaluate_and_export_in_two_processes_equal_one(two_process_run, compile
     from transformers import AutoModelForCausalLM
 
     run_dir, _ = two_process_run
-    evaluation = ["-m", "tooln1_jax.evaluate", "api_bank", "--checkpoint", str(run_dir), "--tokenizer",
-                  str(tmp_path / "tok"), "--data", API_BANK, "--limit", "8", "--max-new-tokens", "8",
-                  "--batch-size", "8", "--no-progress"]
-    tokenizer = train_lib.build_tokenizer(one_process(tmp_path, DATA_FSDP, 1))
+    evaluation = [
+        "-m",
+        "tooln1_jax.evaluate",
+        "api_bank",
+        "--checkpoint",
+        str(run_dir),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--data",
+        API_BANK,
+        "--limit",
+        "8",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
+    tokenizer = run_setup.build_tokenizer(one_process(tmp_path, DATA_FSDP, 1))
     tokenizer.save_pretrained(tmp_path / "tok")
     (tmp_path / "e2").mkdir()
     run = Processes([*evaluation, "--output", str(tmp_path / "eval_two")], tmp_path / "e2", compile_cache)
@@ -227,7 +280,9 @@ def test_evaluate_and_export_in_two_processes_equal_one(two_process_run, compile
     assert two["run"]["prompt_too_long"] < 8  # some prompts were really generated for
 
     (tmp_path / "x2").mkdir()
-    export = Processes(["-m", "tooln1_jax.export", str(run_dir), str(tmp_path / "hf_two")], tmp_path / "x2", compile_cache)
+    export = Processes(
+        ["-m", "tooln1_jax.export", str(run_dir), str(tmp_path / "hf_two")], tmp_path / "x2", compile_cache
+    )
     export_hf(str(run_dir), str(tmp_path / "hf_one"))
     assert export.wait() == [0, 0], export.tail()
     ids = torch.tensor([[3, 17, 250, 9, 1024, 77]])
@@ -239,8 +294,12 @@ def test_evaluate_and_export_in_two_processes_equal_one(two_process_run, compile
 def test_a_setup_failure_on_one_host_stops_every_host_with_its_error(compile_cache, tmp_path):
     missing = tmp_path / "no_such_tokenizer"
     t0 = time.time()
-    run = Processes(train_program(tmp_path / "run", DATA_FSDP, 1), tmp_path, compile_cache,
-                    extra={1: ["--config.tokenizer.kind=hf", f"--config.tokenizer.name_or_path={missing}"]})
+    run = Processes(
+        train_program(tmp_path / "run", DATA_FSDP, 1),
+        tmp_path,
+        compile_cache,
+        extra={1: ["--config.tokenizer.kind=hf", f"--config.tokenizer.name_or_path={missing}"]},
+    )
     codes = run.wait(timeout=300)
     assert codes[0] != 0 and codes[1] != 0, run.tail()
     assert time.time() - t0 < 120

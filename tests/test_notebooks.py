@@ -5,6 +5,7 @@ written into the repository. The kernel imports the package from this checkout (
 the install cell finds it and installs nothing, and uses a fresh cache folder (TOOLN1_CACHE), so
 the tiny tokenizer is built from the current code rather than read from an older cache.
 """
+
 import base64
 import json
 import os
@@ -24,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def kernel_name(tmp_path_factory):
-    """"python3" when Jupyter knows it; otherwise a spec for this interpreter, written into a
+    """ "python3" when Jupyter knows it; otherwise a spec for this interpreter, written into a
     temporary JUPYTER_PATH folder (nothing is installed into the user's Jupyter config)."""
     try:
         KernelSpecManager().get_kernel_spec("python3")
@@ -51,8 +52,9 @@ def kernel_env(tmp_path_factory):
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     # One CPU device, as on a Colab CPU runtime (the suite's conftest asks for eight).
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+    )
     return env
 
 
@@ -63,8 +65,9 @@ def execute(name: str, workdir: Path, kernel_name: str, env: dict) -> nbformat.N
     path = workdir / name
     shutil.copy(NOTEBOOKS / name, path)
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=kernel_name,
-                            resources={"metadata": {"path": str(workdir)}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name=kernel_name, resources={"metadata": {"path": str(workdir)}}
+    )
     client.execute(env=env)
     nbformat.write(nb, workdir / f"executed_{name}")
     return nb

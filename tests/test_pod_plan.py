@@ -2,6 +2,7 @@
 named plan fits its slice by its own numbers, the counter-example does not, the sharding and
 FLOP figures match an independent hand computation, and the document shows exactly what the
 script prints."""
+
 import dataclasses
 import math
 import os
@@ -36,7 +37,9 @@ def test_each_plan_fits_its_slice(reports, name):
     # the generation batch is not wastefully small: twice as many prompts per pass would not fit
     assert P.largest_generation_prompts(r.plan) == r.plan.generation_prompts
     if r.plan.generation_prompts < P.CEILING.prompts:
-        bigger = P.plan_report(dataclasses.replace(r.plan, generation_prompts=2 * r.plan.generation_prompts), scenarios=())
+        bigger = P.plan_report(
+            dataclasses.replace(r.plan, generation_prompts=2 * r.plan.generation_prompts), scenarios=()
+        )
         assert not bigger.fits
 
 
@@ -87,8 +90,9 @@ def test_kv_cache_per_layer_formula_and_the_kv_head_divisibility_rule():
     # 1,280 rows over 8 batch shards, 4 KV heads over tensor=4
     assert P.kv_cache_bytes_per_chip(cfg, P.abstract_mesh((1, 8, 4)), 1280, 12_288) == 1280 / 8 * one_sequence / 4
     # tensor=8 does not divide 4 KV heads: the heads stay whole, 8x the cache per chip
-    ratio = (P.kv_cache_bytes_per_chip(cfg, P.abstract_mesh((1, 4, 8)), 1280, 12_288)
-             / P.kv_cache_bytes_per_chip(cfg, P.abstract_mesh((1, 8, 4)), 1280, 12_288))
+    ratio = P.kv_cache_bytes_per_chip(cfg, P.abstract_mesh((1, 4, 8)), 1280, 12_288) / P.kv_cache_bytes_per_chip(
+        cfg, P.abstract_mesh((1, 8, 4)), 1280, 12_288
+    )
     assert ratio == 8
 
 
@@ -141,7 +145,8 @@ def test_the_document_shows_exactly_what_plan_py_prints(reports):
     assert begin in doc and end in doc, "docs/pod_plan.md lost its plan:begin / plan:end markers"
     embedded = doc.split(begin, 1)[1].split(end, 1)[0]
     assert embedded == P.render(list(reports.values())), (
-        "docs/pod_plan.md is stale: run `python tpu_scripts/plan.py --update-doc docs/pod_plan.md`")
+        "docs/pod_plan.md is stale: run `python tpu_scripts/plan.py --update-doc docs/pod_plan.md`"
+    )
     for chip in P.CHIPS.values():  # every figure used is cited in the document
         assert chip.source in doc
     assert math.isclose(P.CHIPS["v5p"].peak_flops, 459e12) and P.CHIPS["v6e"].hbm_bandwidth == 1638e9

@@ -1,5 +1,6 @@
 """The Tool-N1 reward, rule by rule (PAPER_NOTES "Reward semantics"), for every variant, plus
 hypothesis fuzzing that it never raises and stays in each variant's value set."""
+
 import json
 import random
 
@@ -9,8 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tooln1_jax.data.prompt import format_completion
-from tooln1_jax.rewards import (REASONS, VARIANT_VALUES, VARIANTS, batch_rewards, parse_tool_calls,
-                                score_completion, tool_call_reward)
+from tooln1_jax.rewards import (
+    REASONS,
+    VARIANT_VALUES,
+    VARIANTS,
+    batch_rewards,
+    parse_tool_calls,
+    score_completion,
+    tool_call_reward,
+)
 
 GT = [
     {"name": "get_weather", "arguments": {"city": "Paris", "days": 3, "opts": {"unit": "C", "hourly": False}}},
@@ -37,12 +45,20 @@ def expect(kind: str, think: bool) -> dict:
     if kind == "correct":
         if think:
             return {v: (1.0, "correct") for v in VARIANTS}
-        return {"binary": (0.0, "missing_think"), "no_reason": (1.0, "correct"),
-                "partial_reason": (0.8, "missing_think"), "partial_reason_funcname": (0.8, "missing_think")}
+        return {
+            "binary": (0.0, "missing_think"),
+            "no_reason": (1.0, "correct"),
+            "partial_reason": (0.8, "missing_think"),
+            "partial_reason_funcname": (0.8, "missing_think"),
+        }
     tag = 0.2 if think else 0.0
     name_bonus = 0.2 if kind == "wrong_arguments" else 0.0
-    return {"binary": (0.0, kind), "no_reason": (0.0, kind), "partial_reason": (tag, kind),
-            "partial_reason_funcname": (round(tag + name_bonus, 1), kind)}
+    return {
+        "binary": (0.0, kind),
+        "no_reason": (0.0, kind),
+        "partial_reason": (tag, kind),
+        "partial_reason_funcname": (round(tag + name_bonus, 1), kind),
+    }
 
 
 # (rule, completion, ground truth, outcome kind, think tags present)
@@ -50,8 +66,13 @@ CASES = [
     # 1. the LAST <tool_call> block is scored; dot matches newline; the body is stripped
     ("last_block_scored", THINK + block(calls((0, "days", 9))) + block(GT), GT, "correct", True),
     ("last_block_wrong_first_right", THINK + block(GT) + block(calls((0, "days", 9))), GT, "wrong_arguments", True),
-    ("multiline_body_stripped", THINK + "<tool_call>\n\n  " + json.dumps(GT, indent=2) + "\n\t </tool_call>", GT,
-     "correct", True),
+    (
+        "multiline_body_stripped",
+        THINK + "<tool_call>\n\n  " + json.dumps(GT, indent=2) + "\n\t </tool_call>",
+        GT,
+        "correct",
+        True,
+    ),
     ("no_block", THINK + "I would call get_weather for Paris.", GT, "no_call_block", True),
     ("no_block_no_think", json.dumps(GT), GT, "no_call_block", False),
     ("unclosed_block", THINK + "<tool_call>" + json.dumps(GT), GT, "no_call_block", True),
@@ -72,8 +93,13 @@ CASES = [
     # 5. items must be dicts with name and arguments; non-list payloads are a bad format
     ("item_not_dict", THINK + block([["get_weather", {"city": "Paris"}]]), GT, "bad_item_format", True),
     ("item_missing_arguments", THINK + block([{"name": "get_weather"}]), GT, "bad_item_format", True),
-    ("item_parameters_not_arguments", THINK + block([{"name": "get_weather", "parameters": {}}]), GT,
-     "bad_item_format", True),
+    (
+        "item_parameters_not_arguments",
+        THINK + block([{"name": "get_weather", "parameters": {}}]),
+        GT,
+        "bad_item_format",
+        True,
+    ),
     ("one_bad_item_among_good", THINK + block(GT + [5]), GT, "bad_item_format", True),
     ("bare_number_payload", THINK + block("5"), GT, "bad_item_format", True),
     ("bare_bool_payload", THINK + block("true"), GT, "bad_item_format", True),
@@ -82,26 +108,58 @@ CASES = [
     ("bare_number_no_think", block("5"), GT, "bad_item_format", False),
     # 6. multiset of (name, json.dumps(arguments, sort_keys=True))
     ("call_order_free", THINK + block(GT[::-1]), GT, "correct", True),
-    ("key_order_free_at_depth", THINK + block([
-        {"arguments": {"opts": {"hourly": False, "unit": "C"}, "days": 3, "city": "Paris"}, "name": "get_weather"},
-        GT[1]]), GT, "correct", True),
+    (
+        "key_order_free_at_depth",
+        THINK
+        + block(
+            [
+                {
+                    "arguments": {"opts": {"hourly": False, "unit": "C"}, "days": 3, "city": "Paris"},
+                    "name": "get_weather",
+                },
+                GT[1],
+            ]
+        ),
+        GT,
+        "correct",
+        True,
+    ),
     ("list_order_matters", THINK + block(calls((1, "tags", ["b", "a"]))), GT, "wrong_arguments", True),
     ("string_vs_int", THINK + block(calls((0, "days", "3"))), GT, "wrong_arguments", True),
     ("float_vs_int", THINK + block(calls((0, "days", 3.0))), GT, "wrong_arguments", True),
-    ("bool_vs_int", THINK + block([{"name": "get_weather", "arguments": {"days": True}}]),
-     [{"name": "get_weather", "arguments": {"days": 1}}], "wrong_arguments", True),
+    (
+        "bool_vs_int",
+        THINK + block([{"name": "get_weather", "arguments": {"days": True}}]),
+        [{"name": "get_weather", "arguments": {"days": 1}}],
+        "wrong_arguments",
+        True,
+    ),
     ("extra_optional_argument", THINK + block(calls((0, "lang", "en"))), GT, "wrong_arguments", True),
-    ("missing_argument", THINK + block([{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}, GT[1]]),
-     GT, "wrong_arguments", True),
-    ("nested_value_differs", THINK + block(calls((0, "opts", {"unit": "F", "hourly": False}))), GT,
-     "wrong_arguments", True),
+    (
+        "missing_argument",
+        THINK + block([{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}, GT[1]]),
+        GT,
+        "wrong_arguments",
+        True,
+    ),
+    (
+        "nested_value_differs",
+        THINK + block(calls((0, "opts", {"unit": "F", "hourly": False}))),
+        GT,
+        "wrong_arguments",
+        True,
+    ),
     ("wrong_name", THINK + block([GT[0], dict(GT[1], name="convert_currency")]), GT, "wrong_name", True),
     ("missing_call", THINK + block(GT[:1]), GT, "wrong_name", True),
     ("duplicate_call_is_a_multiset", THINK + block(GT + GT[:1]), GT, "wrong_name", True),
     ("duplicates_counted", THINK + block([GT[0], GT[0]]), [GT[0], GT[0]], "correct", True),
-    ("same_names_args_swapped_between_calls", THINK + block([
-        {"name": "f", "arguments": {"x": 2}}, {"name": "f", "arguments": {"x": 1}}]),
-        [{"name": "f", "arguments": {"x": 1}}, {"name": "f", "arguments": {"x": 1}}], "wrong_arguments", True),
+    (
+        "same_names_args_swapped_between_calls",
+        THINK + block([{"name": "f", "arguments": {"x": 2}}, {"name": "f", "arguments": {"x": 1}}]),
+        [{"name": "f", "arguments": {"x": 1}}, {"name": "f", "arguments": {"x": 1}}],
+        "wrong_arguments",
+        True,
+    ),
     ("extra_item_keys_ignored", THINK + block([dict(GT[0], id="c1"), GT[1]]), GT, "correct", True),
     # empty lists: correct only when both are empty
     ("empty_both", THINK + block([]), [], "correct", True),
@@ -114,16 +172,41 @@ CASES = [
     ("truth_as_dict_string", THINK + block(GT[:1]), json.dumps(GT[0]), "correct", True),
     ("truth_string_wrong_args", THINK + block(calls((0, "city", "Lyon"))), json.dumps(GT), "wrong_arguments", True),
     # a JSON object with a repeated key is malformed (not last-wins), at any depth
-    ("duplicate_argument_key", THINK + block('[{"name": "f", "arguments": {"a": 2, "a": 1}}]'),
-     [{"name": "f", "arguments": {"a": 1}}], "bad_json", True),
-    ("duplicate_name_key", THINK + block('{"name": "g", "name": "f", "arguments": {"a": 1}}'),
-     [{"name": "f", "arguments": {"a": 1}}], "bad_json", True),
-    ("duplicate_key_nested", THINK + block('[{"name": "f", "arguments": {"a": [{"b": 1, "b": 1}]}}]'),
-     [{"name": "f", "arguments": {"a": [{"b": 1}]}}], "bad_json", True),
-    ("duplicate_key_in_string_payload", THINK + block(json.dumps('{"name": "f", "arguments": {"a": 1, "a": 1}}')),
-     [{"name": "f", "arguments": {"a": 1}}], "bad_json", True),
-    ("same_key_in_sibling_objects", THINK + block('[{"name": "f", "arguments": {"a": 1}}, {"name": "f", "arguments": {"a": 1}}]'),
-     [{"name": "f", "arguments": {"a": 1}}] * 2, "correct", True),
+    (
+        "duplicate_argument_key",
+        THINK + block('[{"name": "f", "arguments": {"a": 2, "a": 1}}]'),
+        [{"name": "f", "arguments": {"a": 1}}],
+        "bad_json",
+        True,
+    ),
+    (
+        "duplicate_name_key",
+        THINK + block('{"name": "g", "name": "f", "arguments": {"a": 1}}'),
+        [{"name": "f", "arguments": {"a": 1}}],
+        "bad_json",
+        True,
+    ),
+    (
+        "duplicate_key_nested",
+        THINK + block('[{"name": "f", "arguments": {"a": [{"b": 1, "b": 1}]}}]'),
+        [{"name": "f", "arguments": {"a": [{"b": 1}]}}],
+        "bad_json",
+        True,
+    ),
+    (
+        "duplicate_key_in_string_payload",
+        THINK + block(json.dumps('{"name": "f", "arguments": {"a": 1, "a": 1}}')),
+        [{"name": "f", "arguments": {"a": 1}}],
+        "bad_json",
+        True,
+    ),
+    (
+        "same_key_in_sibling_objects",
+        THINK + block('[{"name": "f", "arguments": {"a": 1}}, {"name": "f", "arguments": {"a": 1}}]'),
+        [{"name": "f", "arguments": {"a": 1}}] * 2,
+        "correct",
+        True,
+    ),
 ]
 
 
@@ -137,8 +220,20 @@ def test_reward_rule(rule, completion, truth, kind, think, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("truth", ["not json", "{'name': 'f'}", "5", "[1, 2]", '[{"name": "f"}]', None, 7,
-                                   [{"name": "f", "arguments": {1: "a", "b": 2}}], [{"name": "f", "arguments": {1}}]])
+@pytest.mark.parametrize(
+    "truth",
+    [
+        "not json",
+        "{'name': 'f'}",
+        "5",
+        "[1, 2]",
+        '[{"name": "f"}]',
+        None,
+        7,
+        [{"name": "f", "arguments": {1: "a", "b": 2}}],
+        [{"name": "f", "arguments": {1}}],
+    ],
+)
 def test_bad_ground_truth_scores_zero(truth, variant):
     """A ground truth that is not a call list (the original code crashes) gives 0, not an error."""
     completion = THINK + block([{"name": "f", "arguments": {}}])
@@ -219,6 +314,7 @@ def test_batch_rewards_group_shares_one_truth_object():
 def test_batch_rewards_with_fresh_truth_objects():
     """A lazy sequence returns a new object per item, so freed ids get reused; the cache must not
     confuse them (each item here holds a different truth)."""
+
     class Lazy:
         def __init__(self, n):
             self.n = n
@@ -246,16 +342,53 @@ def test_oracle_completion_scores_one():
 
 # ---------------------------------------------------------------- property-based fuzzing
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)), max_leaves=8)
-call_lists = st.lists(st.fixed_dictionaries({
-    "name": st.sampled_from(["get_weather", "convert", "Get Weather", "f"]),
-    "arguments": st.dictionaries(st.text(max_size=6), json_values, max_size=4)}), max_size=3)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=8,
+)
+call_lists = st.lists(
+    st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(["get_weather", "convert", "Get Weather", "f"]),
+            "arguments": st.dictionaries(st.text(max_size=6), json_values, max_size=4),
+        }
+    ),
+    max_size=3,
+)
 
-FRAGMENTS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "[", "]", "{", "}", '"', ",", ":", "5",
-             "true", "null", '"name"', '"arguments"', "\\", "\n", " ", "nan", "Infinity", '"\\"[1]\\""', "x"]
+FRAGMENTS = [
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "[",
+    "]",
+    "{",
+    "}",
+    '"',
+    ",",
+    ":",
+    "5",
+    "true",
+    "null",
+    '"name"',
+    '"arguments"',
+    "\\",
+    "\n",
+    " ",
+    "nan",
+    "Infinity",
+    '"\\"[1]\\""',
+    "x",
+]
 
 
 def _random_json(rng: random.Random, depth: int = 0):
@@ -274,17 +407,24 @@ def _random_json(rng: random.Random, depth: int = 0):
 
 
 def _random_calls(rng: random.Random) -> list:
-    return [{"name": rng.choice(["get_weather", "convert", "Get Weather", "f"]),
-             "arguments": {rng.choice("abcd"): _random_json(rng) for _ in range(rng.randrange(4))}}
-            for _ in range(rng.randrange(4))]
+    return [
+        {
+            "name": rng.choice(["get_weather", "convert", "Get Weather", "f"]),
+            "arguments": {rng.choice("abcd"): _random_json(rng) for _ in range(rng.randrange(4))},
+        }
+        for _ in range(rng.randrange(4))
+    ]
 
 
 # A fixed pool of ground truths (cheap to draw, so 10,000 examples stay fast): call lists, their
 # JSON strings, and labels that are not call lists at all.
 _pool_rng = random.Random(0)
 CALL_POOL = [GT, [], [GT[0], GT[0]]] + [_random_calls(_pool_rng) for _ in range(40)]
-TRUTH_POOL = CALL_POOL + [json.dumps(c) for c in CALL_POOL[:20]] + [
-    "not json", "5", "{}", '{"name": "f", "arguments": {}}', '"[]"', None, 3, [1, 2], [{"name": "f"}]]
+TRUTH_POOL = (
+    CALL_POOL
+    + [json.dumps(c) for c in CALL_POOL[:20]]
+    + ["not json", "5", "{}", '{"name": "f", "arguments": {}}', '"[]"', None, 3, [1, 2], [{"name": "f"}]]
+)
 
 
 def _mutate(text: str, rng: random.Random) -> str:

@@ -1,4 +1,5 @@
 """SFT (loss on assistant tokens only, a few steps learn) and the tiny demo tokenizer."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +26,17 @@ def records():
 
 
 def _model(tok, hidden=32):
-    return ModelConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_layers=1,
-                       num_heads=2, num_kv_heads=1, head_dim=hidden // 2, tie_word_embeddings=True,
-                       eos_token_id=tok.eos_token_id)
+    return ModelConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=hidden // 2,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+    )
 
 
 def test_tokenizer_round_trips_and_markup_is_single_tokens(tok, records, tmp_path):
@@ -50,8 +59,10 @@ def test_tokenizer_round_trips_and_markup_is_single_tokens(tok, records, tmp_pat
     tok.save_pretrained(tmp_path)
     again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     assert again(full, add_special_tokens=False)["input_ids"] == ids
-    assert again.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                     add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        again.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert again.eos_token == "<|im_end|>" and again.pad_token == "<|endoftext|>"
 
 
@@ -69,7 +80,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tok, records):
         assert tok.decode(prompt) == render_prompt(tok, r)
         # Nothing real after the stop token; left padding before the prompt only.
         n = int(data.loss_mask[i].sum())
-        assert data.attention_mask[i, p + n:].sum() == 0 and data.loss_mask[i, n:].sum() == 0
+        assert data.attention_mask[i, p + n :].sum() == 0 and data.loss_mask[i, n:].sum() == 0
 
 
 def test_sft_loss_is_the_mean_nll_of_completion_tokens_only(tok, records):
@@ -90,8 +101,10 @@ def test_sft_loss_is_the_mean_nll_of_completion_tokens_only(tok, records):
     p = data.prompt_width
     for i in range(len(data)):
         n = int(data.loss_mask[i].sum())
-        scrambled[i, p + n:] = (np.arange(scrambled.shape[1] - p - n) * 7 + 3) % len(tok)
-    np.testing.assert_allclose(float(sft_loss(mc, params, jnp.asarray(scrambled), attn, lmask, p)), float(got), rtol=1e-6)
+        scrambled[i, p + n :] = (np.arange(scrambled.shape[1] - p - n) * 7 + 3) % len(tok)
+    np.testing.assert_allclose(
+        float(sft_loss(mc, params, jnp.asarray(scrambled), attn, lmask, p)), float(got), rtol=1e-6
+    )
 
 
 def test_a_few_sft_steps_lower_the_loss(tok, records):

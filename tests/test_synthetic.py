@@ -1,4 +1,5 @@
 """The synthetic tool-calling generator: determinism, schema, knobs, exact answers, reward 1."""
+
 import json
 from collections import Counter
 
@@ -99,8 +100,12 @@ def test_difficulty_knobs_change_the_task():
     assert similar > 0.95 and random_ < 0.5
 
     def optional_count(records):
-        return sum(BY_NAME[c["name"]].params[[p.name for p in BY_NAME[c["name"]].params].index(a)].optional
-                   for r in records for c in _calls(r) for a in c["arguments"])
+        return sum(
+            BY_NAME[c["name"]].params[[p.name for p in BY_NAME[c["name"]].params].index(a)].optional
+            for r in records
+            for c in _calls(r)
+            for a in c["arguments"]
+        )
 
     assert optional_count(generate(n, SyntheticConfig(optional_prob=0.0), seed=7)) == 0
     always = generate(n, SyntheticConfig(optional_prob=1.0), seed=7)
@@ -109,8 +114,9 @@ def test_difficulty_knobs_change_the_task():
             assert set(c["arguments"]) == {p.name for p in BY_NAME[c["name"]].params}
 
 
-@pytest.mark.parametrize("field, value", [("max_calls", 0), ("num_tools", 1), ("arg_types", ("string", "date")),
-                                          ("optional_prob", 1.5)])
+@pytest.mark.parametrize(
+    "field, value", [("max_calls", 0), ("num_tools", 1), ("arg_types", ("string", "date")), ("optional_prob", 1.5)]
+)
 def test_bad_knobs_fail_naming_the_field(field, value):
     kwargs = {"num_tools": 2, "max_calls": 2, field: value}
     with pytest.raises(ValueError, match=field.split("_")[0]):
@@ -136,6 +142,9 @@ def test_records_convert_through_xlam_with_zero_drops_and_ground_truth_scores_on
 
 def test_template_reasoning_names_the_tools():
     assert template_reasoning([{"name": "a", "arguments": {}}]) == "The user needs a."
-    assert template_reasoning([{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]) == "The user needs a and b."
+    assert (
+        template_reasoning([{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}])
+        == "The user needs a and b."
+    )
     assert template_reasoning([]) == "No tool fits the request."
     assert synthetic.corpus_text(generate(2))  # tokenizer corpus is non-empty text

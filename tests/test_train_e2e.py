@@ -1,5 +1,7 @@
 """A few-step end-to-end GRPO run of the demo config inside the suite, sharded over a (data 2,
-fsdp 2) mesh of the suite's virtual devices: SFT warm start, rollouts, updates, held-out eval, logs and the reward curve."""
+fsdp 2) mesh of the suite's virtual devices: SFT warm start, rollouts, updates, held-out eval,
+logs and the reward curve."""
+
 import importlib.util
 import json
 import math
@@ -7,10 +9,43 @@ import os
 
 import numpy as np
 
-import tooln1_jax
 import tooln1_jax.train as train_lib
+from tooln1_jax import run_setup
 from tooln1_jax.config import default_config, validate_config
 from tooln1_jax.metrics import read_jsonl
+from tooln1_jax.sharding import make_mesh
+
+# Per-step metric keys that every metrics.jsonl row carries.
+STEP_METRICS = (
+    "reward_mean",
+    "reward_std",
+    "accuracy",
+    "format_failure_rate",
+    "zero_std_group_frac",
+    "response_length",
+    "response_length_max",
+    "truncated_frac",
+    "loss",
+    "policy_loss",
+    "kl",
+    "entropy",
+    "clip_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+    "first_ratio_max_dev",
+    "grad_norm",
+    "lr",
+    "data_epoch",
+    "num_updates",
+    "tokens_per_s",
+    "rollout_tokens_per_s",
+    "step_time",
+    "rollout_time",
+    "update_time",
+)
 
 TINY_CPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
 
@@ -52,14 +87,14 @@ def demo_config(output_dir):
 
 def test_demo_config_runs_end_to_end(tmp_path):
     config = demo_config(tmp_path)
-    summary = tooln1_jax.train(config)  # the package-level Python API
+    summary = train_lib.train(config)  # the Python API
 
     rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        missing = set(train_lib.STEP_METRICS) - set(row)
+        missing = set(STEP_METRICS) - set(row)
         assert not missing, f"metrics.jsonl lacks {sorted(missing)}"
-        for key in train_lib.STEP_METRICS:
+        for key in STEP_METRICS:
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (key, row[key])
         assert 0.0 <= row["reward_mean"] <= 1.0 and 0.0 <= row["format_failure_rate"] <= 1.0
         assert row["kl"] >= 0.0 and row["entropy"] > 0.0 and row["response_length"] > 0
@@ -96,24 +131,33 @@ def test_rollout_batch_layout_and_on_policy_logprobs():
     config = default_config()
     config.data.synthetic.num_examples = 6
     config.data.synthetic.num_tools = 2
-    tokenizer = train_lib.build_tokenizer(config)
-    model_config, params = train_lib.build_model(config, tokenizer, train_lib.make_mesh(1, 1, 1))
-    records, _ = train_lib.load_records(config)
+    tokenizer = run_setup.build_tokenizer(config)
+    model_config, params = run_setup.build_model(config, tokenizer, make_mesh(1, 1, 1))
+    records, _ = run_setup.load_records(config)
     prompt_ids, kept, _ = encode_prompts(tokenizer, records[:2], max_prompt_length=1024)
     n, new, temperature = 3, 8, 0.7
-    batch = rollouts.generate_and_score(model_config, params, tokenizer, prompt_ids, kept, num_samples=n,
-                                        max_new_tokens=new, temperature=temperature, rng=jax.random.key(1),
-                                        prompts_per_call=1)  # one sampler call per prompt, rows concatenated
+    batch = rollouts.generate_and_score(
+        model_config,
+        params,
+        tokenizer,
+        prompt_ids,
+        kept,
+        num_samples=n,
+        max_new_tokens=new,
+        temperature=temperature,
+        rng=jax.random.key(1),
+        prompts_per_call=1,
+    )  # one sampler call per prompt, rows concatenated
     width = batch.prompt_width
     assert batch.input_ids.shape == (2 * n, width + new) and batch.num_rows == 2 * n
     for row in range(2 * n):
         prompt = prompt_ids[row // n]
-        np.testing.assert_array_equal(batch.input_ids[row, width - len(prompt):width], prompt)
+        np.testing.assert_array_equal(batch.input_ids[row, width - len(prompt) : width], prompt)
         assert batch.attention_mask[row, :width].sum() == len(prompt)
         length = batch.lengths[row]
         assert batch.loss_mask[row].sum() == length and batch.loss_mask[row, :width].sum() == 0
         np.testing.assert_array_equal(batch.attention_mask[row, width:], batch.loss_mask[row, width:])
-        tokens = batch.input_ids[row, width:width + length].tolist()
+        tokens = batch.input_ids[row, width : width + length].tolist()
         if batch.stopped[row]:
             tokens = tokens[:-1]
         assert batch.completions[row] == tokenizer.decode(tokens, skip_special_tokens=False)
@@ -121,8 +165,11 @@ def test_rollout_batch_layout_and_on_policy_logprobs():
     np.testing.assert_array_equal(batch.rewards, want)
     assert batch.reasons == reasons
 
-    recomputed = np.asarray(compute_logprobs(model_config, params, {"input_ids": batch.input_ids,
-                                                                    "attention_mask": batch.attention_mask}, temperature))
+    recomputed = np.asarray(
+        compute_logprobs(
+            model_config, params, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, temperature
+        )
+    )
     on = batch.loss_mask == 1
     assert on.sum() > 2 * n
     assert np.max(np.abs(np.exp(recomputed[on] - batch.old_logprobs[on]) - 1.0)) < 1e-5

@@ -1,5 +1,6 @@
 """The jitted GRPO step: exact micro-batch accumulation, 8 devices == 1, on-policy ratio 1,
 the non-finite guard."""
+
 import functools
 
 import jax
@@ -7,22 +8,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tooln1_jax.grpo import grpo_loss
-from tooln1_jax.models import ModelConfig, init_params
-from tooln1_jax.models import shard_params
+from tooln1_jax.grpo import LossSettings, grpo_loss
+from tooln1_jax.models import ModelConfig, init_params, shard_params
+from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
 from tooln1_jax.sharding import TRAIN_RULES, make_mesh
 from tooln1_jax.train_step import (
     compute_logprobs,
     init_train_state,
     loss_and_grads,
     make_grpo_step,
-    make_optimizer,
     reference_params,
     sequence_logprobs,
     shard_batch,
 )
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True)
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_word_embeddings=True,
+)
 B, P, C = 8, 6, 6  # rows, prompt width, completion width
 TEMP = 0.7
 
@@ -48,18 +57,29 @@ def make_batch(seed=0, with_old=True):
     attn = ((cols >= P - prompt_len[:, None]) & (cols < P + completion_len[:, None])).astype(np.int32)
     loss_mask = ((cols >= P) & (cols < P + completion_len[:, None])).astype(np.float32)
     ids = np.where(attn == 1, ids, 0)
-    batch = dict(input_ids=ids, attention_mask=attn, loss_mask=loss_mask, advantages=rng.normal(size=B).astype(np.float32))
+    batch = dict(
+        input_ids=ids, attention_mask=attn, loss_mask=loss_mask, advantages=rng.normal(size=B).astype(np.float32)
+    )
     if with_old:  # off-policy enough that both clip sides are active
         batch["old_logprobs"] = (-np.log(CFG.vocab_size) + rng.normal(scale=0.5, size=(B, P + C))).astype(np.float32)
     return batch
 
 
-LOSS_KW = dict(temperature=TEMP, chunk_size=4, kl_coef=0.05, kl_estimator="k3")
+LOSS_KW = dict(temperature=TEMP, chunk_size=4)
+KL = dict(kl_coef=0.05, kl_estimator="k3")
 
 
 @functools.partial(jax.jit, static_argnames=("micro_batch_size", "aggregation"))
 def _loss_and_grads(params, ref, batch, micro_batch_size, aggregation):
-    return loss_and_grads(CFG, params, ref, batch, micro_batch_size=micro_batch_size, aggregation=aggregation, **LOSS_KW)
+    return loss_and_grads(
+        CFG,
+        params,
+        ref,
+        batch,
+        micro_batch_size=micro_batch_size,
+        loss_settings=LossSettings(aggregation=aggregation, **KL),
+        **LOSS_KW,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("aggregation",))
@@ -68,8 +88,18 @@ def _direct_loss_and_grads(params, ref, batch, aggregation):
 
     def loss(p):
         lp, ent = sequence_logprobs(CFG, p, batch["input_ids"], batch["attention_mask"], temperature=TEMP, chunk_size=4)
-        ref_lp, _ = sequence_logprobs(CFG, ref, batch["input_ids"], batch["attention_mask"], temperature=TEMP, chunk_size=4)
-        return grpo_loss(lp, batch["old_logprobs"], ref_lp, batch["advantages"], batch["loss_mask"], kl_coef=0.05, aggregation=aggregation, entropy=ent)
+        ref_lp, _ = sequence_logprobs(
+            CFG, ref, batch["input_ids"], batch["attention_mask"], temperature=TEMP, chunk_size=4
+        )
+        return grpo_loss(
+            lp,
+            batch["old_logprobs"],
+            ref_lp,
+            batch["advantages"],
+            batch["loss_mask"],
+            settings=LossSettings(kl_coef=0.05, aggregation=aggregation),
+            entropy=ent,
+        )
 
     (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return value, grads, metrics
@@ -77,7 +107,9 @@ def _direct_loss_and_grads(params, ref, batch, aggregation):
 
 def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     for (path, x), y in zip(jax.tree.leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_micro_batches_equal_one_big_batch(params, ref_params):
@@ -97,8 +129,8 @@ def _host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-OPT = make_optimizer(1e-3)
-STEP_KW = dict(micro_batch_size=4, **LOSS_KW)
+OPT = make_optimizer(OptimizerSettings(1e-3))
+STEP_KW = dict(micro_batch_size=4, loss_settings=LossSettings(**KL), **LOSS_KW)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +169,9 @@ def test_step_on_8_devices_equals_1_device(params, ref_params, single_step):
     _assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
     start = _host(params)
     start["layers"].pop("k_bias")
-    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(start))) > 1e-4  # it really moved
+    assert (
+        max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(start))) > 1e-4
+    )  # it really moved
 
 
 def test_on_policy_ratio_is_one_with_recomputed_old_logprobs(params, ref_params, single_step):
@@ -156,13 +190,18 @@ def test_sampler_logprobs_match_recomputed_ones(params):
 
     prompts = [[5, 9, 3], [7, 1, 2, 8, 4]]
     n, new = 2, 8
-    out = sampling.sample(CFG, params, prompts, num_samples=n, max_new_tokens=new, temperature=TEMP, rng=jax.random.key(3))
+    out = sampling.sample(
+        CFG, params, prompts, num_samples=n, max_new_tokens=new, temperature=TEMP, rng=jax.random.key(3)
+    )
     tokens, sampled_lp, mask = (np.asarray(x) for x in (out.tokens, out.logprobs, out.mask))
     width = max(map(len, prompts))
     pad = np.array([width - len(p) for p in prompts for _ in range(n)])
     p_ids = np.array([[0] * (width - len(p)) + p for p in prompts for _ in range(n)], np.int32)
     p_mask = (np.arange(width)[None] >= pad[:, None]).astype(np.int32)
-    batch = dict(input_ids=np.concatenate([p_ids, np.where(mask, tokens, 0)], 1), attention_mask=np.concatenate([p_mask, mask.astype(np.int32)], 1))
+    batch = dict(
+        input_ids=np.concatenate([p_ids, np.where(mask, tokens, 0)], 1),
+        attention_mask=np.concatenate([p_mask, mask.astype(np.int32)], 1),
+    )
     recomputed = np.asarray(compute_logprobs(CFG, params, batch, TEMP, chunk_size=4))[:, width:]
     ratio = np.exp(recomputed - sampled_lp)[mask]
     assert mask.sum() > 4
@@ -185,26 +224,29 @@ def test_non_finite_batch_leaves_state_unchanged(params, ref_params, single_step
 
 
 def test_bad_batch_fails_clearly(params):
-    opt = make_optimizer(1e-3)
-    step = make_grpo_step(CFG, opt, micro_batch_size=3, kl_coef=0.0)
+    opt = make_optimizer(OptimizerSettings(1e-3))
+    step = make_grpo_step(CFG, opt, micro_batch_size=3, loss_settings=LossSettings(kl_coef=0.0))
     with pytest.raises(ValueError, match="micro_batch_size=3"):
         step(init_train_state(params, opt), None, make_batch())
     batch = make_batch()
     del batch["loss_mask"]
     with pytest.raises(KeyError, match="loss_mask"):
-        make_grpo_step(CFG, opt, kl_coef=0.0)(init_train_state(params, opt), None, batch)
+        make_grpo_step(CFG, opt, loss_settings=LossSettings(kl_coef=0.0))(init_train_state(params, opt), None, batch)
 
 
 def test_optimizer_warmup_and_decoupled_weight_decay():
     # Zero gradients isolate AdamW's decoupled decay: update = -lr(t) * weight_decay * p.
     p = {"w": jnp.array([1.0, -2.0])}
     zero = {"w": jnp.zeros(2)}
-    opt = make_optimizer(0.1, warmup_steps=2, weight_decay=0.5)
+    settings = OptimizerSettings(0.1, warmup_steps=2, weight_decay=0.5)
+    opt = make_optimizer(settings)
     s = opt.init(p)
     lrs = []
     for _ in range(4):
         u, s = opt.update(zero, s, p)
         lrs.append(float(-u["w"][0] / (0.5 * p["w"][0])))
     np.testing.assert_allclose(lrs, [0.0, 0.05, 0.1, 0.1], rtol=1e-6)
+    # The logged rate of the n-th update is the one optax applied.
+    np.testing.assert_allclose([settings.applied_lr(n) for n in range(1, 5)], lrs, rtol=1e-6)
     with pytest.raises(ValueError, match="learning_rate"):
-        make_optimizer(0.0)
+        make_optimizer(OptimizerSettings(0.0))

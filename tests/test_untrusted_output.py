@@ -1,6 +1,7 @@
 """Model output is untrusted text: the training reward and the BFCL and API-Bank scorers take
 time linear in its length (unclosed `<tool_call>` tags once made them quadratic), never raise,
 and find exactly the blocks the lazy regex `<tool_call>(.*?)</tool_call>` finds."""
+
 import json
 import re
 import time
@@ -14,14 +15,28 @@ from tooln1_jax.rewards import VARIANTS, _block, batch_rewards, score_completion
 
 TEN_MB = 10 * 1024 * 1024
 # Shapes that used to make the scan retry every opener, plus ordinary ones, each ~10 MB.
-PATHOLOGICAL = ["<tool_call>", "<tool_call>{", "<tool_call>[", "<tool_call></tool_call>", "<tool_call>x</tool_",
-                "<think><tool_call>", "</tool_call><tool_call>", '<tool_call>{"name": "f", "arguments": {}}']
+PATHOLOGICAL = [
+    "<tool_call>",
+    "<tool_call>{",
+    "<tool_call>[",
+    "<tool_call></tool_call>",
+    "<tool_call>x</tool_",
+    "<think><tool_call>",
+    "</tool_call><tool_call>",
+    '<tool_call>{"name": "f", "arguments": {}}',
+]
 
 # One BFCL item of each checker path (Python, Java, JavaScript, multi-call, the two relevance kinds).
 BFCL_CATEGORIES = ("simple", "java", "javascript", "parallel_multiple", "irrelevance", "live_relevance")
 API_BANK_ITEM = api_bank.ApiBankItem(
-    id="t:0", apis=[], turns=[], system="", expected_name="f", multi_turn=False,
-    expected_arguments={"a": "1", "b": "[1, 2]", "c": "{'k': 'v'}"})
+    id="t:0",
+    apis=[],
+    turns=[],
+    system="",
+    expected_name="f",
+    multi_turn=False,
+    expected_arguments={"a": "1", "b": "[1, 2]", "c": "{'k': 'v'}"},
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +74,7 @@ def _per_call(fn, text, budget=0.02):
     """Seconds per call: the best of 5 timings of a loop of calls that lasts about `budget`, so
     a preemption on a busy machine cannot dominate a sub-millisecond call."""
     calls = 1
-    while _seconds(lambda t: [fn(t) for _ in range(calls)], text) < budget:
+    while _seconds(lambda t, n=calls: [fn(t) for _ in range(n)], text) < budget:
         calls *= 2
     return _seconds(lambda t: [fn(t) for _ in range(calls)], text, repeats=5) / calls
 
@@ -68,9 +83,11 @@ def test_time_grows_linearly_with_open_tags(bfcl_items):
     """Quadratic scanning makes t(100k)/t(10k) about 100; linear about 10 (call overhead makes it
     less). One call of each size must also stay under a second, so a quadratic scan fails at 10k
     tags (15 s), not hours later."""
-    for name, fn in [("reward", lambda t: tool_call_reward(t, [])),
-                     ("bfcl", lambda t: bfcl.score_item(bfcl_items[0], t)),
-                     ("api_bank", lambda t: api_bank.score_item(API_BANK_ITEM, t))]:
+    for name, fn in [
+        ("reward", lambda t: tool_call_reward(t, [])),
+        ("bfcl", lambda t: bfcl.score_item(bfcl_items[0], t)),
+        ("api_bank", lambda t: api_bank.score_item(API_BANK_ITEM, t)),
+    ]:
         times = {}
         for n in (1_000, 10_000, 100_000):
             assert _seconds(fn, "<tool_call>" * n) < 1.0, (name, n)
@@ -112,25 +129,55 @@ def test_duplicate_keys_fail_evaluation(bfcl_items):
 
 _REGEX = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_call", "tool_call>", "</"]
-JSON_BITS = ["{", "}", "[", "]", '"name"', '"arguments"', ":", ",", '"', "\\", "0", "-1", "3.5", "1e999", "true",
-             "null", "NaN", '"f"', '"a"', '"1"', '"[1, 2]"', '"calculate_triangle_area"', '"base"', "10", " ", "\n"]
-fragment = st.one_of(st.sampled_from(TAGS + JSON_BITS), st.text(max_size=6),
-                     st.binary(max_size=6).map(lambda b: b.decode("latin-1")))
+JSON_BITS = [
+    "{",
+    "}",
+    "[",
+    "]",
+    '"name"',
+    '"arguments"',
+    ":",
+    ",",
+    '"',
+    "\\",
+    "0",
+    "-1",
+    "3.5",
+    "1e999",
+    "true",
+    "null",
+    "NaN",
+    '"f"',
+    '"a"',
+    '"1"',
+    '"[1, 2]"',
+    '"calculate_triangle_area"',
+    '"base"',
+    "10",
+    " ",
+    "\n",
+]
+fragment = st.one_of(
+    st.sampled_from(TAGS + JSON_BITS), st.text(max_size=6), st.binary(max_size=6).map(lambda b: b.decode("latin-1"))
+)
 # A fragment repeated up to 3000 times, so some examples are long runs of one tag or bracket.
 piece = st.one_of(fragment, st.tuples(fragment, st.integers(1, 3000)).map(lambda fr: fr[0] * fr[1]))
 completions = st.lists(piece, max_size=15).map("".join)
 
 
-@pytest.mark.parametrize("text, first, last", [
-    ("<tool_call>a</tool_call></tool_call><tool_call>b</tool_call>", "a", "b"),  # a stray closer between
-    ("<tool_call>a<tool_call>b</tool_call>", "a<tool_call>b", "a<tool_call>b"),  # the first opener starts it
-    ("<tool_call>a</tool_call><tool_call>b", "a", "a"),  # an unclosed last block is no block
-    ("</tool_call><tool_call>a</tool_call>", "a", "a"),
-    ("<tool_call>a</tool_call>x<tool_call>b<tool_call>c</tool_call></tool_call>", "a", "b<tool_call>c"),
-    ("<tool_call></tool_call>", "", ""),
-    ("</tool_call><tool_call>", None, None),
-    ("<tool_call></tool_call" + "<tool_call>" * 3, None, None),
-])
+@pytest.mark.parametrize(
+    "text, first, last",
+    [
+        ("<tool_call>a</tool_call></tool_call><tool_call>b</tool_call>", "a", "b"),  # a stray closer between
+        ("<tool_call>a<tool_call>b</tool_call>", "a<tool_call>b", "a<tool_call>b"),  # the first opener starts it
+        ("<tool_call>a</tool_call><tool_call>b", "a", "a"),  # an unclosed last block is no block
+        ("</tool_call><tool_call>a</tool_call>", "a", "a"),
+        ("<tool_call>a</tool_call>x<tool_call>b<tool_call>c</tool_call></tool_call>", "a", "b<tool_call>c"),
+        ("<tool_call></tool_call>", "", ""),
+        ("</tool_call><tool_call>", None, None),
+        ("<tool_call></tool_call" + "<tool_call>" * 3, None, None),
+    ],
+)
 def test_block_is_the_regex_match(text, first, last):
     bodies = _REGEX.findall(text)
     assert (bodies[0] if bodies else None, bodies[-1] if bodies else None) == (first, last)

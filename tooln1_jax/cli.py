@@ -7,12 +7,14 @@ one field. A user's mistake (a bad field or value, a missing file, an unwritable
 peer) prints one line naming it and exits with status 2; `--verbose` (or TOOLN1_VERBOSE=1) shows
 the traceback too. An interrupted run (SIGINT, SIGTERM) exits with 128 + the signal's number.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -26,8 +28,14 @@ from tooln1_jax.interrupt import RunInterrupted
 VERBOSE_ENV = "TOOLN1_VERBOSE"
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")
 # Exceptions that describe the user's input or environment; anything else is a bug (traceback).
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, flags.Error, OSError, PeerFailedError, CheckpointReadError,
-                                                DataFileError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    flags.Error,
+    OSError,
+    PeerFailedError,
+    CheckpointReadError,
+    DataFileError,
+)
 
 
 def default_config_path() -> str:
@@ -37,9 +45,13 @@ def default_config_path() -> str:
 def define_config_flag(flag_values=None, sys_argv: Sequence[str] | None = None):
     """The `--config` flag (a config file) with `--config.a.b=value` overrides, on `flag_values`
     (default: absl's global FLAGS). Returns its holder; `.value` is the overridden ConfigDict."""
-    return config_flags.DEFINE_config_file("config", default_config_path(), "Run config file (configs/*.py).",
-                                           flag_values=flags.FLAGS if flag_values is None else flag_values,
-                                           sys_argv=None if sys_argv is None else list(sys_argv))
+    return config_flags.DEFINE_config_file(
+        "config",
+        default_config_path(),
+        "Run config file (configs/*.py).",
+        flag_values=flags.FLAGS if flag_values is None else flag_values,
+        sys_argv=None if sys_argv is None else list(sys_argv),
+    )
 
 
 def _unknown_override(argv: Sequence[str]) -> str | None:
@@ -49,7 +61,7 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
         if not arg.startswith("--config."):
             continue
         node = base
-        for part in arg[len("--"):].split("=", 1)[0].split(".")[1:]:
+        for part in arg[len("--") :].split("=", 1)[0].split(".")[1:]:
             if not hasattr(node, "keys") or part not in node:
                 return arg.split("=", 1)[0][2:]
             node = node[part]
@@ -60,7 +72,13 @@ def parse_config_args(argv: Sequence[str]):
     """argv (program name first) -> the run config, exactly as the CLI reads it (not validated).
     An override naming no field raises ConfigError with its path."""
     for i, arg in enumerate(argv):
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
+        path = (
+            arg.split("=", 1)[1]
+            if arg.startswith("--config=")
+            else argv[i + 1]
+            if arg == "--config" and i + 1 < len(argv)
+            else None
+        )
         if path is not None and not os.path.isfile(path.split(":", 1)[0]):
             raise ConfigError(f"--config {path}: no such config file")
     flag_values = flags.FlagValues()
@@ -82,9 +100,11 @@ def run(program: Callable[[Any], Any], argv: Sequence[str] | None, doc: str) -> 
     argv = [a for a in argv if a != "--verbose"]
     if any(a in HELP_FLAGS for a in argv[1:]):
         print(doc.strip())
-        print(f"\nflags:\n  --config FILE        a config file (default {os.path.relpath(default_config_path())})\n"
-              "  --config.a.b=VALUE   override one field (all fields: tooln1_jax/config.py)\n"
-              f"  --verbose            tracebacks for errors (or {VERBOSE_ENV}=1)")
+        print(
+            f"\nflags:\n  --config FILE        a config file (default {os.path.relpath(default_config_path())})\n"
+            "  --config.a.b=VALUE   override one field (all fields: tooln1_jax/config.py)\n"
+            f"  --verbose            tracebacks for errors (or {VERBOSE_ENV}=1)"
+        )
         sys.exit(0)
     try:
         program(parse_config_args(argv))

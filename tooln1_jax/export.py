@@ -7,6 +7,7 @@ The folder loads with `transformers.AutoModelForCausalLM.from_pretrained` and wi
 `--distributed` (the same arguments everywhere): every process restores its shards and process 0
 writes the folder.
 """
+
 from __future__ import annotations
 
 import argparse

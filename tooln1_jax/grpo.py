@@ -9,7 +9,10 @@ Conventions: `logprobs[b, t]` is log p(token t | tokens < t) under
 log_softmax(logits / temperature), aligned with `input_ids` (position 0 has no
 prediction and is never in the loss mask).
 """
+
 from __future__ import annotations
+
+import dataclasses
 
 import flax.struct
 import jax
@@ -17,6 +20,32 @@ import jax.numpy as jnp
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The GRPO loss's settings, with their defaults (the config's defaults come from here).
+
+    clip_eps: PPO ratio clip; kl_coef: weight of the KL to the frozen reference (0 = no
+    reference at all); kl_estimator: one of `KL_ESTIMATORS`; entropy_coef: entropy bonus;
+    aggregation: one of `AGGREGATIONS` (see `grpo_loss`); norm_constant: Dr. GRPO's constant
+    (None = the sequence width T). Frozen and hashable, so a jitted step can be cached on it."""
+
+    clip_eps: float = 0.2
+    kl_coef: float = 1e-3
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    aggregation: str = "token_mean"
+    norm_constant: float | None = None
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r}: expected one of {AGGREGATIONS}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={self.kl_estimator!r}: expected one of {KL_ESTIMATORS}")
+
+
+DEFAULT_LOSS = LossSettings()
 _K3_CLAMP = 10.0
 _LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps a wild ratio finite instead of inf
 
@@ -60,7 +89,9 @@ def nonzero_std_groups(rewards: jax.Array, group_size: int) -> jax.Array:
 # ----------------------------------------------------------------------------- log-probs
 
 
-def token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, temperature: float = 1.0, chunk_size: int = 128) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(
+    hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, temperature: float = 1.0, chunk_size: int = 128
+) -> tuple[jax.Array, jax.Array]:
     """Log-probs of `targets` and the entropy, under log_softmax(hidden @ lm_head / temperature).
 
     hidden [B, T, D] (any float dtype), lm_head [D, V], targets [B, T] int
@@ -149,21 +180,14 @@ def grpo_loss_terms(
     advantages: jax.Array,
     mask: jax.Array,
     *,
-    clip_eps: float = 0.2,
-    kl_coef: float = 1e-3,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    aggregation: str = "token_mean",
+    settings: LossSettings = DEFAULT_LOSS,
     entropy: jax.Array | None = None,
-    norm_constant: float | None = None,
 ) -> LossTerms:
     """The sums behind `grpo_loss`. logprobs, old_logprobs, ref_logprobs, mask, entropy
     [B, T]; advantages [B] (or [B, T]). `mask` may hold weights; 0 excludes a token.
     `ref_logprobs` may be None only when kl_coef == 0; `entropy` only when entropy_coef == 0."""
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator={kl_estimator!r}: expected one of {KL_ESTIMATORS}")
+    clip_eps, kl_coef, entropy_coef = settings.clip_eps, settings.kl_coef, settings.entropy_coef
+    aggregation, norm_constant = settings.aggregation, settings.norm_constant
     if ref_logprobs is None and kl_coef != 0:
         raise ValueError("ref_logprobs is None but kl_coef != 0")
     if entropy is None and entropy_coef != 0:
@@ -184,7 +208,7 @@ def grpo_loss_terms(
     if ref_logprobs is None:
         kl = jnp.zeros_like(logprobs)
     else:
-        kl = kl_penalty(logprobs, ref_logprobs.astype(f32), kl_estimator)
+        kl = kl_penalty(logprobs, ref_logprobs.astype(f32), settings.kl_estimator)
     ent = jnp.zeros_like(logprobs) if entropy is None else entropy.astype(f32)
     total = policy + kl_coef * kl - entropy_coef * ent
 
@@ -234,7 +258,9 @@ def empty_terms() -> LossTerms:
 def combine_terms(a: LossTerms, b: LossTerms) -> LossTerms:
     """The terms of the union of two disjoint micro-batches."""
     sums = jax.tree.map(jnp.add, a, b)
-    return sums.replace(ratio_min=jnp.minimum(a.ratio_min, b.ratio_min), ratio_max=jnp.maximum(a.ratio_max, b.ratio_max))
+    return sums.replace(
+        ratio_min=jnp.minimum(a.ratio_min, b.ratio_min), ratio_max=jnp.maximum(a.ratio_max, b.ratio_max)
+    )
 
 
 def _safe_div(num, den):
@@ -268,13 +294,8 @@ def grpo_loss(
     advantages: jax.Array,
     mask: jax.Array,
     *,
-    clip_eps: float = 0.2,
-    kl_coef: float = 1e-3,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    aggregation: str = "token_mean",
+    settings: LossSettings = DEFAULT_LOSS,
     entropy: jax.Array | None = None,
-    norm_constant: float | None = None,
 ) -> tuple[jax.Array, dict]:
     """GRPO loss of one batch: the PPO clipped surrogate max(-A r, -A clip(r, 1-eps, 1+eps))
     with r = exp(logp - old), plus kl_coef * KL to the reference, minus entropy_coef * entropy,
@@ -290,9 +311,5 @@ def grpo_loss(
     clip_frac (+ _low for A<0, _high for A>0), num_tokens, num_seqs.
     """
     return finalize_terms(
-        grpo_loss_terms(
-            logprobs, old_logprobs, ref_logprobs, advantages, mask,
-            clip_eps=clip_eps, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-            aggregation=aggregation, entropy=entropy, norm_constant=norm_constant,
-        )
+        grpo_loss_terms(logprobs, old_logprobs, ref_logprobs, advantages, mask, settings=settings, entropy=entropy)
     )

@@ -6,6 +6,7 @@ step boundary; the run then saves a checkpoint and its summary and raises `RunIn
 With several processes the request is agreed at each boundary, so all of them stop at the same
 step even when only one got the signal.
 """
+
 from __future__ import annotations
 
 import signal
@@ -33,7 +34,7 @@ class StopRequest:
         self.signum: int | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -47,8 +48,12 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.signum = signum
-        print(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-              "(Ctrl-C again stops at once, without saving)", file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+            "(Ctrl-C again stops at once, without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def requested(self) -> bool:
         """Whether any process got a signal (a collective: every process calls it together)."""

@@ -1,5 +1,6 @@
 """Run logs: one JSON line per step (always), TensorBoard scalars (optional, tensorboardX), a
 tqdm progress bar, and a reward-curve PNG at the end (matplotlib, Agg backend)."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,16 @@ class MetricsLogger:
     """Appends step metrics to `<output_dir>/metrics.jsonl` and held-out results to `eval.jsonl`.
     Resuming at `start_step` first drops lines beyond it, so the files read as one run."""
 
-    def __init__(self, output_dir: str, *, total_steps: int, start_step: int = 0, tensorboard: bool = False,
-                 progress_bar: bool = True, is_main: bool = True):
+    def __init__(
+        self,
+        output_dir: str,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = False,
+        progress_bar: bool = True,
+        is_main: bool = True,
+    ):
         self.output_dir = output_dir
         self.is_main = is_main
         self.path = os.path.join(output_dir, METRICS_FILE)
@@ -98,8 +107,12 @@ class MetricsLogger:
     def log_eval(self, step: int, metrics: dict) -> dict:
         row = self._write(self.eval_path, step, metrics, "eval")
         if self.bar is not None:
-            self.bar.write(f"step {step}: held-out " + ", ".join(
-                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "step"))
+            self.bar.write(
+                f"step {step}: held-out "
+                + ", ".join(
+                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "step"
+                )
+            )
         return row
 
     def close(self, plot: bool = True) -> str | None:
@@ -113,7 +126,7 @@ class MetricsLogger:
         return None
 
 
-def plot_reward_curve(output_dir: str, out_path: str | None = None) -> str | None:
+def plot_reward_curve(output_dir: str) -> str | None:
     """Training reward (and its running mean) per step, plus held-out accuracy when logged.
     Returns the PNG path, or None when no step was logged."""
     rows = read_jsonl(os.path.join(output_dir, METRICS_FILE))
@@ -126,22 +139,29 @@ def plot_reward_curve(output_dir: str, out_path: str | None = None) -> str | Non
     steps = [r["step"] for r in rows]
     reward = [float(r.get("reward_mean", float("nan"))) for r in rows]
     window = max(1, len(reward) // 10)
-    smooth = [sum(reward[max(0, i - window + 1):i + 1]) / len(reward[max(0, i - window + 1):i + 1])
-              for i in range(len(reward))]
+    smooth = [
+        sum(reward[max(0, i - window + 1) : i + 1]) / len(reward[max(0, i - window + 1) : i + 1])
+        for i in range(len(reward))
+    ]
     fig = Figure(figsize=(7, 4), dpi=120)
     ax = fig.subplots()
     ax.plot(steps, reward, color="tab:blue", alpha=0.35, label="train reward (mean over rollouts)")
     ax.plot(steps, smooth, color="tab:blue", label=f"train reward, running mean of {window}")
     evals = [r for r in read_jsonl(os.path.join(output_dir, EVAL_FILE)) if "accuracy" in r]
     if evals:
-        ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="tab:red",
-                label="held-out exact-call accuracy (greedy)")
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["accuracy"] for r in evals],
+            "o-",
+            color="tab:red",
+            label="held-out exact-call accuracy (greedy)",
+        )
     ax.set_xlabel("GRPO step (rollout batch)")
     ax.set_ylabel("reward / accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    out_path = out_path or os.path.join(output_dir, CURVE_FILE)
+    out_path = os.path.join(output_dir, CURVE_FILE)
     fig.savefig(out_path)
     return out_path

@@ -15,11 +15,13 @@ Variants: `binary` (format and correct -> 1), `no_reason` (correct -> 1), `parti
 correct, else + 0.2 if the multiset of names alone matches). A missing result or a bad item
 format earns only the think-tag credit. Nothing here raises, whatever the input.
 """
+
 from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,8 +74,7 @@ def loads_strict(text: str) -> Any:
 
 def _block(text: str, block: str) -> str | None:
     """The body of the first or last match of the lazy regex `<tool_call>(.*?)</tool_call>`
-    (DOTALL), or None. A few str.find/rfind calls, linear in len(text): the regex retried every
-    unclosed opener (quadratic)."""
+    (DOTALL), or None. A few str.find/rfind calls, linear in len(text), whatever the model wrote."""
     if block == "first":
         start = text.find(_OPEN)
         end = text.find(_CLOSE, start + len(_OPEN)) if start >= 0 else -1
@@ -88,7 +89,7 @@ def _block(text: str, block: str) -> str | None:
         end = text.find(_CLOSE, opener + len(_OPEN))
         previous = text.rfind(_CLOSE, 0, opener)
         start = text.find(_OPEN, previous + len(_CLOSE) if previous >= 0 else 0)
-    return text[start + len(_OPEN):end] if start >= 0 and end >= 0 else None
+    return text[start + len(_OPEN) : end] if start >= 0 and end >= 0 else None
 
 
 def _decode(payload: Any) -> tuple[str, Any]:
@@ -150,8 +151,9 @@ def _normalise_ground_truth(ground_truth: Any) -> list[dict] | None:
     return calls if status == "ok" else None
 
 
-def _score(completion: Any, truth_keys: Counter | None, truth_names: Counter | None,
-           variant: str, block: str) -> tuple[float, str]:
+def _score(
+    completion: Any, truth_keys: Counter | None, truth_names: Counter | None, variant: str, block: str
+) -> tuple[float, str]:
     if variant not in VARIANT_VALUES:
         raise ValueError(f"unknown reward variant {variant!r}; expected one of {VARIANTS}")
     if truth_keys is None:
@@ -172,7 +174,7 @@ def _score(completion: Any, truth_keys: Counter | None, truth_names: Counter | N
             return 0.0, "missing_think"
         if variant == "no_reason":
             return 1.0, "correct"
-        reward = (1.0 if variant == "binary" else think_credit + _CALL_CREDIT)
+        reward = 1.0 if variant == "binary" else think_credit + _CALL_CREDIT
         return reward, ("correct" if think else "missing_think")
     names = Counter(name for name, _ in keys.elements())
     if names == truth_names:
@@ -193,8 +195,9 @@ def _truth_counters(ground_truth: Any) -> tuple[Counter | None, Counter | None]:
     return keys, Counter(name for name, _ in keys.elements())
 
 
-def score_completion(completion: str, ground_truth: Any, variant: str = "binary",
-                     block: str = "last") -> tuple[float, str]:
+def score_completion(
+    completion: str, ground_truth: Any, variant: str = "binary", block: str = "last"
+) -> tuple[float, str]:
     """(reward, reason) for one completion; reason is one of `REASONS`.
     `ground_truth`: list of `{"name", "arguments"}` or its JSON string. Raises only on a bad
     `variant` / `block` argument (a caller bug), never because of the texts."""
@@ -207,8 +210,9 @@ def tool_call_reward(completion: str, ground_truth: Any, variant: str = "binary"
     return score_completion(completion, ground_truth, variant)[0]
 
 
-def batch_rewards(completions: Sequence[str], ground_truths: Sequence[Any],
-                  variant: str = "binary", block: str = "last") -> tuple[np.ndarray, list[str]]:
+def batch_rewards(
+    completions: Sequence[str], ground_truths: Sequence[Any], variant: str = "binary", block: str = "last"
+) -> tuple[np.ndarray, list[str]]:
     """Rewards for a batch -> (float32 [N], N reasons). Ground truths repeated across a GRPO group
     (the same object or string) are normalised once."""
     if len(completions) != len(ground_truths):

@@ -1,18 +1,21 @@
 """Rollouts: sample n completions per prompt, decode them, score them with the tool-call reward,
 and lay them out as the [rows, prompt + response] arrays the GRPO update consumes. Also the
 greedy held-out accuracy used for validation and by the demo."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from tooln1_jax import distributed, sampling
 from tooln1_jax import rewards as rewards_lib
 from tooln1_jax.data.prompt import encode_prompts, pad_id_of, stop_token_ids
-from tooln1_jax.data.records import ToolRecord
+from tooln1_jax.data.records import DropCounts, ToolRecord
 
 # Reward reasons that mean the answer's FORMAT was wrong (not just the call).
 FORMAT_FAILURES = ("no_call_block", "bad_json", "bad_item_format", "missing_think")
@@ -61,7 +64,9 @@ class RolloutBatch:
         }
 
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    prompt_ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Token-id lists -> (ids [B, width] int32, mask [B, width] int32), padded on the left; the
     width defaults to the sampler's power-of-two bucket of the longest prompt."""
     longest = max(len(p) for p in prompt_ids)
@@ -85,11 +90,35 @@ def decode_completions(tokenizer: Any, tokens: np.ndarray, lengths: np.ndarray, 
     return tokenizer.batch_decode(rows, skip_special_tokens=False)
 
 
-def _run_sampler(model_config, params, prompt_ids, *, num_samples, max_new_tokens, temperature, top_p, top_k,
-                 stops, pad_id, rng, mesh, decode_segments=sampling.DECODE_SEGMENTS):
+def _run_sampler(
+    model_config,
+    params,
+    prompt_ids,
+    *,
+    num_samples,
+    max_new_tokens,
+    temperature,
+    top_p,
+    top_k,
+    stops,
+    pad_id,
+    rng,
+    mesh,
+    decode_segments=sampling.DECODE_SEGMENTS,
+):
     result = sampling.sample(
-        model_config, params, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stops, pad_id=pad_id, rng=rng, mesh=mesh,
+        model_config,
+        params,
+        prompt_ids,
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop_token_ids=stops,
+        pad_id=pad_id,
+        rng=rng,
+        mesh=mesh,
         decode_segments=decode_segments,
     )
     # Every process gets every row (an all-gather across hosts) and scores them all: the same
@@ -131,11 +160,23 @@ def generate_and_score(
     for i, start in enumerate(range(0, len(prompt_ids), per_call)):
         # One key per chunk, so a chunk's samples do not depend on how many chunks came before.
         chunk_rng = rng if per_call >= len(prompt_ids) else jax.random.fold_in(rng, i)
-        chunks.append(_run_sampler(
-            model_config, params, [list(p) for p in prompt_ids[start:start + per_call]], num_samples=num_samples,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stops=stops,
-            pad_id=pad_id, rng=chunk_rng, mesh=mesh, decode_segments=decode_segments,
-        ))
+        chunks.append(
+            _run_sampler(
+                model_config,
+                params,
+                [list(p) for p in prompt_ids[start : start + per_call]],
+                num_samples=num_samples,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                stops=stops,
+                pad_id=pad_id,
+                rng=chunk_rng,
+                mesh=mesh,
+                decode_segments=decode_segments,
+            )
+        )
     tokens, logprobs, mask, lengths = (np.concatenate(parts) for parts in zip(*chunks))
     completions = decode_completions(tokenizer, tokens, lengths, stops)
     last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
@@ -164,6 +205,55 @@ def generate_and_score(
     )
 
 
+def greedy_completions(
+    model_config,
+    params,
+    tokenizer,
+    records: Sequence[ToolRecord],
+    *,
+    max_new_tokens: int,
+    max_prompt_length: int,
+    batch_size: int,
+    mesh=None,
+    for_eval: bool = False,
+    progress: bool = False,
+) -> tuple[list[ToolRecord], list[str], list[int], DropCounts]:
+    """The one greedy decode path (held-out accuracy and evaluation): (kept records, their
+    completions, their lengths in tokens, drops). A prompt that leaves no room for the answer
+    within the model's positions, or is over `max_prompt_length`, is dropped and counted.
+    Prompts run shortest first, so batches pad little; the last batch is padded with copies to
+    `batch_size` when there are several, so every batch compiles once. `for_eval` renders the
+    evaluation prompt (with the empty-call rule)."""
+    limit = min(max_prompt_length, model_config.max_position_embeddings - max_new_tokens)
+    prompt_ids, kept, drops = encode_prompts(tokenizer, records, max_prompt_length=limit, for_eval=for_eval)
+    order = sorted(range(len(kept)), key=lambda i: len(prompt_ids[i]))
+    pad_id = pad_id_of(tokenizer)
+    stops = stop_token_ids(tokenizer, model_config)
+    completions, lengths = [None] * len(kept), [0] * len(kept)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generating", disable=not progress):
+        chunk = [prompt_ids[i] for i in batch]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(order) > batch_size else chunk
+        tokens, _, _, lens = _run_sampler(
+            model_config,
+            params,
+            padded,
+            num_samples=1,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=0,
+            stops=stops,
+            pad_id=pad_id,
+            rng=jax.random.key(0),
+            mesh=mesh,
+        )
+        texts = decode_completions(tokenizer, tokens[: len(chunk)], lens[: len(chunk)], stops)
+        for row, i in enumerate(batch):
+            completions[i], lengths[i] = texts[row], int(lens[row])
+    return list(kept), completions, lengths, drops
+
+
 def greedy_accuracy(
     model_config,
     params,
@@ -174,37 +264,25 @@ def greedy_accuracy(
     max_prompt_length: int,
     batch_size: int = 32,
     mesh=None,
-    for_eval: bool = False,
-    return_completions: bool = False,
 ) -> dict:
-    """Greedy decoding on `records`: exact-call accuracy (binary reward 1), format-failure rate,
-    mean response length, and the count scored (prompts over `max_prompt_length` are dropped
-    and counted). `for_eval` uses the evaluation prompt (adds the empty-call rule)."""
-    prompt_ids, kept, drops = encode_prompts(tokenizer, records, max_prompt_length=max_prompt_length, for_eval=for_eval)
-    pad_id = pad_id_of(tokenizer)
-    stops = stop_token_ids(tokenizer, model_config)
-    completions, lengths = [], []
-    rng = jax.random.key(0)  # unused by greedy decoding, but the sampler takes one
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[start:start + batch_size]
-        # Pad the last chunk to the batch size with copies, so every chunk compiles once.
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(prompt_ids) > batch_size else chunk
-        tokens, _, _, lens = _run_sampler(
-            model_config, params, padded, num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0,
-            top_p=1.0, top_k=0, stops=stops, pad_id=pad_id, rng=rng, mesh=mesh,
-        )
-        completions += decode_completions(tokenizer, tokens[: len(chunk)], lens[: len(chunk)], stops)
-        lengths += [int(n) for n in lens[: len(chunk)]]
+    """Greedy decoding on `records` (`greedy_completions`): exact-call accuracy (binary reward 1),
+    format-failure rate, mean response length, and the counts scored and dropped."""
+    kept, completions, lengths, drops = greedy_completions(
+        model_config,
+        params,
+        tokenizer,
+        records,
+        max_new_tokens=max_new_tokens,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+        mesh=mesh,
+    )
     reward, reasons = rewards_lib.batch_rewards(completions, [r.answer for r in kept], "binary")
     n = max(len(kept), 1)
-    out = {
+    return {
         "accuracy": float(np.sum(reward) / n),
         "format_failure_rate": float(sum(r in FORMAT_FAILURES for r in reasons) / n),
         "response_length": float(np.mean(lengths)) if lengths else 0.0,
         "num_scored": len(kept),
         "num_dropped": int(sum(drops.values())),
     }
-    if return_completions:
-        out["completions"] = completions
-        out["reasons"] = reasons
-    return out

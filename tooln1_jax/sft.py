@@ -7,11 +7,12 @@ token, so the model learns to stop. Each example is laid out like a rollout row:
     [pad ... pad, prompt (left-padded to P)] [completion, <|im_end|>, pad ... (right-padded to C)]
 
 so every completion starts at column P, and the loss reads the hidden states of columns
-P-1 ... P+C-2 only (no lm_head work on prompt tokens). Log-probs go through the GRPO module's
-chunked `token_logprobs`, so no [batch, seq, vocab] array of the whole batch is ever made.
+P-1 ... P+C-2 only (no lm_head work on prompt tokens). Log-probs are GRPO's `sequence_logprobs`
+(chunked over the vocabulary), so no [batch, seq, vocab] array of the whole batch is ever made.
 
     python -m tooln1_jax.sft --config configs/tiny_cpu.py [--config.sft.warm_start_steps=1000]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,22 +20,24 @@ import functools
 import json
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from tooln1_jax import cli, distributed
+from tooln1_jax.config import sft_optimizer_settings
 from tooln1_jax.data.prompt import encode_prompts, format_completion
 from tooln1_jax.data.records import DropCounts, ToolRecord
 from tooln1_jax.data.synthetic import template_reasoning
-from tooln1_jax.grpo import token_logprobs
-from tooln1_jax.models import ModelConfig, hidden_states, lm_head_weight
-from tooln1_jax.models import shard_params
+from tooln1_jax.models import ModelConfig, shard_params
+from tooln1_jax.optimizer import make_optimizer
+from tooln1_jax.run_setup import held_out_accuracy, setup_run
 from tooln1_jax.sharding import TRAIN_RULES, batch_sharding
+from tooln1_jax.train_step import TrainState, sequence_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +60,14 @@ def completion_text(record: ToolRecord) -> str:
     return format_completion(record.answer, template_reasoning(record.answer))
 
 
-def encode_sft(tokenizer: Any, records: Sequence[ToolRecord], *, max_prompt_length: int, max_completion_length: int,
-               prompt_width: int | None = None) -> SFTData:
+def encode_sft(
+    tokenizer: Any,
+    records: Sequence[ToolRecord],
+    *,
+    max_prompt_length: int,
+    max_completion_length: int,
+    prompt_width: int | None = None,
+) -> SFTData:
     """Records -> `SFTData`. Prompts over `max_prompt_length` tokens (`prompt_too_long`) and
     targets over `max_completion_length` tokens (`completion_too_long`) are dropped and counted.
     `prompt_width` P defaults to the longest kept prompt; C is `max_completion_length`."""
@@ -84,87 +93,78 @@ def encode_sft(tokenizer: Any, records: Sequence[ToolRecord], *, max_prompt_leng
     for i, (p, t, _) in enumerate(rows):
         if len(p) > width:
             raise ValueError(f"SFT: prompt of record {rows[i][2].id!r} has {len(p)} tokens > prompt_width {width}")
-        ids[i, width - len(p):width] = p
-        ids[i, width:width + len(t)] = t
-        attn[i, width - len(p):width + len(t)] = 1
-        loss[i, :len(t)] = 1.0
+        ids[i, width - len(p) : width] = p
+        ids[i, width : width + len(t)] = t
+        attn[i, width - len(p) : width + len(t)] = 1
+        loss[i, : len(t)] = 1.0
     return SFTData(ids, attn, loss, width, [r for _, _, r in rows], drops)
 
 
-def completion_logprobs(model_config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array,
-                        prompt_width: int) -> jax.Array:
-    """input_ids / attention_mask [B, P + C] -> log p(completion token) [B, C] float32.
-    Position P-1+j predicts token P+j, so only those C hidden states meet the lm_head."""
-    hidden = hidden_states(model_config, params, input_ids, attention_mask)
-    c = input_ids.shape[1] - prompt_width
-    h = jax.lax.dynamic_slice_in_dim(hidden, prompt_width - 1, c, axis=1)
-    lp, _ = token_logprobs(h, lm_head_weight(params), input_ids[:, prompt_width:])
-    return lp
-
-
 def sft_loss(model_config: ModelConfig, params: dict, input_ids, attention_mask, loss_mask, prompt_width: int):
-    """Mean negative log-likelihood over the loss-mask tokens. loss_mask [B, C]."""
-    lp = completion_logprobs(model_config, params, input_ids, attention_mask, prompt_width)
+    """Mean negative log-likelihood over the loss-mask tokens. input_ids / attention_mask
+    [B, P + C]; loss_mask [B, C]. Only the C completion positions meet the lm_head."""
+    completion_len = input_ids.shape[1] - prompt_width
+    lp, _ = sequence_logprobs(
+        model_config, params, input_ids, attention_mask, temperature=1.0, completion_len=completion_len
+    )
+    lp = lp[:, prompt_width:]
     return -jnp.sum(lp * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
 
 
-@flax.struct.dataclass
-class SFTState:
-    params: Any
-    opt_state: Any
-    step: jax.Array
-
-
-def make_optimizer(lr: float, weight_decay: float = 0.01, grad_clip: float = 1.0, warmup_steps: int = 0,
-                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
-    """AdamW with a constant lr after an optional linear warmup, after global-norm clipping."""
-    schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps else lr
-    chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-    return optax.chain(*chain, optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
-
-
 @functools.partial(jax.jit, static_argnames=("model_config", "optimizer", "prompt_width"), donate_argnums=(0,))
-def sft_step(state: SFTState, input_ids, attention_mask, loss_mask, *, model_config: ModelConfig,
-             optimizer: optax.GradientTransformation, prompt_width: int) -> tuple[SFTState, jax.Array]:
+def sft_step(
+    state: TrainState,
+    input_ids,
+    attention_mask,
+    loss_mask,
+    *,
+    model_config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    prompt_width: int,
+) -> tuple[TrainState, jax.Array]:
     """One AdamW update on a batch; returns (new state, loss before the update)."""
     loss, grads = jax.value_and_grad(
-        lambda p: sft_loss(model_config, p, input_ids, attention_mask, loss_mask, prompt_width))(state.params)
+        lambda p: sft_loss(model_config, p, input_ids, attention_mask, loss_mask, prompt_width)
+    )(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return SFTState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
 
 
-def _sft_settings(config) -> dict:
-    s, o = config.sft, config.optim
-    return dict(
-        lr=float(s.lr), batch_size=int(s.batch_size),
-        weight_decay=float(s.get("weight_decay", o.weight_decay)),
-        grad_clip=float(s.get("grad_clip", o.grad_clip)),
-        warmup_steps=int(s.get("warmup_steps", 0)),
-        max_completion_length=int(s.get("max_completion_length", config.rollout.max_new_tokens)),
-        log_every=int(s.get("log_every", 25)),
-    )
+def max_completion_length(config) -> int:
+    """SFT target tokens (stop token included): `sft.max_completion_length`, 0 = `rollout.max_new_tokens`."""
+    return int(config.sft.max_completion_length or config.rollout.max_new_tokens)
 
 
-def init_sft_state(config, model_config: ModelConfig, params: dict, *, mesh=None) -> tuple[SFTState, optax.GradientTransformation]:
+def init_sft_state(
+    config, model_config: ModelConfig, params: dict, *, mesh=None
+) -> tuple[TrainState, optax.GradientTransformation]:
     """A fresh SFT state (params copied, since the step donates its state) and its optimizer."""
-    st = _sft_settings(config)
-    optimizer = make_optimizer(st["lr"], st["weight_decay"], st["grad_clip"], st["warmup_steps"],
-                               float(config.optim.b1), float(config.optim.b2))
+    optimizer = make_optimizer(sft_optimizer_settings(config))
     if mesh is not None:
         params = shard_params(params, model_config, mesh, TRAIN_RULES)
     params = jax.tree.map(jnp.copy, params)
-    return SFTState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32)), optimizer
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)), optimizer
 
 
-def sft_loop(config, model_config: ModelConfig, state: SFTState, optimizer, data: SFTData, *, mesh=None,
-             start_step: int = 0, steps: int, time_budget_s: float | None = None, log_fn=None,
-             should_stop=None) -> tuple[SFTState, dict]:
+def sft_loop(
+    config,
+    model_config: ModelConfig,
+    state: TrainState,
+    optimizer,
+    data: SFTData,
+    *,
+    mesh=None,
+    start_step: int = 0,
+    steps: int,
+    time_budget_s: float | None = None,
+    log_fn=None,
+    should_stop=None,
+) -> tuple[TrainState, dict]:
     """Runs up to `steps` updates from data position `start_step` (a seeded shuffle of the
     examples, cycled), stopping early once `time_budget_s` seconds of steps have passed, or when
     `should_stop()` (checked after each step; metrics["interrupted"]). `log_fn(step, dict)`
     receives the periodic mean loss."""
-    st = _sft_settings(config)
-    bs, n = st["batch_size"], len(data)
+    bs, n, log_every = int(config.sft.batch_size), len(data), int(config.sft.log_every)
     put = (lambda x: jax.device_put(x, batch_sharding(mesh, TRAIN_RULES, x.ndim, x.shape[0]))) if mesh else jnp.asarray
     rng = np.random.default_rng(int(config.seed) + 7919)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-(start_step + steps) * bs // n) + 1)])
@@ -177,37 +177,74 @@ def sft_loop(config, model_config: ModelConfig, state: SFTState, optimizer, data
         if losses and should_stop is not None and should_stop():
             interrupted = True
             break
-        idx = order[step * bs:(step + 1) * bs]
+        idx = order[step * bs : (step + 1) * bs]
         t0 = time.perf_counter()
-        state, loss = sft_step(state, put(data.input_ids[idx]), put(data.attention_mask[idx]), put(data.loss_mask[idx]),
-                               model_config=model_config, optimizer=optimizer, prompt_width=data.prompt_width)
+        state, loss = sft_step(
+            state,
+            put(data.input_ids[idx]),
+            put(data.attention_mask[idx]),
+            put(data.loss_mask[idx]),
+            model_config=model_config,
+            optimizer=optimizer,
+            prompt_width=data.prompt_width,
+        )
         loss = float(loss)
         if not np.isfinite(loss):
             raise FloatingPointError(f"SFT loss is {loss} at step {step + 1}: lower config.sft.lr")
         losses.append(loss)
         times.append(time.perf_counter() - t0)
-        if log_fn is not None and len(losses) % st["log_every"] == 0:
-            log_fn(step + 1, {"sft_loss": float(np.mean(losses[-st["log_every"]:])), "sft_step_time": times[-1]})
+        if log_fn is not None and len(losses) % log_every == 0:
+            log_fn(step + 1, {"sft_loss": float(np.mean(losses[-log_every:])), "sft_step_time": times[-1]})
     metrics = {
-        "sft_steps": len(losses), "interrupted": interrupted, "sft_examples": n, "sft_drops": dict(data.drops),
-        "sft_losses": losses, "sft_final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
-        "sft_seconds": time.perf_counter() - t_start, "sft_step_times": times,
+        "sft_steps": len(losses),
+        "interrupted": interrupted,
+        "sft_examples": n,
+        "sft_drops": dict(data.drops),
+        "sft_losses": losses,
+        "sft_final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+        "sft_seconds": time.perf_counter() - t_start,
+        "sft_step_times": times,
     }
     return state, metrics
 
 
-def run_sft(config, model_config: ModelConfig, params: dict, tokenizer: Any, records: Sequence[ToolRecord], *,
-            mesh=None, steps: int | None = None, start_step: int = 0, data: SFTData | None = None, log_fn=None,
-            should_stop=None) -> tuple[dict, dict]:
+def run_sft(
+    config,
+    model_config: ModelConfig,
+    params: dict,
+    tokenizer: Any,
+    records: Sequence[ToolRecord],
+    *,
+    mesh=None,
+    steps: int | None = None,
+    start_step: int = 0,
+    data: SFTData | None = None,
+    log_fn=None,
+    should_stop=None,
+) -> tuple[dict, dict]:
     """SFT for `steps` updates (default `config.sft.warm_start_steps`) on `records`, cycling a
     seeded shuffle of them. Returns (params, metrics: losses, step times, example counts).
     The caller's `params` are left intact; `data` reuses an already encoded `SFTData`."""
     steps = int(config.sft.warm_start_steps if steps is None else steps)
-    data = data or encode_sft(tokenizer, records, max_prompt_length=int(config.data.max_prompt_length),
-                              max_completion_length=_sft_settings(config)["max_completion_length"])
+    data = data or encode_sft(
+        tokenizer,
+        records,
+        max_prompt_length=int(config.data.max_prompt_length),
+        max_completion_length=max_completion_length(config),
+    )
     state, optimizer = init_sft_state(config, model_config, params, mesh=mesh)
-    state, metrics = sft_loop(config, model_config, state, optimizer, data, mesh=mesh, start_step=start_step,
-                              steps=steps, log_fn=log_fn, should_stop=should_stop)
+    state, metrics = sft_loop(
+        config,
+        model_config,
+        state,
+        optimizer,
+        data,
+        mesh=mesh,
+        start_step=start_step,
+        steps=steps,
+        log_fn=log_fn,
+        should_stop=should_stop,
+    )
     return state.params, metrics
 
 
@@ -215,23 +252,33 @@ def sft_baseline(config) -> dict:
     """SFT only (the paper's SFT baseline) for `sft.warm_start_steps` steps, then greedy held-out
     accuracy. On every process of a multi-host run; process 0 prints and writes
     `<output_dir>/sft_summary.json`. Returns that summary."""
-    import tooln1_jax.train as train_lib  # the run setup lives with the trainer (a module and a function share its name)
-
     distributed.initialize_from_config(config.distributed)
     main_process = distributed.is_main()
-    distributed.all_or_none("output setup", lambda: distributed.check_writable(
-        config.output_dir, "config.output_dir") if main_process else None)
-    setup = train_lib.setup_run(config)
-    params, metrics = run_sft(config, setup.model_config, setup.params, setup.tokenizer, setup.train_records,
-                              mesh=setup.mesh,
-                              log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True)
-                              if main_process else None)
-    acc = train_lib.held_out_accuracy(config, setup, params)
-    summary = {"accuracy": {k: v for k, v in acc.items() if not isinstance(v, list)},
-               **{k: v for k, v in metrics.items() if k != "sft_step_times"}}
+    distributed.all_or_none(
+        "output setup",
+        lambda: distributed.check_writable(config.output_dir, "config.output_dir") if main_process else None,
+    )
+    setup = setup_run(config)
+    params, metrics = run_sft(
+        config,
+        setup.model_config,
+        setup.params,
+        setup.tokenizer,
+        setup.train_records,
+        mesh=setup.mesh,
+        log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True) if main_process else None,
+    )
+    acc = held_out_accuracy(config, setup, params)
+    summary = {
+        "accuracy": {k: v for k, v in acc.items() if not isinstance(v, list)},
+        **{k: v for k, v in metrics.items() if k != "sft_step_times"},
+    }
     if main_process:
-        print(f"SFT {metrics['sft_steps']} steps ({metrics['sft_seconds']:.0f} s): held-out exact-call accuracy "
-              f"{acc['accuracy']:.3f} on {acc['num_scored']} prompts", flush=True)
+        print(
+            f"SFT {metrics['sft_steps']} steps ({metrics['sft_seconds']:.0f} s): held-out exact-call accuracy "
+            f"{acc['accuracy']:.3f} on {acc['num_scored']} prompts",
+            flush=True,
+        )
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "sft_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)

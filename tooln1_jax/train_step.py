@@ -1,4 +1,4 @@
-"""The GRPO update: `TrainState`, the AdamW optimizer, and one jitted, sharded optimizer step.
+"""The GRPO update: `TrainState` and one jitted, sharded optimizer step (the optimizer: `optimizer.py`).
 
 One step takes a mini-batch, splits it into micro-batches and runs them under `lax.scan`,
 accumulating parameter gradients of the *un-normalised* loss sums plus the (sum, count)
@@ -15,6 +15,7 @@ Batch layout (a dict of arrays, rows = sequences):
     when absent the step is on-policy (old = stop_gradient(current), ratio exactly 1).
 Log-probs are aligned with input_ids: entry t is log p(input_ids[t] | input_ids[:t]).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,16 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tooln1_jax.grpo import combine_terms, empty_terms, finalize_terms, grpo_loss_terms, token_logprobs
-from tooln1_jax.models import ModelConfig, abstract_params, hidden_states, lm_head_weight, param_shapes, param_sharding
+from tooln1_jax.grpo import (
+    DEFAULT_LOSS,
+    LossSettings,
+    combine_terms,
+    empty_terms,
+    finalize_terms,
+    grpo_loss_terms,
+    token_logprobs,
+)
+from tooln1_jax.models import ModelConfig, hidden_states, lm_head_weight, param_shapes, param_sharding
 from tooln1_jax.sharding import TRAIN_RULES, ShardingRules, batch_sharding, fit_axes
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "advantages")
@@ -40,35 +49,46 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(learning_rate: float, warmup_steps: int = 0, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, grad_clip: float | None = 1.0, eps: float = 1e-8) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW, at a constant rate after an optional linear warmup from 0."""
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    lr = optax.warmup_constant_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else learning_rate
-    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
-
-
-def state_sharding(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: ShardingRules = TRAIN_RULES) -> TrainState:
+def state_sharding(
+    model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: ShardingRules = TRAIN_RULES
+) -> TrainState:
     """A TrainState of `NamedSharding`: params by `rules`, optimizer moments like their params,
     counters replicated."""
     p_sh = param_sharding(model_config, mesh, rules)
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), param_shapes(model_config), is_leaf=lambda x: isinstance(x, tuple))
+    abstract = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
+        param_shapes(model_config),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, abstract), p_sh, transform_non_params=lambda _: replicated)
+    opt_sh = optax.tree_map_params(
+        optimizer,
+        lambda _, sh: sh,
+        jax.eval_shape(optimizer.init, abstract),
+        p_sh,
+        transform_non_params=lambda _: replicated,
+    )
     return TrainState(step=replicated, params=p_sh, opt_state=opt_sh)
 
 
 def abstract_params(model_config: ModelConfig, mesh: Mesh, dtype, rules: ShardingRules = TRAIN_RULES) -> Any:
     """The params tree as `jax.ShapeDtypeStruct`s placed by `rules` (a restore target; no arrays made)."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sh),
-                        param_shapes(model_config), param_sharding(model_config, mesh, rules),
-                        is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sh),
+        param_shapes(model_config),
+        param_sharding(model_config, mesh, rules),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
-def init_train_state(params: Any, optimizer: optax.GradientTransformation, *, model_config: ModelConfig | None = None, mesh: Mesh | None = None, rules: ShardingRules = TRAIN_RULES) -> TrainState:
+def init_train_state(
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    model_config: ModelConfig | None = None,
+    mesh: Mesh | None = None,
+    rules: ShardingRules = TRAIN_RULES,
+) -> TrainState:
     """A fresh TrainState; with a mesh (and model_config) everything is placed by `state_sharding`."""
     init = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))
     if mesh is None:
@@ -88,7 +108,16 @@ def reference_params(params: Any, dtype=None) -> Any:
 # ----------------------------------------------------------------------------- log-probs of a model
 
 
-def sequence_logprobs(model_config: ModelConfig, params: Any, input_ids: jax.Array, attention_mask: jax.Array, *, temperature: float, chunk_size: int = 128, completion_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+def sequence_logprobs(
+    model_config: ModelConfig,
+    params: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    temperature: float,
+    chunk_size: int = 128,
+    completion_len: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """input_ids, attention_mask [B, T] -> (logprobs [B, T], entropy [B, T]) float32, aligned with
     input_ids (entry t predicts token t; entry 0 is 0). With `completion_len` C only the last C
     entries are computed (the rest are 0), skipping the prompt's share of the vocab projection."""
@@ -97,7 +126,13 @@ def sequence_logprobs(model_config: ModelConfig, params: Any, input_ids: jax.Arr
     start = 1 if completion_len is None else t - completion_len
     if not 1 <= start < t:
         raise ValueError(f"completion_len={completion_len} must be in [1, seq_len - 1 = {t - 1}]")
-    lp, ent = token_logprobs(hidden[:, start - 1 : t - 1], lm_head_weight(params), input_ids[:, start:], temperature=temperature, chunk_size=chunk_size)
+    lp, ent = token_logprobs(
+        hidden[:, start - 1 : t - 1],
+        lm_head_weight(params),
+        input_ids[:, start:],
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
     pad = ((0, 0), (start, 0))
     return jnp.pad(lp, pad), jnp.pad(ent, pad)
 
@@ -122,30 +157,49 @@ def _split_micro(batch: dict, micro_batch_size: int, mesh: Mesh | None, rules: S
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(model_config: ModelConfig, params: Any, ref_params: Any, batch: dict, *, micro_batch_size: int | None = None, temperature: float = 1.0, chunk_size: int = 128, completion_len: int | None = None, mesh: Mesh | None = None, rules: ShardingRules = TRAIN_RULES, **loss_kwargs) -> tuple[jax.Array, Any, dict]:
+def loss_and_grads(
+    model_config: ModelConfig,
+    params: Any,
+    ref_params: Any,
+    batch: dict,
+    *,
+    micro_batch_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    completion_len: int | None = None,
+    mesh: Mesh | None = None,
+    rules: ShardingRules = TRAIN_RULES,
+    loss_settings: LossSettings = DEFAULT_LOSS,
+) -> tuple[jax.Array, Any, dict]:
     """GRPO loss, its gradient w.r.t. `params`, and metrics for one mini-batch (traceable; not
     jitted here). Micro-batches run under `lax.scan`; gradients and loss terms are summed
-    and divided once by the whole batch's normaliser. `loss_kwargs` go to `grpo_loss_terms`."""
+    and divided once by the whole batch's normaliser."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"GRPO batch is missing {missing}; it has {sorted(batch)}")
-    kl_coef = loss_kwargs.get("kl_coef", 1e-3)
+    kl_coef = loss_settings.kl_coef
     if kl_coef != 0 and ref_params is None:
         raise ValueError("kl_coef != 0 needs ref_params")
     b = batch["input_ids"].shape[0]
     micro = _split_micro(batch, micro_batch_size or b, mesh, rules)
-    lp_fn = functools.partial(sequence_logprobs, model_config, temperature=temperature, chunk_size=chunk_size, completion_len=completion_len)
+    lp_fn = functools.partial(
+        sequence_logprobs, model_config, temperature=temperature, chunk_size=chunk_size, completion_len=completion_len
+    )
     frozen_ref = None if kl_coef == 0 else jax.lax.stop_gradient(ref_params)
 
     def micro_loss(p, mb, ref_lp):
         lp, ent = lp_fn(p, mb["input_ids"], mb["attention_mask"])
         old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(lp)
-        terms = grpo_loss_terms(lp, old, ref_lp, mb["advantages"], mb["loss_mask"], entropy=ent, **loss_kwargs)
+        terms = grpo_loss_terms(lp, old, ref_lp, mb["advantages"], mb["loss_mask"], entropy=ent, settings=loss_settings)
         return terms.loss_sum, terms
 
     def body(carry, mb):
         grads, terms = carry
-        ref_lp = None if frozen_ref is None else jax.lax.stop_gradient(lp_fn(frozen_ref, mb["input_ids"], mb["attention_mask"])[0])
+        ref_lp = (
+            None
+            if frozen_ref is None
+            else jax.lax.stop_gradient(lp_fn(frozen_ref, mb["input_ids"], mb["attention_mask"])[0])
+        )
         (_, mb_terms), mb_grads = jax.value_and_grad(micro_loss, has_aux=True)(params, mb, ref_lp)
         return (jax.tree.map(jnp.add, grads, mb_grads), combine_terms(terms, mb_terms)), None
 
@@ -158,7 +212,19 @@ def loss_and_grads(model_config: ModelConfig, params: Any, ref_params: Any, batc
     return loss, grads, metrics
 
 
-def make_grpo_step(model_config: ModelConfig, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None, rules: ShardingRules = TRAIN_RULES, micro_batch_size: int | None = None, temperature: float = 1.0, chunk_size: int = 128, completion_len: int | None = None, donate: bool = True, **loss_kwargs):
+def make_grpo_step(
+    model_config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+    rules: ShardingRules = TRAIN_RULES,
+    micro_batch_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    completion_len: int | None = None,
+    donate: bool = True,
+    loss_settings: LossSettings = DEFAULT_LOSS,
+):
     """A jitted `(state, ref_params, batch) -> (state, metrics)`: one optimizer step on a
     mini-batch (see the module docstring for `batch`). `ref_params` may be bfloat16 (see
     `reference_params`) or None when kl_coef == 0. With a mesh, state, reference and batch
@@ -173,8 +239,17 @@ def make_grpo_step(model_config: ModelConfig, optimizer: optax.GradientTransform
 
     def step(state: TrainState, ref_params, batch: dict):
         loss, grads, metrics = loss_and_grads(
-            model_config, state.params, ref_params, batch, micro_batch_size=micro_batch_size, temperature=temperature,
-            chunk_size=chunk_size, completion_len=completion_len, mesh=mesh, rules=rules, **loss_kwargs,
+            model_config,
+            state.params,
+            ref_params,
+            batch,
+            micro_batch_size=micro_batch_size,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            completion_len=completion_len,
+            mesh=mesh,
+            rules=rules,
+            loss_settings=loss_settings,
         )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -194,19 +269,36 @@ def make_grpo_step(model_config: ModelConfig, optimizer: optax.GradientTransform
         return jax.jit(step, donate_argnums=donate_argnums)
     state_sh = state_sharding(model_config, optimizer, mesh, rules)
     # kl_coef == 0: the reference is None (an empty pytree), so its sharding must be None too.
-    ref_sh = param_sharding(model_config, mesh, rules) if loss_kwargs.get("kl_coef", 1e-3) != 0 else None
+    ref_sh = param_sharding(model_config, mesh, rules) if loss_settings.kl_coef != 0 else None
     batch_sh = batch_sharding(mesh, rules, 1, micro_batch_size)  # a prefix: splits every leaf's rows
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=donate_argnums)
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, ref_sh, batch_sh),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=donate_argnums,
+    )
 
 
-def shard_batch(batch: dict, mesh: Mesh, rules: ShardingRules = TRAIN_RULES, micro_batch_size: int | None = None) -> dict:
+def shard_batch(
+    batch: dict, mesh: Mesh, rules: ShardingRules = TRAIN_RULES, micro_batch_size: int | None = None
+) -> dict:
     """Places a batch dict (numpy or jax arrays, rows first) as `make_grpo_step` expects."""
     return jax.device_put(batch, batch_sharding(mesh, rules, 1, micro_batch_size))
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "temperature", "chunk_size", "completion_len", "micro_batch_size"))
-def compute_logprobs(model_config: ModelConfig, params: Any, batch: dict, temperature: float, chunk_size: int = 128, completion_len: int | None = None, micro_batch_size: int | None = None) -> jax.Array:
+@functools.partial(
+    jax.jit, static_argnames=("model_config", "temperature", "chunk_size", "completion_len", "micro_batch_size")
+)
+def compute_logprobs(
+    model_config: ModelConfig,
+    params: Any,
+    batch: dict,
+    temperature: float,
+    chunk_size: int = 128,
+    completion_len: int | None = None,
+    micro_batch_size: int | None = None,
+) -> jax.Array:
     """Log-probs [B, T] float32 of `batch["input_ids"]` under params (old or reference
     log-probs), aligned with input_ids, with no gradient. `micro_batch_size` bounds memory by
     running the rows in groups under `lax.map`."""
@@ -215,7 +307,9 @@ def compute_logprobs(model_config: ModelConfig, params: Any, batch: dict, temper
     m = micro_batch_size or b
     if b % m:
         raise ValueError(f"batch size {b} is not a multiple of micro_batch_size={m}")
-    fn = lambda x: sequence_logprobs(model_config, params, x[0], x[1], temperature=temperature, chunk_size=chunk_size, completion_len=completion_len)[0]
+    fn = lambda x: sequence_logprobs(
+        model_config, params, x[0], x[1], temperature=temperature, chunk_size=chunk_size, completion_len=completion_len
+    )[0]
     # Strided groups (as in `_split_micro`): each group spans every device holding rows.
     group = lambda x: x.reshape(m, b // m, t).swapaxes(0, 1)
     out = jax.lax.map(fn, (group(ids), group(mask)))

@@ -1,6 +1,7 @@
 """Copy a run's orbax checkpoints between a local output_dir and the bucket.
 
-    python tpu_scripts/checkpoints.py pull --bucket gs://my-bucket --run tool_n1_qwen2_5_7b --local-dir runs/7b --step 140 --dry-run
+    python tpu_scripts/checkpoints.py pull --bucket gs://my-bucket --run tool_n1_qwen2_5_7b \\
+        --local-dir runs/7b --step 140 --dry-run
     python tpu_scripts/checkpoints.py push --bucket gs://my-bucket --run sft_warm_start --local-dir runs/sft --dry-run
 
 Both sides use the trainer's layout: <output_dir>/checkpoints/<step>, with output_dir
@@ -9,6 +10,7 @@ Both sides use the trainer's layout: <output_dir>/checkpoints/<step>, with outpu
 checkpoint; without it every kept checkpoint is copied. With --name/--zone the copy runs on a
 TPU worker (default 0) instead of here, e.g. for a single-host run that wrote to local disk.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ argument validation, and the dry-run / execute switch.
 Every script builds its gcloud commands as argv lists (never a shell string), so `--dry-run`
 prints exactly what would run: one command per line, quoted with `shlex.join`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,9 @@ def parse_accelerator(name: str) -> Accelerator:
         raise UsageError(f"--accelerator-type={name!r}: unsupported TPU generation {prefix!r}; expected {known}")
     gen = _PREFIXES[prefix]
     if gen in ("v4", "v5p") and (size < 8 or size % 8):
-        raise UsageError(f"--accelerator-type={name!r}: {prefix} sizes count TensorCores and are multiples of 8 (v4-8, v5p-64, ...)")
+        raise UsageError(
+            f"--accelerator-type={name!r}: {prefix} sizes count TensorCores and are multiples of 8 (v4-8, v5p-64, ...)"
+        )
     if gen in ("v5e", "v6e") and size not in _V5E_V6E_SIZES:
         raise UsageError(f"--accelerator-type={name!r}: {prefix} slices have {_V5E_V6E_SIZES} chips")
     return Accelerator(name=name, generation=gen, chips=size // _CORES_PER_CHIP[gen])
@@ -76,7 +79,9 @@ def parse_accelerator(name: str) -> Accelerator:
 def check_name(flag: str, value: str) -> str:
     """TPU / queued-resource ids: lowercase letters, digits and hyphens, starting with a letter."""
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", value or ""):
-        raise UsageError(f"{flag}={value!r}: use lowercase letters, digits and '-', starting with a letter (at most 63)")
+        raise UsageError(
+            f"{flag}={value!r}: use lowercase letters, digits and '-', starting with a letter (at most 63)"
+        )
     return value
 
 
@@ -92,7 +97,9 @@ def check_bucket(value: str | None, flag: str = "--bucket") -> str:
         raise UsageError(f"{flag} is required: a Cloud Storage location such as gs://my-bucket")
     m = re.fullmatch(r"gs://([a-z0-9][a-z0-9._-]{1,61}[a-z0-9])(/[^\s]*)?", value.rstrip("/"))
     if not m:
-        raise UsageError(f"{flag}={value!r} is not a Cloud Storage location like gs://my-bucket or gs://my-bucket/prefix")
+        raise UsageError(
+            f"{flag}={value!r} is not a Cloud Storage location like gs://my-bucket or gs://my-bucket/prefix"
+        )
     return value.rstrip("/")
 
 
@@ -135,8 +142,17 @@ def location_flags(args) -> list[str]:
 
 def ssh_all(args, remote_command: str, worker: str = "all") -> list[str]:
     """`gcloud compute tpus tpu-vm ssh` running `remote_command` on every worker (or one)."""
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", check_name("--name", args.name), *location_flags(args),
-            f"--worker={worker}", f"--command={remote_command}"]
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        check_name("--name", args.name),
+        *location_flags(args),
+        f"--worker={worker}",
+        f"--command={remote_command}",
+    ]
 
 
 def run_commands(commands: list[list[str]], dry_run: bool) -> int:

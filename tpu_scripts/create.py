@@ -5,12 +5,13 @@
 The runtime (software) version follows the generation (v4: tpu-ubuntu2204-base, v5e:
 v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e) unless --runtime-version is given.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 
-from common import add_dry_run, add_target_args, check_name, location_flags, main_for, parse_accelerator, UsageError
+from common import UsageError, add_dry_run, add_target_args, check_name, location_flags, main_for, parse_accelerator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,9 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_target_args(p)
     p.add_argument("--accelerator-type", required=True, help="v4-64, v5p-64, v5p-128, v5litepod-16, v6e-64, ...")
     p.add_argument("--runtime-version", default=None, help="override the generation's default software version")
-    p.add_argument("--queued", action="store_true", help="request a queued resource (id = --name) instead of creating the VM now")
+    p.add_argument(
+        "--queued", action="store_true", help="request a queued resource (id = --name) instead of creating the VM now"
+    )
     p.add_argument("--spot", action="store_true", help="Spot capacity (cheaper, can be preempted)")
-    p.add_argument("--preemptible", action="store_true", help="legacy preemptible VM (tpu-vm create only; prefer --spot)")
+    p.add_argument(
+        "--preemptible", action="store_true", help="legacy preemptible VM (tpu-vm create only; prefer --spot)"
+    )
     add_dry_run(p)
     return p
 
@@ -34,11 +39,30 @@ def build_commands(args) -> list[list[str]]:
     if args.queued:
         if args.preemptible:
             raise UsageError("--preemptible is not a queued-resource option; use --spot")
-        cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", name, *location_flags(args),
-               f"--node-id={name}", f"--accelerator-type={accel.name}", f"--runtime-version={runtime}"]
+        cmd = [
+            "gcloud",
+            "compute",
+            "tpus",
+            "queued-resources",
+            "create",
+            name,
+            *location_flags(args),
+            f"--node-id={name}",
+            f"--accelerator-type={accel.name}",
+            f"--runtime-version={runtime}",
+        ]
     else:
-        cmd = ["gcloud", "compute", "tpus", "tpu-vm", "create", name, *location_flags(args),
-               f"--accelerator-type={accel.name}", f"--version={runtime}"]
+        cmd = [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "create",
+            name,
+            *location_flags(args),
+            f"--accelerator-type={accel.name}",
+            f"--version={runtime}",
+        ]
     if args.spot:
         cmd.append("--spot")
     if args.preemptible:

@@ -1,7 +1,8 @@
 """Stream a run's log from one worker (default 0, the process that prints metrics) or all of them.
 
-    python tpu_scripts/logs.py --name tooln1-7b --zone us-east5-a --run tool_n1_qwen2_5_7b --dry-run
+python tpu_scripts/logs.py --name tooln1-7b --zone us-east5-a --run tool_n1_qwen2_5_7b --dry-run
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ replicated here exactly as it would on the pod. Times are FLOPs / (chips x peak 
 the dense passes and bytes / (HBM bandwidth x efficiency) for decode steps; the assumed
 efficiencies are fields of `Efficiency`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +23,9 @@ for _p in (_HERE, os.path.dirname(_HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from common import parse_accelerator  # noqa: E402
 from jax.sharding import AbstractMesh  # noqa: E402
 
-from common import parse_accelerator  # noqa: E402
 from tooln1_jax.models.model_config import ModelConfig, preset  # noqa: E402
 from tooln1_jax.models.kv_cache import VALUE_CACHE_LOGICAL_AXES  # noqa: E402
 from tooln1_jax.models.params import param_logical_axes, param_shapes  # noqa: E402
@@ -110,14 +111,27 @@ PLANS = (
     PodPlan("7B on v6e-64", "Qwen/Qwen2.5-7B-Instruct", "v6e-64", (1, 16, 4), micro_batch=16, generation_prompts=128),
     PodPlan("14B on v5p-128", "Qwen/Qwen2.5-14B-Instruct", "v5p-128", (1, 8, 8), micro_batch=8, generation_prompts=128),
     # One pass of all 1,024 prompts, as the trainer samples today: it takes a 4x bigger slice.
-    PodPlan("7B on v5p-256, one pass", "Qwen/Qwen2.5-7B-Instruct", "v5p-256", (1, 32, 4), micro_batch=32,
-            generation_prompts=1024),
-    PodPlan("14B on v5p-512, one pass", "Qwen/Qwen2.5-14B-Instruct", "v5p-512", (1, 32, 8), micro_batch=32,
-            generation_prompts=1024),
+    PodPlan(
+        "7B on v5p-256, one pass",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "v5p-256",
+        (1, 32, 4),
+        micro_batch=32,
+        generation_prompts=1024,
+    ),
+    PodPlan(
+        "14B on v5p-512, one pass",
+        "Qwen/Qwen2.5-14B-Instruct",
+        "v5p-512",
+        (1, 32, 8),
+        micro_batch=32,
+        generation_prompts=1024,
+    ),
 )
 # Shown to fail by the same arithmetic: 16 GB chips cannot hold 14B training state on 16 chips.
-COUNTER_EXAMPLE = PodPlan("14B on v5litepod-16", "Qwen/Qwen2.5-14B-Instruct", "v5litepod-16", (1, 4, 4),
-                          micro_batch=4, generation_prompts=16)
+COUNTER_EXAMPLE = PodPlan(
+    "14B on v5litepod-16", "Qwen/Qwen2.5-14B-Instruct", "v5litepod-16", (1, 4, 4), micro_batch=4, generation_prompts=16
+)
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -134,8 +148,9 @@ def split_factor(logical_axes, shape, mesh: AbstractMesh, rules: ShardingRules) 
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def param_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rules: ShardingRules, bytes_per_value: int,
-                         decode_copy: bool = False) -> float:
+def param_bytes_per_chip(
+    config: ModelConfig, mesh: AbstractMesh, rules: ShardingRules, bytes_per_value: int, decode_copy: bool = False
+) -> float:
     """All params; with `decode_copy`, only what `group_decode.decode_weights` copies (the layers,
     and an untied LM head; a tied head is the embedding itself)."""
     shapes, axes = param_shapes(config), param_logical_axes(config)
@@ -198,7 +213,9 @@ def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency
     accel = parse_accelerator(plan.accelerator)
     chip, chips = CHIPS[accel.generation], accel.chips
     if math.prod(plan.mesh) != chips:
-        raise ValueError(f"{plan.name}: mesh {plan.mesh} has {math.prod(plan.mesh)} devices, {plan.accelerator} has {chips} chips")
+        raise ValueError(
+            f"{plan.name}: mesh {plan.mesh} has {math.prod(plan.mesh)} devices, {plan.accelerator} has {chips} chips"
+        )
     cfg = preset(plan.model)
     mesh = abstract_mesh(plan.mesh)
     w = CEILING  # memory is sized for the padded shapes, which do not shrink with shorter text
@@ -227,21 +244,33 @@ def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency
         # [mb, heads, S, S] float32, split over batch and (KV-head-divisible) tensor.
         "attention scores, one layer (x3, fp32)": 3 * mb * cfg.num_heads * s * s * F32 / head_split,
         "MLP activations, one layer (x4, bf16)": 4 * mb * s * f * BF16 / split(("batch", "seq", "mlp"), (mb, s, f)),
-        "log-prob chunk logits (x3, fp32)": 3 * mb * plan.logprob_chunk * v * F32
+        "log-prob chunk logits (x3, fp32)": 3
+        * mb
+        * plan.logprob_chunk
+        * v
+        * F32
         / split(("batch", "seq", "vocab"), (mb, plan.logprob_chunk, v)),
     }
     rows = plan.generation_prompts * w.samples
     cache_len = w.prompt_len + w.max_new_tokens
     gp, p = plan.generation_prompts, w.prompt_len
     rollout = {
-        "sampling weights (tensor-parallel copy)": param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, plan.sampling_weight_bytes),
+        "sampling weights (tensor-parallel copy)": param_bytes_per_chip(
+            cfg, mesh, SAMPLE_RULES, plan.sampling_weight_bytes
+        ),
         # group_decode.decode_weights: per-layer slices in the compute dtype (bf16), q/k/v
         # and gate/up fused, [out, in], built once before the decode loop, which reads them.
         "decode weights (bf16 layers + untied head, built once per rollout)": param_bytes_per_chip(
-            cfg, mesh, SAMPLE_RULES, BF16, decode_copy=True),
+            cfg, mesh, SAMPLE_RULES, BF16, decode_copy=True
+        ),
         f"KV cache, {rows} rows x {cache_len} (bf16)": kv_cache_bytes_per_chip(cfg, mesh, rows, cache_len),
         f"prompt KV cache before the group copy ({gp} rows)": kv_cache_bytes_per_chip(cfg, mesh, gp, cache_len),
-        "prefill attention scores, one layer (x2, fp32)": 2 * gp * cfg.num_heads * p * p * F32
+        "prefill attention scores, one layer (x2, fp32)": 2
+        * gp
+        * cfg.num_heads
+        * p
+        * p
+        * F32
         / split(("batch", "kv_heads", None, None), (gp, cfg.num_kv_heads, p, p), SAMPLE_RULES),
         "decode logits (fp32)": rows * v * F32 / split(("batch", "vocab"), (rows, v), SAMPLE_RULES),
     }
@@ -304,36 +333,55 @@ def _gib(b: float) -> str:
 
 def render(reports) -> str:
     """The markdown tables of docs/pod_plan.md (between its plan:begin / plan:end markers)."""
-    out = ["| plan | chips | mesh (data, fsdp, tensor) | micro-batch | generation passes (largest fitting) "
-           "| update peak GiB | rollout peak GiB | usable GiB | fits | step s: ceiling / typical / trimmed "
-           "| 140 steps h: ceiling / typical / trimmed |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| plan | chips | mesh (data, fsdp, tensor) | micro-batch | generation passes (largest fitting) "
+        "| update peak GiB | rollout peak GiB | usable GiB | fits | step s: ceiling / typical / trimmed "
+        "| 140 steps h: ceiling / typical / trimmed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
         passes = math.ceil(CEILING.prompts / r.plan.generation_prompts)
         c, t, tr = (r.times[k] for k, _ in SCENARIOS)
-        out.append(f"| {r.plan.name} | {r.chips} x {r.chip.name} | {r.plan.mesh} | {r.plan.micro_batch} | "
-                   f"{passes} x {r.plan.generation_prompts} prompts ({largest_generation_prompts(r.plan)}) | "
-                   f"{_gib(r.update_peak)} | {_gib(r.rollout_peak)} | {_gib(r.budget_bytes)} | {'yes' if r.fits else '**no**'} | "
-                   f"{c['step']:,.0f} / {t['step']:,.0f} / {tr['step']:,.0f} | "
-                   f"{c['run (h)']:,.1f} / {t['run (h)']:,.1f} / {tr['run (h)']:,.1f} |")
+        out.append(
+            f"| {r.plan.name} | {r.chips} x {r.chip.name} | {r.plan.mesh} | {r.plan.micro_batch} | "
+            f"{passes} x {r.plan.generation_prompts} prompts ({largest_generation_prompts(r.plan)}) | "
+            f"{_gib(r.update_peak)} | {_gib(r.rollout_peak)} | {_gib(r.budget_bytes)} | "
+            f"{'yes' if r.fits else '**no**'} | "
+            f"{c['step']:,.0f} / {t['step']:,.0f} / {tr['step']:,.0f} | "
+            f"{c['run (h)']:,.1f} / {t['run (h)']:,.1f} / {tr['run (h)']:,.1f} |"
+        )
     for r in reports:
         cfg = preset(r.plan.model)
-        out += ["", f"### {r.plan.name}: memory per chip (GiB)", "",
-                f"{r.plan.model}: {cfg.num_params:,} parameters ({matmul_params(cfg):,} in matmuls), "
-                f"{cfg.num_layers} layers, {cfg.num_heads} query / {cfg.num_kv_heads} KV heads of {cfg.head_dim}. "
-                f"Mesh {dict(zip(MESH_AXES, r.plan.mesh))} on {r.plan.accelerator}.", "",
-                "| phase | item | GiB per chip |", "|---|---|---|"]
+        out += [
+            "",
+            f"### {r.plan.name}: memory per chip (GiB)",
+            "",
+            f"{r.plan.model}: {cfg.num_params:,} parameters ({matmul_params(cfg):,} in matmuls), "
+            f"{cfg.num_layers} layers, {cfg.num_heads} query / {cfg.num_kv_heads} KV heads of {cfg.head_dim}. "
+            f"Mesh {dict(zip(MESH_AXES, r.plan.mesh))} on {r.plan.accelerator}.",
+            "",
+            "| phase | item | GiB per chip |",
+            "|---|---|---|",
+        ]
         for phase, items in (("held", r.persistent), ("update", r.update), ("rollout", r.rollout)):
             out += [f"| {phase} | {k} | {_gib(b)} |" for k, b in items.items()]
         out.append(f"| | **update peak** (held + update) | **{_gib(r.update_peak)}** |")
         out.append(f"| | **rollout peak** (held + rollout) | **{_gib(r.rollout_peak)}** |")
-        out.append(f"| | usable HBM ({Efficiency().usable_hbm:.0%} of {_gib(r.chip.hbm_bytes)}) | {_gib(r.budget_bytes)} |")
-        out += ["", f"Step time on {r.plan.accelerator} (seconds unless marked):", "",
-                "| scenario | decode step (ms) | generation | reference log-probs | policy update | step | 140 steps (h) |",
-                "|---|---|---|---|---|---|---|"]
+        out.append(
+            f"| | usable HBM ({Efficiency().usable_hbm:.0%} of {_gib(r.chip.hbm_bytes)}) | {_gib(r.budget_bytes)} |"
+        )
+        out += [
+            "",
+            f"Step time on {r.plan.accelerator} (seconds unless marked):",
+            "",
+            "| scenario | decode step (ms) | generation | reference log-probs | policy update | step | 140 steps (h) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, t in r.times.items():
-            out.append(f"| {name} | {t['decode step (ms)']:,.1f} | {t['generation']:,.0f} | {t['reference log-probs']:,.0f} | "
-                       f"{t['policy update']:,.0f} | {t['step']:,.0f} | {t['run (h)']:,.1f} |")
+            out.append(
+                f"| {name} | {t['decode step (ms)']:,.1f} | {t['generation']:,.0f} | {t['reference log-probs']:,.0f} | "
+                f"{t['policy update']:,.0f} | {t['step']:,.0f} | {t['run (h)']:,.1f} |"
+            )
     return "\n".join(out)
 
 

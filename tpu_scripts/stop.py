@@ -4,6 +4,7 @@
 
 Needed before relaunching on the same slice: a running process holds the TPU chips.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
 def build_commands(args) -> list[list[str]]:
     pid_file = f'"{LOG_ROOT}/{check_run(args.run)}/$(hostname).pid"'
     # A worker without a pid file, or whose process already ended, reports it and succeeds.
-    remote = (f"if [ -f {pid_file} ] && kill $(cat {pid_file}) 2>/dev/null; then echo \"$(hostname): stopped\"; "
-              f"else echo \"$(hostname): not running\"; fi")
+    remote = (
+        f'if [ -f {pid_file} ] && kill $(cat {pid_file}) 2>/dev/null; then echo "$(hostname): stopped"; '
+        f'else echo "$(hostname): not running"; fi'
+    )
     return [ssh_all(args, remote)]
 
 

@@ -1,7 +1,8 @@
 """Delete the slice (or its queued resource, which deletes its nodes with --force).
 
-    python tpu_scripts/teardown.py --name tooln1-7b --zone us-east5-a --queued --dry-run
+python tpu_scripts/teardown.py --name tooln1-7b --zone us-east5-a --queued --dry-run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,19 @@ def build_parser() -> argparse.ArgumentParser:
 def build_commands(args) -> list[list[str]]:
     name = check_name("--name", args.name)
     if args.queued:
-        return [["gcloud", "compute", "tpus", "queued-resources", "delete", name, *location_flags(args), "--force", "--quiet"]]
+        return [
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "queued-resources",
+                "delete",
+                name,
+                *location_flags(args),
+                "--force",
+                "--quiet",
+            ]
+        ]
     return [["gcloud", "compute", "tpus", "tpu-vm", "delete", name, *location_flags(args), "--quiet"]]
 
 

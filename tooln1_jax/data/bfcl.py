@@ -15,20 +15,32 @@ suffix (counted in `LoadedCategory.renamed_duplicates`) so that predictions stay
 Tool docs are kept exactly as given: BFCL types such as "dict", "float", "tuple", "any" and the
 Java / JavaScript types are not translated.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import json
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tooln1_jax.data.records import DropCounts, ToolRecord
 
 SOURCE = "bfcl"
 # Categories scored by the AST checker (the ones with possible answers that the paper reports).
-AST_CATEGORIES = ("simple", "java", "javascript", "multiple", "parallel", "parallel_multiple",
-                  "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+AST_CATEGORIES = (
+    "simple",
+    "java",
+    "javascript",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "live_simple",
+    "live_multiple",
+    "live_parallel",
+    "live_parallel_multiple",
+)
 # No possible answers: irrelevance items expect no call, relevance items expect some call.
 RELEVANCE_CATEGORIES = ("irrelevance", "live_irrelevance", "live_relevance")
 KNOWN_CATEGORIES = AST_CATEGORIES + RELEVANCE_CATEGORIES
@@ -102,8 +114,7 @@ def load_category(category: str, data_dir: str | None = None) -> LoadedCategory:
             if q["id"] == a["id"]:
                 continue
             if _item_index(q["id"]) != _item_index(a["id"]):
-                raise ValueError(f"{a_path}:{line_no}: answer id {a['id']!r} does not belong to "
-                                 f"question {q['id']!r}")
+                raise ValueError(f"{a_path}:{line_no}: answer id {a['id']!r} does not belong to question {q['id']!r}")
             mismatches.append((q["id"], a["id"]))
     items, seen, renamed = [], {}, []
     for q, a in zip(questions, answers):
@@ -115,13 +126,20 @@ def load_category(category: str, data_dir: str | None = None) -> LoadedCategory:
         turns = q["question"]
         if len(turns) != 1:  # single-turn categories only; multi-turn BFCL is out of scope
             raise ValueError(f"{q_path}: item {q['id']!r} has {len(turns)} turns, expected 1")
-        items.append(BfclItem(id=item_id, category=category, question=list(turns[0]),
-                              functions=list(q["function"]),
-                              ground_truth=None if a is None else a["ground_truth"]))
+        items.append(
+            BfclItem(
+                id=item_id,
+                category=category,
+                question=list(turns[0]),
+                functions=list(q["function"]),
+                ground_truth=None if a is None else a["ground_truth"],
+            )
+        )
     return LoadedCategory(items=items, id_mismatches=mismatches, renamed_duplicates=renamed)
 
 
 # ---- possible answers -> concrete calls -------------------------------------------------------
+
 
 class _NotSingle(Exception):
     pass
@@ -175,8 +193,9 @@ def _required_params(functions: Sequence[dict] | None, name: str) -> set[str]:
     return set()
 
 
-def possible_answer_calls(ground_truth: Sequence[dict], *, strict: bool,
-                          functions: Sequence[dict] | None = None) -> list[dict] | None:
+def possible_answer_calls(
+    ground_truth: Sequence[dict], *, strict: bool, functions: Sequence[dict] | None = None
+) -> list[dict] | None:
     """BFCL `[{name: {arg: [accepted...]}}]` -> `[{"name", "arguments"}]`, or None.
 
     strict=True: None unless every argument (at every depth the checker reads) has exactly one
@@ -190,7 +209,7 @@ def possible_answer_calls(ground_truth: Sequence[dict], *, strict: bool,
         for entry in ground_truth:
             if not isinstance(entry, dict) or len(entry) != 1:
                 raise _NotSingle()
-            (name, args), = entry.items()
+            ((name, args),) = entry.items()
             if not isinstance(args, dict):
                 raise _NotSingle()
             required = _required_params(functions, name)
@@ -207,25 +226,24 @@ def possible_answer_calls(ground_truth: Sequence[dict], *, strict: bool,
 
 # ---- records ------------------------------------------------------------------------------------
 
+
 def to_record(item: BfclItem, answer: list[dict]) -> ToolRecord:
     """The unified record: system = the item's system messages (joined), tools = its function
     docs unchanged, conversations = its other messages, answer = the given calls."""
     system = "\n\n".join(m["content"] for m in item.question if m["role"] == "system")
     turns = [{"role": m["role"], "content": m["content"]} for m in item.question if m["role"] != "system"]
-    return ToolRecord(source=SOURCE, id=item.id, system=system, tools=list(item.functions),
-                      conversations=turns, answer=answer)
+    return ToolRecord(
+        source=SOURCE, id=item.id, system=system, tools=list(item.functions), conversations=turns, answer=answer
+    )
 
 
-def single_answer_records(categories: Iterable[str] = AST_CATEGORIES,
-                          data_dir: str | None = None) -> tuple[list[ToolRecord], DropCounts]:
-    """Records of the items whose every argument has a single accepted value (their answer is
+def single_answer_records() -> tuple[list[ToolRecord], DropCounts]:
+    """Records of the AST-category items whose every argument has a single accepted value (their answer is
     then exact, usable as a training / reward label). Others are counted as
     `multiple_accepted_values`."""
     records, drops = [], DropCounts()
-    for category in categories:
-        if category not in AST_CATEGORIES:
-            raise ValueError(f"{category!r} has no possible answers; choose from {AST_CATEGORIES}")
-        for item in load_category(category, data_dir).items:
+    for category in AST_CATEGORIES:
+        for item in load_category(category).items:
             answer = possible_answer_calls(item.ground_truth, strict=True, functions=item.functions)
             if answer is None:
                 drops["multiple_accepted_values"] += 1

@@ -2,10 +2,12 @@
 `</tools>` one JSON object per line, the answer format, a worked two-call example), then the
 earlier dialogue turns as their own messages, rendered with the tokenizer's own chat template
 plus the generation prompt. Tools are written into the system text, never passed as `tools=`."""
+
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tooln1_jax.data.records import DropCounts, ToolRecord, tool_call_block
 
@@ -37,8 +39,10 @@ def system_message(record: ToolRecord, *, for_eval: bool = False) -> str:
     parts = []
     if record.system.strip():
         parts.append(record.system.strip())
-    parts.append("You can call the following functions to help with the user's request. "
-                 "Each line of the list below describes one function:")
+    parts.append(
+        "You can call the following functions to help with the user's request. "
+        "Each line of the list below describes one function:"
+    )
     parts.append(tools_block(record.tools))
     parts.append(_FORMAT_INSTRUCTIONS + (" " + _NO_FIT if for_eval else ""))
     parts.append(_EXAMPLE)
@@ -56,12 +60,14 @@ def build_messages(record: ToolRecord, *, for_eval: bool = False) -> list[dict]:
 
 def render_prompt(tokenizer: Any, record: ToolRecord, *, for_eval: bool = False) -> str:
     """The prompt text through the tokenizer's own chat template, ending in the generation prompt."""
-    return tokenizer.apply_chat_template(build_messages(record, for_eval=for_eval), tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        build_messages(record, for_eval=for_eval), tokenize=False, add_generation_prompt=True
+    )
 
 
-def encode_prompts(tokenizer: Any, records: Sequence[ToolRecord], *, max_prompt_length: int,
-                   for_eval: bool = False) -> tuple[list[list[int]], list[ToolRecord], DropCounts]:
+def encode_prompts(
+    tokenizer: Any, records: Sequence[ToolRecord], *, max_prompt_length: int, for_eval: bool = False
+) -> tuple[list[list[int]], list[ToolRecord], DropCounts]:
     """Token ids of each rendered prompt; prompts longer than `max_prompt_length` tokens are
     dropped and counted (`prompt_too_long`). Returns (ids, kept records, drops)."""
     texts = [render_prompt(tokenizer, r, for_eval=for_eval) for r in records]
@@ -99,8 +105,10 @@ def stop_token_ids(tokenizer: Any, model_config: Any = None) -> tuple[int, ...]:
     vocab = tokenizer.get_vocab()
     ids.update(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab)
     if not ids:
-        raise ValueError("the tokenizer has no eos or end-of-turn token and the model config names none: "
-                         "no stop token for generation")
+        raise ValueError(
+            "the tokenizer has no eos or end-of-turn token and the model config names none: "
+            "no stop token for generation"
+        )
     return tuple(sorted(ids))
 
 

@@ -1,4 +1,5 @@
 """The unified tool-calling record every source converts into, drop counting, and the split."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,8 @@ import json
 import logging
 import random
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +34,18 @@ class ToolRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> "ToolRecord":
+    def from_dict(cls, row: dict[str, Any]) -> ToolRecord:
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in row]
         if missing:
             raise KeyError(f"record {row.get('id', '?')!r} lacks fields {missing}")
-        return cls(source=str(row["source"]), id=str(row["id"]), system=str(row["system"] or ""),
-                   tools=list(row["tools"]), conversations=list(row["conversations"]),
-                   answer=list(row["answer"]))
-
-    @property
-    def tool_names(self) -> set[str]:
-        return {t.get("name") for t in self.tools if isinstance(t, dict)}
+        return cls(
+            source=str(row["source"]),
+            id=str(row["id"]),
+            system=str(row["system"] or ""),
+            tools=list(row["tools"]),
+            conversations=list(row["conversations"]),
+            answer=list(row["answer"]),
+        )
 
 
 class DropCounts(Counter):
@@ -57,7 +60,7 @@ class DropCounts(Counter):
             print(line, flush=True)
         return line
 
-    def merged(self, other: "DropCounts") -> "DropCounts":
+    def merged(self, other: DropCounts) -> DropCounts:
         out = DropCounts(self)
         out.update(other)
         return out

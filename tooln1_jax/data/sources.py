@@ -6,13 +6,14 @@ Local JSON / JSONL is read with `json` (so a bad line is named, dropped and coun
 `datasets` fails the whole load); parquet and the hub go through `datasets`. A file with no
 usable row (empty, `[]`, truncated JSON, every line bad) raises DataFileError naming it.
 """
+
 from __future__ import annotations
 
 import glob
 import json
 import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 from tooln1_jax.data import toolace, xlam
 from tooln1_jax.data.records import DropCounts, ToolRecord
@@ -55,8 +56,9 @@ def _json_rows(path: str, drops: DropCounts) -> list[dict]:
         try:
             items = json.loads(data)
         except json.JSONDecodeError as e:
-            raise DataFileError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); "
-                                "truncated?") from None
+            raise DataFileError(
+                f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); truncated?"
+            ) from None
         except ValueError as e:  # UnicodeDecodeError
             line = data.count(b"\n", 0, getattr(e, "start", 0)) + 1
             raise DataFileError(f"{path}: line {line}: not valid JSON ({e})") from None
@@ -89,8 +91,9 @@ def _json_rows(path: str, drops: DropCounts) -> list[dict]:
         raise DataFileError(f"{path}: no usable row; {bad[0]}")
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        warnings.warn(f"{path}: dropped {len(bad)} bad row(s): " + "; ".join(bad[:3]) + more, RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{path}: dropped {len(bad)} bad row(s): " + "; ".join(bad[:3]) + more, RuntimeWarning, stacklevel=3
+        )
     return rows
 
 
@@ -100,13 +103,16 @@ def _check_parquet(path: str) -> None:
     try:
         rows = pq.read_metadata(path).num_rows
     except Exception as e:  # ArrowInvalid on an empty or truncated file
-        raise DataFileError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        raise DataFileError(
+            f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else e!r})"
+        ) from None
     if rows == 0:
         raise DataFileError(f"{path}: no rows")
 
 
-def load_rows(source: str | Sequence[str], *, split: str = "train", cache_dir: str | None = None,
-              drops: DropCounts | None = None):
+def load_rows(
+    source: str | Sequence[str], *, split: str = "train", cache_dir: str | None = None, drops: DropCounts | None = None
+):
     """Raw rows from local files (JSON / JSONL: a list of dicts; parquet: a `datasets.Dataset`)
     or the hub (a `datasets.Dataset`). Bad JSON rows are dropped and counted in `drops`; a
     missing or unusable file, or an unreachable hub, is one clear error."""
@@ -129,9 +135,11 @@ def load_rows(source: str | Sequence[str], *, split: str = "train", cache_dir: s
     try:
         return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as e:  # offline, unknown name, no access: one line, not a long traceback
-        raise RuntimeError(f"cannot load dataset {source!r} (split {split!r}) from the Hugging Face hub: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} -- offline? "
-                           "pass local .json/.jsonl/.parquet files instead") from None
+        raise RuntimeError(
+            f"cannot load dataset {source!r} (split {split!r}) from the Hugging Face hub: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} -- offline? "
+            "pass local .json/.jsonl/.parquet files instead"
+        ) from None
 
 
 def _load(convert, name: str, source: str | Sequence[str], **kwargs) -> tuple[list[ToolRecord], DropCounts]:
@@ -150,9 +158,11 @@ def load_toolace(source: str | Sequence[str] = TOOLACE_HUB, **kwargs) -> tuple[l
     return _load(toolace.convert_rows, "toolace", source, **kwargs)
 
 
-def load_tool_n1_mix(xlam_source: str | Sequence[str] | None = XLAM_HUB,
-                     toolace_source: str | Sequence[str] | None = TOOLACE_HUB,
-                     **kwargs) -> tuple[list[ToolRecord], DropCounts]:
+def load_tool_n1_mix(
+    xlam_source: str | Sequence[str] | None = XLAM_HUB,
+    toolace_source: str | Sequence[str] | None = TOOLACE_HUB,
+    **kwargs,
+) -> tuple[list[ToolRecord], DropCounts]:
     """The paper's training pool: xLAM + ToolACE records (either source may be None)."""
     records, drops = [], DropCounts()
     for loader, source, name in ((load_xlam, xlam_source, "xlam"), (load_toolace, toolace_source, "toolace")):

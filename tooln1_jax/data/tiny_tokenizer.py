@@ -6,8 +6,7 @@ answers. Pre-tokenization isolates letter runs, single digits and runs of other 
 so a value such as `Paris` or `42` is the same tokens in the query and in the JSON answer
 (easy to copy for a tiny model), while JSON punctuation like `", "` merges into one token.
 A JSON key with its colon (`city": "`) is one piece: the token just before a value then
-names the argument being filled, so a one-layer attention can find the value in the query
-(measured: without it, a 2-layer model had not learned to copy values after 300 SFT steps).
+names the argument being filled, so a one-layer attention can find the value in the query.
 
 Phrase tokens keep CPU prompts short: the constant paragraphs of the Tool-N1 system prompt
 (taken from `prompt.system_message`, so they follow its wording) and the JSON skeleton of a
@@ -18,22 +17,36 @@ It is wrapped as `transformers.PreTrainedTokenizerFast` with Qwen's special toke
 ChatML chat template, so prompt rendering (`render_prompt`) works unchanged, and it saves
 with `save_pretrained`.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tooln1_jax.data.prompt import format_completion, system_message
+from tooln1_jax.data.records import ToolRecord
+from tooln1_jax.data.synthetic import SyntheticConfig, corpus_text, generate, template_reasoning
+from tooln1_jax.data.xlam import convert_rows
+
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
 # Not "special" (as in Qwen): they stay in decoded text, where the reward looks for them.
-MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tools>", "</tools>",
-                 "<tool_response>", "</tool_response>")
+MARKUP_TOKENS = (
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tools>",
+    "</tools>",
+    "<tool_response>",
+    "</tool_response>",
+)
 
 # Qwen2.5-style ChatML, without the default system prompt; tool results go back as a user turn.
 CHAT_TEMPLATE = (
@@ -48,8 +61,12 @@ CHAT_TEMPLATE = (
 )
 
 # The JSON skeleton of each `{"type": "function", "function": <tool>}` line in the tools block.
-_TOOL_LINE_PHRASES = ('{"type": "function", "function": {"name": "', '", "description": "', '", "parameters": {',
-                      '": {"type": "')
+_TOOL_LINE_PHRASES = (
+    '{"type": "function", "function": {"name": "',
+    '", "description": "',
+    '", "parameters": {',
+    '": {"type": "',
+)
 
 _SPLIT_PATTERN = r"[A-Za-z_]+\": \"?|[A-Za-z]+|[0-9]|[^A-Za-z0-9]+"
 _SPLIT = Regex(_SPLIT_PATTERN)
@@ -59,11 +76,14 @@ _FORMAT_VERSION = 2  # bump when the build changes in a way the fingerprint cann
 def phrase_tokens() -> tuple[str, ...]:
     """The constant text around the tools block of the system prompt (training and evaluation
     wording), plus the tool-line skeleton. Matching picks the longest phrase at a position."""
-    from tooln1_jax.data.prompt import system_message
-    from tooln1_jax.data.records import ToolRecord
-
-    probe = ToolRecord(source="probe", id="0", system="", tools=[{"name": "x", "description": "d", "parameters": {}}],
-                       conversations=[], answer=[])
+    probe = ToolRecord(
+        source="probe",
+        id="0",
+        system="",
+        tools=[{"name": "x", "description": "d", "parameters": {}}],
+        conversations=[],
+        answer=[],
+    )
     out = []
     for for_eval in (False, True):
         text = system_message(probe, for_eval=for_eval)
@@ -75,10 +95,6 @@ def phrase_tokens() -> tuple[str, ...]:
 def default_corpus(num_records: int = 600, seed: int = 12345) -> list[str]:
     """Synthetic training text: rendered system prompts (tools, instructions, example) for a
     slice of generated problems, plus their queries, thoughts and answer blocks."""
-    from tooln1_jax.data.prompt import format_completion, system_message
-    from tooln1_jax.data.synthetic import SyntheticConfig, corpus_text, generate, template_reasoning
-    from tooln1_jax.data.xlam import convert_rows
-
     records = generate(num_records, SyntheticConfig(num_tools=6, max_calls=3), seed=seed)
     texts = corpus_text(records)
     for i, record in enumerate(convert_rows(records, source="synthetic")[0]):
@@ -96,21 +112,34 @@ def build_tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1
     """
     texts = list(default_corpus() if texts is None else texts)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(_SPLIT, behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(_SPLIT, behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = list(SPECIAL_TOKENS) + list(MARKUP_TOKENS)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     # Added tokens match before pre-tokenization, so markup never splits into pieces.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS + phrase_tokens()])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=IM_END, unk_token=None, bos_token=None,
-        chat_template=CHAT_TEMPLATE, padding_side="left", model_max_length=4096,
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=IM_END,
+        unk_token=None,
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
 
@@ -121,7 +150,9 @@ def _fingerprint(texts: Sequence[str], vocab_size: int) -> str:
     return hashlib.sha256(spec.encode("utf-8")).hexdigest()[:16]
 
 
-def load_or_build_tiny_tokenizer(path: str | os.PathLike | None = None, vocab_size: int = 1536) -> PreTrainedTokenizerFast:
+def load_or_build_tiny_tokenizer(
+    path: str | os.PathLike | None = None, vocab_size: int = 1536
+) -> PreTrainedTokenizerFast:
     """Loads the tiny tokenizer saved in `path` if it was built from the current corpus and
     settings; otherwise builds it (and saves it to `path` when given). A stale cache (older
     prompt wording or generator) is rebuilt, never silently reused."""

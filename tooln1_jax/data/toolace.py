@@ -7,12 +7,14 @@ where names may contain spaces. Each assistant call turn becomes one sample whos
 every earlier turn (an earlier call re-written in our `<tool_call>` JSON format, a tool output as
 a `tool` message). Call text is parsed with `ast` and literal walking only, never evaluated.
 """
+
 from __future__ import annotations
 
 import ast
 import json
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from tooln1_jax.data.records import DropCounts, ToolRecord, tool_call_block, unknown_tool_names
 
@@ -21,12 +23,21 @@ TOOLS_MARKER = re.compile(r"in JSON format that you can invoke:", re.IGNORECASE)
 # contradict the Tool-N1 format; the rest of the system text is kept.
 _FOREIGN_FORMAT_LINE = re.compile(
     r"format of \[|func_?name\d*\(|func\d*\(|no other text|should not include any other text|"
-    r"only return the function call|should you decide to return the function call", re.IGNORECASE)
+    r"only return the function call|should you decide to return the function call",
+    re.IGNORECASE,
+)
 # A call head: a name (letters, digits, spaces, `_ . - :` and similar, not brackets or quotes)
 # directly followed by "(".
 _CALL_HEAD = re.compile(r"\s*([^\W\d][^()\[\]{},=\"'\n]*?)\s*\(")
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-          "tool": "tool", "function": "tool", "observation": "tool"}
+_ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
 _JSON_WORDS = {"true": True, "false": False, "null": None, "none": None}
 
 
@@ -144,11 +155,11 @@ def parse_python_calls(text: str) -> list[dict]:
     while True:
         head = _CALL_HEAD.match(body, pos)
         if head is None:
-            raise CallSyntaxError(f"expected a call at offset {pos}: {body[pos:pos + 40]!r}")
+            raise CallSyntaxError(f"expected a call at offset {pos}: {body[pos : pos + 40]!r}")
         open_at = head.end() - 1
         close_at = _closing_paren(body, open_at)
-        calls.append({"name": head.group(1).strip(), "arguments": _arguments(body[open_at + 1:close_at])})
-        rest = body[close_at + 1:].lstrip()
+        calls.append({"name": head.group(1).strip(), "arguments": _arguments(body[open_at + 1 : close_at])})
+        rest = body[close_at + 1 :].lstrip()
         if not rest:
             return calls
         if not rest.startswith(","):
@@ -200,8 +211,16 @@ def convert_row(row: dict, index: int, drops: DropCounts, source: str = "toolace
                 elif not any(t["role"] == "user" for t in context):
                     drops["no_user_turn"] += 1
                 else:
-                    records.append(ToolRecord(source=source, id=f"{row_id}-{turn_index}", system=system,
-                                              tools=tools, conversations=list(context), answer=calls))
+                    records.append(
+                        ToolRecord(
+                            source=source,
+                            id=f"{row_id}-{turn_index}",
+                            system=system,
+                            tools=tools,
+                            conversations=list(context),
+                            answer=calls,
+                        )
+                    )
         # An earlier call is context in our own answer format; unparseable ones stay as written.
         content = tool_call_block(calls) if calls is not None else value
         context.append({"role": role, "content": content})

@@ -3,10 +3,12 @@
 A row is `{"id", "query", "tools": <JSON string: [{name, description, parameters}]>,
 "answers": <JSON string: [{name, arguments}]>}`; one row is one single-turn sample.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from tooln1_jax.data.records import DropCounts, ToolRecord, unknown_tool_names
 
@@ -45,8 +47,9 @@ def convert_row(row: dict, index: int, drops: DropCounts, source: str = "xlam") 
         drops["no_query"] += 1
         return None
     tools = _json_field(row.get("tools"))
-    if not (isinstance(tools, list) and tools and all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                                      for t in tools)):
+    if not (
+        isinstance(tools, list) and tools and all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools)
+    ):
         drops["no_tools"] += 1
         return None
     answer = _answer(row.get("answers"))
@@ -56,8 +59,14 @@ def convert_row(row: dict, index: int, drops: DropCounts, source: str = "xlam") 
     if unknown_tool_names(answer, tools):
         drops["unknown_tool"] += 1
         return None
-    return ToolRecord(source=source, id=str(row.get("id", index)), system="", tools=tools,
-                      conversations=[{"role": "user", "content": query}], answer=answer)
+    return ToolRecord(
+        source=source,
+        id=str(row.get("id", index)),
+        system="",
+        tools=tools,
+        conversations=[{"role": "user", "content": query}],
+        answer=answer,
+    )
 
 
 def convert_rows(rows: Iterable[dict], source: str = "xlam") -> tuple[list[ToolRecord], DropCounts]:

@@ -27,6 +27,7 @@ dialogue. The headline `api_bank` figure covers the other 212; `api_bank_all` co
 (The paper's two Tool-N1 figures, 81.28 and 82.19, are both k/219, so its subset had 219 items:
 close to, but not, this rule's 212. The exact rule is not published.)
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,7 +35,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tooln1_jax.data.records import ToolRecord, tool_call_block
 from tooln1_jax.rewards import parse_tool_calls
@@ -76,13 +78,14 @@ def _scan_arguments(text: str) -> dict[str, Any] | None:
         if pos < len(text) and text[pos] in "'\"":
             quote, end = text[pos], None
             for i in range(pos + 1, len(text)):
-                if text[i] == quote and (i + 1 == len(text) or _NEXT_KEY.match(text, i + 1)
-                                         or not text[i + 1:].strip()):
+                if text[i] == quote and (
+                    i + 1 == len(text) or _NEXT_KEY.match(text, i + 1) or not text[i + 1 :].strip()
+                ):
                     end = i
                     break
             if end is None:
                 return None
-            raw = text[pos:end + 1]
+            raw = text[pos : end + 1]
             try:
                 args[key] = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
@@ -110,13 +113,17 @@ def parse_api_request(text: str) -> tuple[str, dict] | None:
         return None
     text = text.strip()
     if text.startswith("API-Request:"):
-        text = text[len("API-Request:"):].strip()
+        text = text[len("API-Request:") :].strip()
     if "]->" in text:
-        text = text[:text.index("]->") + 1]
+        text = text[: text.index("]->") + 1]
     try:
         tree = ast.parse(text, mode="eval").body
-        if (isinstance(tree, ast.List) and len(tree.elts) == 1 and isinstance(tree.elts[0], ast.Call)
-                and not tree.elts[0].args):
+        if (
+            isinstance(tree, ast.List)
+            and len(tree.elts) == 1
+            and isinstance(tree.elts[0], ast.Call)
+            and not tree.elts[0].args
+        ):
             call = tree.elts[0]
             name = ast.unparse(call.func)
             return name, {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
@@ -176,8 +183,9 @@ def _dialogue_turns(text: str, where: str) -> list[dict]:
             parsed = parse_api_request(request)
             if parsed is None:
                 raise ValueError(f"{where}: cannot parse the earlier call {request[:120]!r}")
-            turns.append({"role": "assistant",
-                          "content": tool_call_block([{"name": parsed[0], "arguments": parsed[1]}])})
+            turns.append(
+                {"role": "assistant", "content": tool_call_block([{"name": parsed[0], "arguments": parsed[1]}])}
+            )
             turns.append({"role": "tool", "content": result})
     return turns
 
@@ -198,17 +206,29 @@ def _item(row: dict, where: str) -> ApiBankItem:
                 api = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: API description is not JSON ({e})") from None
-            apis.append({"name": api["name"], "description": api.get("description", ""),
-                         "parameters": api.get("input_parameters", {})})
+            apis.append(
+                {
+                    "name": api["name"],
+                    "description": api.get("description", ""),
+                    "parameters": api.get("input_parameters", {}),
+                }
+            )
     expected = parse_api_request(row["expected_output"])
     if expected is None:
         raise ValueError(f"{where}: cannot parse expected_output {row['expected_output'][:120]!r}")
-    system = "\n".join(line for line in head.split("Input:")[0].splitlines()
-                       if line.strip() and "format of [ApiName" not in line)
-    file_stem = row["file"][:-len(".jsonl")] if row["file"].endswith(".jsonl") else row["file"]
-    return ApiBankItem(id=f"{file_stem}:{row['id']}", apis=apis, turns=_dialogue_turns(row["input"], where),
-                       system=system, expected_name=expected[0], expected_arguments=expected[1],
-                       multi_turn="API-Request:" in row["input"])
+    system = "\n".join(
+        line for line in head.split("Input:")[0].splitlines() if line.strip() and "format of [ApiName" not in line
+    )
+    file_stem = row["file"][: -len(".jsonl")] if row["file"].endswith(".jsonl") else row["file"]
+    return ApiBankItem(
+        id=f"{file_stem}:{row['id']}",
+        apis=apis,
+        turns=_dialogue_turns(row["input"], where),
+        system=system,
+        expected_name=expected[0],
+        expected_arguments=expected[1],
+        multi_turn="API-Request:" in row["input"],
+    )
 
 
 def load_api_bank(path: str) -> list[ApiBankItem]:
@@ -223,8 +243,9 @@ def load_api_bank(path: str) -> list[ApiBankItem]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); "
-                             "truncated?") from None
+            raise ValueError(
+                f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); truncated?"
+            ) from None
         located = [(row, f"{path}: item {i}") for i, row in enumerate(rows)]
     else:
         located = []
@@ -246,12 +267,18 @@ def load_api_bank(path: str) -> list[ApiBankItem]:
 
 
 def prompt_record(item: ApiBankItem) -> ToolRecord:
-    return ToolRecord(source=SOURCE, id=item.id, system=item.system, tools=list(item.apis),
-                      conversations=[dict(t) for t in item.turns],
-                      answer=[{"name": item.expected_name, "arguments": item.expected_arguments}])
+    return ToolRecord(
+        source=SOURCE,
+        id=item.id,
+        system=item.system,
+        tools=list(item.apis),
+        conversations=[dict(t) for t in item.turns],
+        answer=[{"name": item.expected_name, "arguments": item.expected_arguments}],
+    )
 
 
 # ---- scoring ------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class ApiBankResult:
@@ -284,8 +311,9 @@ def _verdict(item: ApiBankItem, completion: str) -> ApiBankResult:
     if call["name"] != item.expected_name:
         return ApiBankResult(item.id, item.multi_turn, False, calls, "wrong_name")
     try:
-        same = isinstance(call["arguments"], dict) and \
-            canonical_value(call["arguments"]) == canonical_value(item.expected_arguments)
+        same = isinstance(call["arguments"], dict) and canonical_value(call["arguments"]) == canonical_value(
+            item.expected_arguments
+        )
     except RecursionError:  # nested deeper than any expected value can be
         same = False
     if not same:
@@ -295,14 +323,16 @@ def _verdict(item: ApiBankItem, completion: str) -> ApiBankResult:
 
 def summarize(results: Sequence[ApiBankResult]) -> dict:
     """`api_bank` (multi-turn cases excluded) and `api_bank_all`: {"accuracy", "correct", "total"}."""
+
     def score(rs: list[ApiBankResult]) -> dict:
         correct = sum(r.valid for r in rs)
-        return {"accuracy": round(100.0 * correct / len(rs), 2) if rs else None, "correct": correct,
-                "total": len(rs)}
+        return {"accuracy": round(100.0 * correct / len(rs), 2) if rs else None, "correct": correct, "total": len(rs)}
 
     single = [r for r in results if not r.multi_turn]
-    return {SUBSET: {**score(single), "covers": "items whose dialogue has no earlier API call"},
-            ALL: {**score(list(results)), "covers": "all items"}}
+    return {
+        SUBSET: {**score(single), "covers": "items whose dialogue has no earlier API call"},
+        ALL: {**score(list(results)), "covers": "all items"},
+    }
 
 
 def oracle_completion(item: ApiBankItem, reasoning: str = "oracle") -> str:

@@ -18,18 +18,16 @@ Aggregation mirrors `generate_leaderboard_csv` in `bfcl/eval_checker/eval_runner
 (that module cannot be imported without the package's many optional SDKs, so its two small
 averaging functions are mirrored here, and a test checks them against the package source).
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-from typing import Any, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from bfcl.eval_checker.ast_eval.ast_checker import ast_checker
-from bfcl.utils import is_empty_output, is_function_calling_format_output
-
-from tooln1_jax.data.bfcl import (AST_CATEGORIES, BfclItem, load_category, possible_answer_calls,
-                                  to_record)
+from tooln1_jax.data.bfcl import AST_CATEGORIES, BfclItem, load_category, possible_answer_calls, to_record
 from tooln1_jax.data.records import ToolRecord, tool_call_block
 from tooln1_jax.rewards import parse_tool_calls
 
@@ -47,6 +45,16 @@ LIVE_COVERS = ("live_simple", "live_multiple", "live_parallel", "live_parallel_m
 LIVE_LEADERBOARD_COVERS = LIVE_COVERS + ("live_irrelevance", "live_relevance")
 
 
+def checker() -> tuple[Callable, Callable, Callable]:
+    """`(ast_checker, is_empty_output, is_function_calling_format_output)` from `nvidia-bfcl`.
+    Imported on use, not with this module: the base install lacks the package, and API-Bank and
+    the BFCL prompt helpers work without it. Raises ModuleNotFoundError (name "bfcl...") without it."""
+    from bfcl.eval_checker.ast_eval.ast_checker import ast_checker
+    from bfcl.utils import is_empty_output, is_function_calling_format_output
+
+    return ast_checker, is_empty_output, is_function_calling_format_output
+
+
 def language_of(category: str) -> str:
     """The checker's `language` argument, chosen as `eval_runner.runner` does."""
     if "javascript" in category:
@@ -57,6 +65,7 @@ def language_of(category: str) -> str:
 
 
 # ---- prompts -----------------------------------------------------------------------------------
+
 
 def _language_hint(category: str) -> str:
     if category == "java":
@@ -79,16 +88,21 @@ def prompt_tools(functions: Sequence[dict], category: str) -> list[dict]:
             ptype = param.get("type")
             param["description"] = param.get("description") or ""
             if ptype == "any":
-                param["description"] += f" This parameter can be of any type of {language} object in string representation."
+                param["description"] += (
+                    f" This parameter can be of any type of {language} object in string representation."
+                )
             else:
                 param["description"] += f" This is {language} {ptype} type parameter in string representation."
             if ptype in (("ArrayList", "Array") if language == "Java" else ("array",)):
                 element_type = (param.pop("items", None) or {}).get("type")
-                param["description"] += (f" The list elements are of type {element_type}; "
-                                         "they are not in string representation.")
+                param["description"] += (
+                    f" The list elements are of type {element_type}; they are not in string representation."
+                )
             if language == "JavaScript" and ptype == "dict" and "properties" in param:
-                param["description"] += (" The dictionary entries have the following schema; they are not "
-                                         f"in string representation. {json.dumps(param['properties'])}")
+                param["description"] += (
+                    " The dictionary entries have the following schema; they are not "
+                    f"in string representation. {json.dumps(param['properties'])}"
+                )
                 del param["properties"]
             param["type"] = "string"
     return functions
@@ -98,31 +112,35 @@ def prompt_record(item: BfclItem, *, bfcl_tool_docs: bool = True) -> ToolRecord:
     """The record a model is prompted with (render with `for_eval=True`). Tools: `prompt_tools`
     (BFCL's rewrite), or the docs as shipped with `bfcl_tool_docs=False`. Its `answer` is the
     oracle (first checker-accepted values) for reference only; scoring uses the checker."""
-    answer = [] if item.ground_truth is None else (
-        possible_answer_calls(item.ground_truth, strict=False, functions=item.functions) or [])
+    answer = (
+        []
+        if item.ground_truth is None
+        else (possible_answer_calls(item.ground_truth, strict=False, functions=item.functions) or [])
+    )
     record = to_record(item, answer)
     if not bfcl_tool_docs:
         return record
     return dataclasses.replace(record, tools=prompt_tools(item.functions, item.category))
 
 
-def load_items(categories: Iterable[str] = ALL_CATEGORIES, *, limit: int | None = None,
-               data_dir: str | None = None) -> tuple[dict[str, list[BfclItem]], dict[str, dict]]:
+def load_items(
+    categories: Iterable[str] = ALL_CATEGORIES, *, limit: int | None = None
+) -> tuple[dict[str, list[BfclItem]], dict[str, dict]]:
     """{category: items} (the first `limit` of each when given), and the id quirks found:
     {category: {"id_mismatches": [...], "renamed_duplicates": [...]}}."""
     items, quirks = {}, {}
     for category in categories:
         if category not in ALL_CATEGORIES:
             raise ValueError(f"unknown BFCL category {category!r}; expected some of {ALL_CATEGORIES}")
-        loaded = load_category(category, data_dir)
+        loaded = load_category(category)
         items[category] = loaded.items[:limit] if limit else loaded.items
         if loaded.id_mismatches or loaded.renamed_duplicates:
-            quirks[category] = {"id_mismatches": loaded.id_mismatches,
-                                "renamed_duplicates": loaded.renamed_duplicates}
+            quirks[category] = {"id_mismatches": loaded.id_mismatches, "renamed_duplicates": loaded.renamed_duplicates}
     return items, quirks
 
 
 # ---- scoring ------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class ItemResult:
@@ -164,6 +182,7 @@ def score_item(item: BfclItem, completion: str) -> ItemResult:
 
 
 def _verdict(item: BfclItem, completion: str) -> ItemResult:
+    ast_checker, is_empty_output, is_function_calling_format_output = checker()
     calls, why = completion_to_bfcl(completion)
     if item.category in EXTRA_CATEGORIES:
         has_call = calls is not None and not is_empty_output(calls)
@@ -175,21 +194,35 @@ def _verdict(item: BfclItem, completion: str) -> ItemResult:
     if calls is None:
         return ItemResult(item.id, item.category, False, None, "ast_decoder:decoder_failed", why)
     if not is_function_calling_format_output(calls):
-        return ItemResult(item.id, item.category, False, calls, "ast_decoder:decoder_wrong_output_format",
-                          "arguments must be a JSON object")
+        return ItemResult(
+            item.id,
+            item.category,
+            False,
+            calls,
+            "ast_decoder:decoder_wrong_output_format",
+            "arguments must be a JSON object",
+        )
     try:
-        verdict = ast_checker(item.functions, calls, item.ground_truth, language_of(item.category),
-                              item.category, CHECKER_MODEL_NAME)
+        verdict = ast_checker(
+            item.functions, calls, item.ground_truth, language_of(item.category), item.category, CHECKER_MODEL_NAME
+        )
     except Exception as e:  # the checker trusts its input types; odd model values can crash it
         return ItemResult(item.id, item.category, False, calls, f"checker_exception:{type(e).__name__}", str(e))
     if verdict["valid"]:
         return ItemResult(item.id, item.category, True, calls, None)
     error = verdict.get("error")
-    return ItemResult(item.id, item.category, False, calls, verdict.get("error_type", "unknown"),
-                      json.dumps(error, default=str)[:2000] if error else None)
+    return ItemResult(
+        item.id,
+        item.category,
+        False,
+        calls,
+        verdict.get("error_type", "unknown"),
+        json.dumps(error, default=str)[:2000] if error else None,
+    )
 
 
 # ---- aggregation (mirrors eval_runner_helper.calculate_*_accuracy) ------------------------------
+
 
 def calculate_weighted_accuracy(accuracy_dict_list: Sequence[dict], display_na_if_category_missing=True) -> dict:
     """Mean weighted by `total_count`; entries: {"accuracy", "total_count", "display_accuracy"}."""
@@ -198,8 +231,10 @@ def calculate_weighted_accuracy(accuracy_dict_list: Sequence[dict], display_na_i
     if total_count == 0:
         result = {"accuracy": 0, "total_count": 0}
     else:
-        result = {"accuracy": sum(d["accuracy"] * d["total_count"] for d in accuracy_dict_list) / total_count,
-                  "total_count": total_count}
+        result = {
+            "accuracy": sum(d["accuracy"] * d["total_count"] for d in accuracy_dict_list) / total_count,
+            "total_count": total_count,
+        }
     result["display_accuracy"] = "N/A" if (has_na and display_na_if_category_missing) else result["accuracy"]
     return result
 
@@ -207,8 +242,10 @@ def calculate_weighted_accuracy(accuracy_dict_list: Sequence[dict], display_na_i
 def calculate_unweighted_accuracy(accuracy_dict_list: Sequence[dict], display_na_if_category_missing=True) -> dict:
     """Plain mean of the accuracies (a missing category counts as 0 and marks the result N/A)."""
     has_na = any(d["display_accuracy"] == "N/A" for d in accuracy_dict_list)
-    result = {"accuracy": sum(d["accuracy"] for d in accuracy_dict_list) / len(accuracy_dict_list),
-              "total_count": sum(d["total_count"] for d in accuracy_dict_list)}
+    result = {
+        "accuracy": sum(d["accuracy"] for d in accuracy_dict_list) / len(accuracy_dict_list),
+        "total_count": sum(d["total_count"] for d in accuracy_dict_list),
+    }
     result["display_accuracy"] = "N/A" if (has_na and display_na_if_category_missing) else result["accuracy"]
     return result
 
@@ -223,8 +260,12 @@ def _entry(scores: dict[str, dict], category: str) -> dict:
 
 def _summary(result: dict, covers: Sequence[str], how: str) -> dict:
     acc = result["display_accuracy"]
-    return {"accuracy": None if acc == "N/A" else round(acc, 2), "total": result["total_count"],
-            "covers": list(covers), "how": how}
+    return {
+        "accuracy": None if acc == "N/A" else round(acc, 2),
+        "total": result["total_count"],
+        "covers": list(covers),
+        "how": how,
+    }
 
 
 def summarize(scores: dict[str, dict]) -> dict:
@@ -238,7 +279,8 @@ def summarize(scores: dict[str, dict]) -> dict:
     A summary with a category missing is None (the leaderboard prints N/A)."""
     simple = calculate_unweighted_accuracy([_entry(scores, c) for c in SIMPLE_COVERS])
     non_live = calculate_unweighted_accuracy(
-        [simple] + [_entry(scores, c) for c in ("multiple", "parallel", "parallel_multiple")])
+        [simple] + [_entry(scores, c) for c in ("multiple", "parallel", "parallel_multiple")]
+    )
     live = calculate_weighted_accuracy([_entry(scores, c) for c in LIVE_COVERS])
     live_lb = calculate_weighted_accuracy([_entry(scores, c) for c in LIVE_LEADERBOARD_COVERS])
     overall = calculate_unweighted_accuracy([non_live, live])
@@ -258,12 +300,19 @@ def category_scores(results: Iterable[ItemResult]) -> dict[str, dict]:
         c = counts.setdefault(r.category, [0, 0])
         c[0] += int(r.valid)
         c[1] += 1
-    return {cat: {"accuracy": round(100.0 * counts[cat][0] / counts[cat][1], 2) if counts[cat][1] else 0.0,
-                  "correct": counts[cat][0], "total": counts[cat][1]}
-            for cat in ALL_CATEGORIES if cat in counts}
+    return {
+        cat: {
+            "accuracy": round(100.0 * counts[cat][0] / counts[cat][1], 2) if counts[cat][1] else 0.0,
+            "correct": counts[cat][0],
+            "total": counts[cat][1],
+        }
+        for cat in ALL_CATEGORIES
+        if cat in counts
+    }
 
 
 # ---- oracle completions (tests and sanity checks) -----------------------------------------------
+
 
 def _java_source(value: Any, ptype: str, nested: str | None = None) -> str:
     """A possible-answer value as Java source text that `java_type_converter` reads back."""

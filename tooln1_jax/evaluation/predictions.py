@@ -7,12 +7,13 @@ completion is counted as `duplicate_id`, and with a different completion it is a
 both lines (there is no right answer to pick). Items with no prediction are scored wrong by the
 caller and counted as `missing_prediction`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 from collections import Counter
-from typing import Collection
+from collections.abc import Collection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,11 +22,12 @@ class Predictions:
     skipped: Counter  # reason -> count
     problems: list[str]  # "file:line: what", the first few of each kind
 
-    def missing(self, ids: Collection[str]) -> list[str]:
-        return [i for i in ids if i not in self.completions]
+
+# Problem lines kept per skip reason.
+_MAX_PROBLEMS = 20
 
 
-def read_predictions(path: str, known_ids: Collection[str] | None = None, *, max_problems: int = 20) -> Predictions:
+def read_predictions(path: str, known_ids: Collection[str] | None = None) -> Predictions:
     known = set(known_ids) if known_ids is not None else None
     completions: dict[str, str] = {}
     first_line: dict[str, int] = {}
@@ -34,7 +36,7 @@ def read_predictions(path: str, known_ids: Collection[str] | None = None, *, max
 
     def skip(reason: str, line_no: int, what: str) -> None:
         skipped[reason] += 1
-        if skipped[reason] <= max_problems:
+        if skipped[reason] <= _MAX_PROBLEMS:
             problems.append(f"{path}:{line_no}: {what}")
 
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -61,8 +63,10 @@ def read_predictions(path: str, known_ids: Collection[str] | None = None, *, max
                 continue
             if item_id in completions:
                 if completions[item_id] != completion:
-                    raise ValueError(f"{path}:{line_no}: id {item_id!r} appears again (first at line "
-                                     f"{first_line[item_id]}) with a different completion")
+                    raise ValueError(
+                        f"{path}:{line_no}: id {item_id!r} appears again (first at line "
+                        f"{first_line[item_id]}) with a different completion"
+                    )
                 skip("duplicate_id", line_no, f"id {item_id!r} repeats line {first_line[item_id]}")
                 continue
             completions[item_id] = completion

@@ -1,0 +1,259 @@
+"""One GRPO iteration (a rollout batch and its optimizer updates) and what it needs: the data
+order, the step's RNG, the run's compiled update program and the progress it advances.
+
+Everything random is a function of (seed, step): the data order of epoch e is a permutation
+seeded by (seed, e) and the sampling key of step s is fold_in(key(seed), s), so a resumed run
+repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tooln1_jax import rollouts
+from tooln1_jax.config import loss_settings, optimizer_settings
+from tooln1_jax.grpo import LossSettings, group_advantages, nonzero_std_groups
+from tooln1_jax.models import ModelConfig
+from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
+from tooln1_jax.run_setup import RunSetup
+from tooln1_jax.sharding import TRAIN_RULES
+from tooln1_jax.train_step import TrainState, make_grpo_step, shard_batch
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A GRPO update produced a NaN/Inf loss or gradient; the run stopped without saving it."""
+
+
+# ----------------------------------------------------------------------------- data order and RNG
+
+
+def step_prompt_indices(seed: int, step: int, num_train: int, batch_size: int) -> tuple[int, int, np.ndarray]:
+    """(data epoch, index into that epoch's shuffled order, [batch_size] prompt indices) of `step`.
+    Each epoch covers num_train // batch_size whole batches of a permutation seeded by (seed, epoch)."""
+    per_epoch = num_train // batch_size
+    data_epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, data_epoch]).permutation(num_train)
+    start = index * batch_size
+    return data_epoch, start, order[start : start + batch_size]
+
+
+def step_rng(seed: int, step: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+# ----------------------------------------------------------------------------- the update program
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoProgram:
+    """The optimizer and the jitted GRPO step of a run. `micro_batch_size` counts sequences per
+    gradient-accumulation chunk (also the unit the batch sharding must divide)."""
+
+    optimizer: optax.GradientTransformation
+    update: Callable
+    micro_batch_size: int
+    optimizer_settings: OptimizerSettings
+
+
+@functools.lru_cache(maxsize=8)
+def _grpo_program(
+    model_config: ModelConfig,
+    mesh,
+    optim: OptimizerSettings,
+    loss: LossSettings,
+    micro_batch_size: int,
+    temperature: float,
+    completion_len: int,
+) -> GrpoProgram:
+    """Cached on hashable settings: runs in one process (tests, notebooks, resume) reuse the
+    compiled step instead of compiling it again."""
+    optimizer = make_optimizer(optim)
+    update = make_grpo_step(
+        model_config,
+        optimizer,
+        mesh=mesh,
+        micro_batch_size=micro_batch_size,
+        temperature=temperature,
+        completion_len=completion_len,
+        loss_settings=loss,
+    )
+    return GrpoProgram(optimizer, update, micro_batch_size, optim)
+
+
+def grpo_program(config, setup: RunSetup) -> GrpoProgram:
+    """The run's optimizer and GRPO step, from `config.optim`, `config.rl` and `config.rollout`."""
+    rl, ro = config.rl, config.rollout
+    micro = int(rl.micro_batch_size) or int(rl.mini_batch_size * ro.num_samples)
+    return _grpo_program(
+        setup.model_config,
+        setup.mesh,
+        optimizer_settings(config),
+        loss_settings(config),
+        micro,
+        float(ro.temperature),
+        int(ro.max_new_tokens),
+    )
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop carries from step to step: the train state, the frozen reference (None
+    when kl_coef is 0), rollout batches done and optimizer updates applied."""
+
+    state: TrainState
+    ref: Any
+    step: int
+    num_updates: int
+
+
+# ----------------------------------------------------------------------------- one iteration
+
+
+def _update_batches(
+    rollout: rollouts.RolloutBatch,
+    advantages: np.ndarray,
+    loss_mask: np.ndarray,
+    mini_batch_size: int,
+    ppo_epochs: int,
+    rng: np.random.Generator,
+):
+    """Yields (ppo pass, mini-batch dict) for every update of one rollout batch. Groups stay
+    together; the first pass keeps the rollout order, later passes reshuffle the groups."""
+    n = rollout.num_samples
+    groups = rollout.num_rows // n
+    for ppo_pass in range(ppo_epochs):
+        order = np.arange(groups) if ppo_pass == 0 else rng.permutation(groups)
+        for start in range(0, groups, mini_batch_size):
+            rows = (order[start : start + mini_batch_size, None] * n + np.arange(n)).reshape(-1)
+            yield (
+                ppo_pass,
+                {
+                    "input_ids": rollout.input_ids[rows],
+                    "attention_mask": rollout.attention_mask[rows],
+                    "loss_mask": loss_mask[rows],
+                    "advantages": advantages[rows],
+                    "old_logprobs": rollout.old_logprobs[rows],
+                },
+            )
+
+
+_MEAN_KEYS = (
+    "loss",
+    "policy_loss",
+    "kl",
+    "entropy",
+    "clip_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "ratio_mean",
+    "grad_norm",
+)
+
+
+def _combine_update_metrics(updates: list[dict]) -> dict:
+    out = {k: float(np.mean([u[k] for u in updates])) for k in _MEAN_KEYS}
+    out["ratio_min"] = float(min(u["ratio_min"] for u in updates))
+    out["ratio_max"] = float(max(u["ratio_max"] for u in updates))
+    first = updates[0]
+    out["first_ratio_max_dev"] = float(max(abs(first["ratio_max"] - 1.0), abs(first["ratio_min"] - 1.0)))
+    return out
+
+
+def _apply_updates(
+    config,
+    setup: RunSetup,
+    program: GrpoProgram,
+    progress: Progress,
+    batch,
+    advantages,
+    loss_mask,
+    last_checkpoint: Callable[[], int | None],
+) -> list[dict]:
+    """Every optimizer update of one rollout batch, applied to `progress`; their metrics."""
+    rl = config.rl
+    shuffle_rng = np.random.default_rng([int(config.seed), progress.step, 1])
+    metrics = []
+    for ppo_pass, mb in _update_batches(batch, advantages, loss_mask, rl.mini_batch_size, rl.ppo_epochs, shuffle_rng):
+        state, m = program.update(
+            progress.state, progress.ref, shard_batch(mb, setup.mesh, TRAIN_RULES, program.micro_batch_size)
+        )
+        m = jax.device_get(m)
+        if not bool(m["finite"]):
+            raise NonFiniteLossError(
+                f"step {progress.step + 1}: the GRPO update {len(metrics) + 1} (ppo epoch {ppo_pass}) has a "
+                f"non-finite loss={float(m['loss'])} / grad_norm={float(m['grad_norm'])}; the run stops here "
+                f"with nothing saved from this step (last checkpoint: {last_checkpoint()}). Lower "
+                "config.optim.lr or check the data and the reward."
+            )
+        progress.state = state
+        progress.num_updates += 1
+        metrics.append(m)
+    return metrics
+
+
+def grpo_iteration(
+    config,
+    setup: RunSetup,
+    program: GrpoProgram,
+    progress: Progress,
+    last_checkpoint: Callable[[], int | None] = lambda: None,
+) -> dict:
+    """One rollout batch and its updates: advances `progress` by one step and returns the step's
+    metrics row (rollout summary, reward spread, update metrics, learning rate, timings)."""
+    rl, ro = config.rl, config.rollout
+    t0 = time.perf_counter()
+    data_epoch, _, idx = step_prompt_indices(
+        int(config.seed), progress.step, len(setup.train_records), rl.train_batch_size
+    )
+    batch = rollouts.generate_and_score(
+        setup.model_config,
+        progress.state.params,
+        setup.tokenizer,
+        [setup.train_prompt_ids[i] for i in idx],
+        [setup.train_records[i] for i in idx],
+        num_samples=ro.num_samples,
+        max_new_tokens=ro.max_new_tokens,
+        temperature=ro.temperature,
+        top_p=ro.top_p,
+        top_k=ro.top_k,
+        rng=step_rng(int(config.seed), progress.step),
+        mesh=setup.mesh,
+        reward_variant=rl.reward_variant,
+        prompts_per_call=int(ro.prompts_per_call),
+        decode_segments=int(ro.decode_segments),
+    )
+    t_rollout = time.perf_counter() - t0
+    rewards = jnp.asarray(batch.rewards)
+    advantages = np.asarray(group_advantages(rewards, ro.num_samples, unbiased=bool(rl.unbiased_std)), np.float32)
+    informative = np.asarray(nonzero_std_groups(rewards, ro.num_samples))
+    loss_mask = batch.loss_mask * informative[:, None] if rl.filter_zero_std_groups else batch.loss_mask
+
+    t1 = time.perf_counter()
+    updates = _apply_updates(config, setup, program, progress, batch, advantages, loss_mask, last_checkpoint)
+    progress.step += 1
+    t_update = time.perf_counter() - t1
+    step_time = time.perf_counter() - t0
+    generated = float(np.sum(batch.lengths))
+    return {
+        **batch.summary(),
+        "reward_std": float(np.std(batch.rewards)),
+        "zero_std_group_frac": float(1.0 - np.mean(informative)),
+        **_combine_update_metrics(updates),
+        "lr": program.optimizer_settings.applied_lr(progress.num_updates),
+        "data_epoch": data_epoch,
+        "num_updates": progress.num_updates,
+        "tokens_per_s": generated / step_time,
+        "rollout_tokens_per_s": generated / t_rollout,
+        "step_time": step_time,
+        "rollout_time": t_rollout,
+        "update_time": t_update,
+    }

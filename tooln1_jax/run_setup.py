@@ -1,0 +1,206 @@
+"""Everything a run needs before its first step, shared by GRPO (`train`) and SFT (`sft`):
+tokenizer, records and their train / held-out split, encoded training prompts, mesh and model;
+and the greedy held-out accuracy both report.
+
+Set-up runs in two stages, each failing on every process when it fails on one
+(`distributed.all_or_none`): a data file missing on one host stops every host with its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from transformers import AutoTokenizer
+
+from tooln1_jax import distributed, rollouts
+from tooln1_jax.assets import default_cache_dir
+from tooln1_jax.config import ConfigError, validate_config
+from tooln1_jax.data import sources, synthetic
+from tooln1_jax.data.prompt import encode_prompts
+from tooln1_jax.data.records import DropCounts, ToolRecord, train_val_split
+from tooln1_jax.data.tiny_tokenizer import load_or_build_tiny_tokenizer
+from tooln1_jax.data.xlam import convert_rows
+from tooln1_jax.models import ModelConfig, init_params, load_pretrained, param_sharding
+from tooln1_jax.models.hf_io import resolve_checkpoint_dir
+from tooln1_jax.sharding import TRAIN_RULES, make_mesh
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """What a run needs before its first step: mesh, tokenizer, model, and the data split.
+    `train_prompt_ids[i]` is the encoded prompt of `train_records[i]` (over-long ones dropped)."""
+
+    config: Any
+    mesh: Any
+    tokenizer: Any
+    model_config: ModelConfig
+    params: Any  # None when the run resumes from a checkpoint (restored later)
+    train_records: list
+    train_prompt_ids: list
+    val_records: list
+    drops: DropCounts
+
+
+def build_tokenizer(config):
+    """The run's tokenizer: the demo's tiny one (built once, then cached on disk) or an HF one."""
+    t = config.tokenizer
+    if t.kind == "tiny":
+        path = t.name_or_path or os.path.join(default_cache_dir(), f"tiny_tokenizer_{t.vocab_size}")
+        return load_or_build_tiny_tokenizer(path, vocab_size=int(t.vocab_size))
+    return AutoTokenizer.from_pretrained(t.name_or_path or config.model.name_or_path)
+
+
+def _synthetic_records(config) -> tuple[list[ToolRecord], DropCounts]:
+    """The synthetic tasks of `config.data.synthetic` (its knobs are `SyntheticConfig` fields)."""
+    knobs = dict(config.data.synthetic)
+    num = int(knobs.pop("num_examples"))
+    seed = int(knobs.pop("seed", config.seed))
+    fields = {f.name for f in dataclasses.fields(synthetic.SyntheticConfig)}
+    unknown = sorted(set(knobs) - fields)
+    if unknown:
+        raise ConfigError(
+            f"config.data.synthetic has unknown fields {unknown}; known: num_examples, seed, {sorted(fields)}"
+        )
+    sc = synthetic.SyntheticConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in knobs.items()})
+    return convert_rows(synthetic.generate(num, sc, seed=seed), source="synthetic")
+
+
+def load_records(config) -> tuple[list[ToolRecord], DropCounts]:
+    """All records of `config.data.source`, with the counted drops of their conversion."""
+    d = config.data
+    if d.source == "synthetic":
+        return _synthetic_records(config)
+    if d.source == "xlam":
+        return sources.load_xlam(d.xlam_path)
+    if d.source == "toolace":
+        return sources.load_toolace(d.toolace_path)
+    return sources.load_tool_n1_mix(d.xlam_path, d.toolace_path)
+
+
+def _random_model_config(config, tokenizer) -> ModelConfig:
+    """`config.model.random` as a ModelConfig (vocab_size 0 = the tokenizer's size)."""
+    r = config.model.random
+    vocab = int(r.vocab_size) or len(tokenizer)
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=r.hidden_size,
+        intermediate_size=r.intermediate_size,
+        num_layers=r.num_layers,
+        num_heads=r.num_heads,
+        num_kv_heads=r.num_kv_heads,
+        head_dim=r.head_dim,
+        rope_theta=float(r.rope_theta),
+        tie_word_embeddings=bool(r.tie_word_embeddings),
+        attention_bias=r.model_type == "qwen2",
+        max_position_embeddings=r.max_position_embeddings,
+        model_type=r.model_type,
+        eos_token_id=tokenizer.eos_token_id,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_init(model_config: ModelConfig, param_dtype: str, mesh):
+    """A jitted random init that writes each leaf straight onto its TRAIN_RULES sharding
+    (cached, so repeated runs in one process compile it once)."""
+    init = functools.partial(init_params, model_config, dtype=jnp.dtype(param_dtype))
+    return jax.jit(init, out_shardings=param_sharding(model_config, mesh, TRAIN_RULES))
+
+
+def build_model(config, tokenizer, mesh, *, load_weights: bool = True) -> tuple[ModelConfig, Any]:
+    """(ModelConfig, params placed on the mesh under TRAIN_RULES). Without `load_weights`,
+    params is None (a resumed run restores them from its checkpoint)."""
+    if config.model.name_or_path:
+        if load_weights:
+            model_config, params = load_pretrained(
+                config.model.name_or_path,
+                dtype=jnp.dtype(config.model.param_dtype),
+                mesh=mesh,
+                rules=TRAIN_RULES,
+                compute_dtype=config.model.dtype,
+            )
+        else:
+            folder = resolve_checkpoint_dir(config.model.name_or_path)
+            model_config, params = ModelConfig.from_hf(folder, dtype=config.model.dtype), None
+        model_config = model_config.replace(remat=config.model.remat)
+    else:
+        model_config = _random_model_config(config, tokenizer)
+        params = None
+        if load_weights:
+            params = _sharded_init(model_config, config.model.param_dtype, mesh)(jax.random.key(config.seed))
+    if len(tokenizer) > model_config.vocab_size:
+        field = "config.model.random.vocab_size" if not config.model.name_or_path else "config.tokenizer.name_or_path"
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+            f"{model_config.vocab_size}: check {field}"
+        )
+    return model_config, params
+
+
+def setup_run(config, *, load_weights: bool = True) -> RunSetup:
+    """Validates the config, starts the distributed runtime if asked, then on every process:
+    tokenizer, records, train / held-out split and encoded training prompts (local work), then
+    mesh and model. Each of the two stages fails on all processes if it fails on one
+    (`distributed.all_or_none`), so a file missing on one host stops every host with its error."""
+    validate_config(config)
+    distributed.initialize_from_config(config.distributed)
+
+    def data_stage():
+        tokenizer = build_tokenizer(config)
+        records, drops = load_records(config)
+        train, val = train_val_split(
+            records, seed=int(config.data.split_seed), val_fraction=float(config.data.val_fraction)
+        )
+        if config.data.max_train_examples:
+            train = train[: int(config.data.max_train_examples)]
+        prompt_ids, kept, prompt_drops = encode_prompts(
+            tokenizer, train, max_prompt_length=int(config.data.max_prompt_length)
+        )
+        drops = drops.merged(DropCounts({f"train/{k}": v for k, v in prompt_drops.items()}))
+        if len(kept) < config.rl.train_batch_size:
+            raise ConfigError(
+                f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {len(kept)} "
+                f"training prompts left after filtering ({dict(drops)})"
+            )
+        return tokenizer, kept, prompt_ids, val, drops
+
+    tokenizer, kept, prompt_ids, val, drops = distributed.all_or_none("data setup", data_stage)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    model_config, params = distributed.all_or_none(
+        "model setup", lambda: build_model(config, tokenizer, mesh, load_weights=load_weights)
+    )
+    return RunSetup(config, mesh, tokenizer, model_config, params, kept, prompt_ids, val, drops)
+
+
+def held_out_accuracy(config, setup: RunSetup, params, *, num_examples: int | None = None) -> dict:
+    """Greedy exact-call accuracy on the first `eval.num_examples` held-out records."""
+    n = int(config.eval.num_examples if num_examples is None else num_examples)
+    records = setup.val_records[:n]
+    if not records:
+        return {"accuracy": float("nan"), "format_failure_rate": float("nan"), "num_scored": 0}
+    return rollouts.greedy_accuracy(
+        setup.model_config,
+        params,
+        setup.tokenizer,
+        records,
+        max_new_tokens=int(config.eval.max_new_tokens),
+        max_prompt_length=int(config.data.max_prompt_length),
+        batch_size=int(config.eval.batch_size),
+        mesh=setup.mesh,
+    )
+
+
+def log_directory(config) -> str:
+    """The local folder for metrics.jsonl, eval.jsonl, summary.json and the reward curve:
+    `log.dir`, else `output_dir`; with a gs:// output_dir and no `log.dir`, runs/<run name>."""
+    if config.log.dir:
+        return config.log.dir
+    if "://" in config.output_dir:
+        return os.path.join("runs", config.output_dir.rstrip("/").rsplit("/", 1)[-1])
+    return config.output_dir
