@@ -16,13 +16,7 @@ tokens keep prompts near 110 tokens; the ~13% over 128 are dropped (counted), so
 rollout pads to 128. `benchmarks/demo_control.py` spends the GRPO phase's compute on more
 SFT instead, for comparison.
 
-Measured (2026-11-24, one seed, 2-core CPU): held-out exact-call accuracy 0.229 after 1,000 SFT
-steps -> 0.335 after 80 GRPO steps (+10.6 points, 170 prompts; 0.324 / 0.312 / 0.324 at steps
-20 / 40 / 60), 596 s wall in all (343 s SFT). An earlier setting (30 GRPO steps at lr 3e-4)
-gave +7.1. The honest control is in the README: the same compute spent on more SFT gains more,
-because this tiny model is still far from converged after the warm start. The model learns
-format and tool names early but copies argument values only after ~700 SFT steps (600
-steps: 0.024, and GRPO then finds almost no positive samples).
+Its measured results are in the README (and their history in docs/performance_history.md).
 """
 
 from tooln1_jax.config import default_config, validate_config

@@ -237,7 +237,7 @@ def test_restore_skips_a_damaged_latest_checkpoint(tmp_path, damage):
     # The resumed run reaches step 2 again: the damaged one is replaced, not a StepAlreadyExists crash.
     with pytest.warns(RuntimeWarning, match="replacing unreadable checkpoint"):
         checkpointer.save(2, jax.tree.map(lambda x: x * 2, SMALL), SMALL_OPT, {"step": 2})
-    checkpointer.wait()
+    checkpointer.manager.wait_until_finished()
     step, params, _, _ = checkpointer.restore_latest_readable(SMALL, SMALL_OPT)
     assert step == 2
     _assert_trees_equal(params, jax.tree.map(lambda x: x * 2, SMALL))
