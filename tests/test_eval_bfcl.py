@@ -361,8 +361,8 @@ def test_cli_malformed_prediction_files(items, tmp_path, capsys):
 def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer):
     import jax
 
-    from tooln1_jax.models.model_config import ModelConfig
     from tooln1_jax.models.hf_io import save_pretrained
+    from tooln1_jax.models.model_config import ModelConfig
     from tooln1_jax.models.params import init_params
 
     config = ModelConfig(

@@ -1,4 +1,5 @@
 """HF checkpoints in and out: transformers reads what we write, exact round trips, a real model."""
+
 import json
 import os
 
@@ -18,11 +19,32 @@ from tooln1_jax.models import (
 )
 from tooln1_jax.models.params import param_shapes
 
-QWEN_UNTIED = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                          num_kv_heads=2, head_dim=8, rope_theta=1e4, eos_token_id=(3, 5))
-LLAMA_TIED = ModelConfig(vocab_size=80, hidden_size=48, intermediate_size=64, num_layers=3, num_heads=4,
-                         num_kv_heads=1, head_dim=16, attention_bias=False, model_type="llama",
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+QWEN_UNTIED = ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=1e4,
+    eos_token_id=(3, 5),
+)
+LLAMA_TIED = ModelConfig(
+    vocab_size=80,
+    hidden_size=48,
+    intermediate_size=64,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=16,
+    attention_bias=False,
+    model_type="llama",
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def random_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
@@ -194,7 +216,9 @@ def test_smollm2_greedy_answer_equals_transformers_generate(smollm2):
     prompt = chat_ids(tokenizer, "What is the capital of France?")
     new_tokens = 16
     with torch.no_grad():
-        ref = model.generate(torch.tensor(prompt), max_new_tokens=new_tokens, do_sample=False)[0, prompt.shape[1]:].tolist()
+        ref = model.generate(torch.tensor(prompt), max_new_tokens=new_tokens, do_sample=False)[
+            0, prompt.shape[1] :
+        ].tolist()
 
     # Greedy with the full forward over a fixed-size buffer (one compile; causal attention
     # means the tokens after position n-1 do not change its logits). The KV-cache decode

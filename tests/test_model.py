@@ -1,4 +1,5 @@
 """The decoder against transformers' PyTorch Qwen2/Llama, the KV cache, dtypes, remat, presets."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 from tooln1_jax.models import (
-    ModelConfig,
     PRESETS,
+    ModelConfig,
     forward_cached,
     init_cache,
     init_params,
@@ -21,15 +22,53 @@ from tooln1_jax.models.params import param_shapes
 
 # (name, config): tied/untied, GQA ratios 1, 2, 4, head_dim apart from hidden/heads, rope_theta.
 CONFIGS = {
-    "qwen2-tied-gqa1": ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                                   num_kv_heads=4, head_dim=8, rope_theta=1e6, tie_word_embeddings=True),
-    "qwen2-untied-gqa2": ModelConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
-                                     num_kv_heads=2, head_dim=12, rope_theta=1e4, rms_norm_eps=1e-5),
-    "llama-untied-gqa4": ModelConfig(vocab_size=89, hidden_size=32, intermediate_size=72, num_layers=2, num_heads=8,
-                                     num_kv_heads=2, head_dim=16, rope_theta=5e5, attention_bias=False, model_type="llama"),
-    "llama-tied-gqa2-hd32": ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=2,
-                                        num_kv_heads=1, head_dim=32, rope_theta=1e4, attention_bias=False,
-                                        model_type="llama", tie_word_embeddings=True),
+    "qwen2-tied-gqa1": ModelConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=8,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+    ),
+    "qwen2-untied-gqa2": ModelConfig(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=80,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=12,
+        rope_theta=1e4,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-untied-gqa4": ModelConfig(
+        vocab_size=89,
+        hidden_size=32,
+        intermediate_size=72,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=5e5,
+        attention_bias=False,
+        model_type="llama",
+    ),
+    "llama-tied-gqa2-hd32": ModelConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+        rope_theta=1e4,
+        attention_bias=False,
+        model_type="llama",
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -73,7 +112,7 @@ def left_padded_batch(vocab: int, lengths=(9, 6, 3), seed: int = 0):
     ids = rng.randint(0, vocab, (len(lengths), t))
     mask = np.zeros_like(ids)
     for row, n in enumerate(lengths):
-        mask[row, t - n:] = 1
+        mask[row, t - n :] = 1
         ids[row, : t - n] = 0
     return ids, mask
 
@@ -81,7 +120,9 @@ def left_padded_batch(vocab: int, lengths=(9, 6, 3), seed: int = 0):
 def torch_logits(model, ids, mask) -> np.ndarray:
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # as transformers' generate does
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions))
+        out = model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        )
     return out.logits.numpy()
 
 
@@ -114,7 +155,7 @@ def test_prefill_then_decode_equals_full_forward(name):
     hidden, cache = step(config, params, jnp.asarray(ids[:, :prefill]), jnp.asarray(mask[:, :prefill]), cache)
     outs = [hidden]
     for t in range(prefill, ids.shape[1]):
-        hidden, cache = step(config, params, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
+        hidden, cache = step(config, params, jnp.asarray(ids[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]), cache)
         outs.append(hidden)
     cached = np.asarray(jnp.concatenate(outs, axis=1) @ lm_head_weight(params))
     assert int(cache.index) == ids.shape[1]
@@ -124,7 +165,8 @@ def test_prefill_then_decode_equals_full_forward(name):
     # A last-position-only prefill: the same last hidden state and the same cache.
     fresh = init_cache(config, batch=3, max_len=12)
     last, last_cache = jax.jit(forward_cached, static_argnums=(0, 5))(
-        config, params, jnp.asarray(ids), jnp.asarray(mask), fresh, True)
+        config, params, jnp.asarray(ids), jnp.asarray(mask), fresh, True
+    )
     every, every_cache = step(config, params, jnp.asarray(ids), jnp.asarray(mask), fresh)
     assert last.shape == (3, 1, config.hidden_size)
     np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(every[:, -1]), atol=1e-5)
@@ -221,7 +263,9 @@ def test_group_decode_step_equals_full_forward(name):
     shapes = init_params(config, jax.random.key(0))
     leaves, treedef = jax.tree.flatten(shapes)
     keys = jax.random.split(jax.random.key(4), len(leaves))
-    params = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])  # biases too
+    params = jax.tree.unflatten(
+        treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    )  # biases too
     ids, mask = left_padded_batch(config.vocab_size, lengths=(6, 3), seed=5)
     n, steps = 3, 3
     prefill = jax.jit(forward_cached, static_argnums=0)

@@ -1,5 +1,6 @@
 """The group-rollout sampler: HF greedy parity, log-probs, the sampling distribution and its
 filters, group layout, stops, early exit, determinism, bucket reuse and 8-device parity."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,11 +8,21 @@ import pytest
 import torch
 
 from tooln1_jax.models import ModelConfig, init_params, load_pretrained, logits, save_pretrained
-from tooln1_jax.sampling import _inverse_cdf, compiled_program_count, decode_windows, prompt_bucket, sample
+from tooln1_jax.sampling import compiled_program_count, decode_windows, prompt_bucket, sample
 from tooln1_jax.sharding import SAMPLE_RULES, make_mesh
+from tooln1_jax.token_draw import inverse_cdf
 
-TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=16, max_position_embeddings=256, model_type="qwen2")
+TINY = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    model_type="qwen2",
+)
 PROMPTS = [[5, 17, 99, 3, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15], [100]]  # left-padded to one bucket
 
 
@@ -25,7 +36,7 @@ def tiny_params():
 def full_logits(config, params, prompt, completion):
     """[len(completion), vocab] logits predicting each completion token, from one full forward."""
     seq = jnp.asarray([list(prompt) + list(completion)], jnp.int32)
-    return np.asarray(logits(config, params, seq)[0, len(prompt) - 1: -1])
+    return np.asarray(logits(config, params, seq)[0, len(prompt) - 1 : -1])
 
 
 def hf_greedy(model, prompts, max_new_tokens, stop, pad_id=0):
@@ -34,15 +45,30 @@ def hf_greedy(model, prompts, max_new_tokens, stop, pad_id=0):
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=stop, pad_token_id=pad_id)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop,
+            pad_token_id=pad_id,
+        )
     new = out[:, width:].numpy()
     return np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])), constant_values=pad_id)
 
 
 def greedy(config, params, prompts, max_new_tokens, stop=(), num_samples=1, **kw):
-    return sample(config, params, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=0.0,
-                  stop_token_ids=list(stop), rng=jax.random.PRNGKey(0), **kw)
+    return sample(
+        config,
+        params,
+        prompts,
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        stop_token_ids=list(stop),
+        rng=jax.random.PRNGKey(0),
+        **kw,
+    )
 
 
 def test_greedy_matches_transformers_tiny_qwen2(tiny_params, tmp_path):
@@ -69,8 +95,10 @@ def test_greedy_matches_transformers_smollm2(smollm2_dir):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     texts = ["What is the capital of France?", "Write a haiku about the sea and the wind in autumn.", "Hi"]
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-             for t in texts]
+    chats = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+        for t in texts
+    ]
     prompts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
     assert len(set(map(len, prompts))) == 3
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -82,8 +110,16 @@ def test_greedy_matches_transformers_smollm2(smollm2_dir):
 
 def test_logprobs_equal_full_sequence_log_softmax(tiny_params):
     temperature = 0.7
-    result = sample(TINY, tiny_params, PROMPTS, num_samples=3, max_new_tokens=64, temperature=temperature,
-                    stop_token_ids=[1, 2, 3], rng=jax.random.PRNGKey(3))
+    result = sample(
+        TINY,
+        tiny_params,
+        PROMPTS,
+        num_samples=3,
+        max_new_tokens=64,
+        temperature=temperature,
+        stop_token_ids=[1, 2, 3],
+        rng=jax.random.PRNGKey(3),
+    )
     tokens, lps, mask = map(np.asarray, (result.tokens, result.logprobs, result.mask))
     for row in range(len(PROMPTS) * 3):
         n = int(result.lengths[row])
@@ -100,7 +136,7 @@ def test_inverse_cdf_picks_the_exact_quantile(vocab):
     probs = rng.exponential(size=(64, vocab)) * (rng.random((64, vocab)) < 0.3)  # 70% zero mass
     probs[:, -1] = 0.0
     u = rng.random(64)
-    ours, total = map(np.asarray, _inverse_cdf(jnp.asarray(probs.T, jnp.float32), jnp.asarray(u, jnp.float32)))
+    ours, total = map(np.asarray, inverse_cdf(jnp.asarray(probs.T, jnp.float32), jnp.asarray(u, jnp.float32)))
     cdf = np.cumsum(probs, axis=-1)
     np.testing.assert_allclose(total, cdf[:, -1], rtol=1e-5)
     exact = np.argmax(cdf > (u * cdf[:, -1])[:, None], axis=-1)
@@ -113,8 +149,9 @@ def test_inverse_cdf_picks_the_exact_quantile(vocab):
 
 
 def _first_token_frequencies(params, prompt, draws, **kw):
-    result = sample(TINY, params, [prompt], num_samples=draws, max_new_tokens=1, stop_token_ids=[],
-                    rng=jax.random.PRNGKey(11), **kw)
+    result = sample(
+        TINY, params, [prompt], num_samples=draws, max_new_tokens=1, stop_token_ids=[], rng=jax.random.PRNGKey(11), **kw
+    )
     return np.bincount(np.asarray(result.tokens[:, 0]), minlength=TINY.vocab_size) / draws
 
 
@@ -153,8 +190,18 @@ def test_top_k_top_p_support_and_law_match_transformers(tiny_params, top_k, top_
     assert freq[~support].sum() == 0
     assert _tv(freq, law) < 0.5 * np.sqrt(2 / np.pi) * np.sqrt(support.sum() / draws) + 0.02
     # Later steps too: every sampled token lies in HF's filtered support given its prefix.
-    result = sample(TINY, tiny_params, PROMPTS, num_samples=2, max_new_tokens=6, temperature=temperature,
-                    top_k=top_k, top_p=top_p, stop_token_ids=[], rng=jax.random.PRNGKey(5))
+    result = sample(
+        TINY,
+        tiny_params,
+        PROMPTS,
+        num_samples=2,
+        max_new_tokens=6,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token_ids=[],
+        rng=jax.random.PRNGKey(5),
+    )
     tokens = np.asarray(result.tokens)
     for row in range(tokens.shape[0]):
         step_logits = full_logits(TINY, tiny_params, PROMPTS[row // 2], tokens[row])
@@ -163,22 +210,47 @@ def test_top_k_top_p_support_and_law_match_transformers(tiny_params, top_k, top_
 
 
 def test_group_layout(tiny_params):
-    result = sample(TINY, tiny_params, PROMPTS, num_samples=4, max_new_tokens=5, temperature=0.0, stop_token_ids=[],
-                    rng=jax.random.PRNGKey(0))
+    result = sample(
+        TINY,
+        tiny_params,
+        PROMPTS,
+        num_samples=4,
+        max_new_tokens=5,
+        temperature=0.0,
+        stop_token_ids=[],
+        rng=jax.random.PRNGKey(0),
+    )
     assert result.tokens.shape == result.logprobs.shape == result.mask.shape == (12, 5)
     for i, prompt in enumerate(PROMPTS):
         alone = greedy(TINY, tiny_params, [prompt], 5)
-        np.testing.assert_array_equal(np.asarray(result.tokens[4 * i: 4 * i + 4]), np.repeat(alone.tokens, 4, axis=0))
+        np.testing.assert_array_equal(np.asarray(result.tokens[4 * i : 4 * i + 4]), np.repeat(alone.tokens, 4, axis=0))
     # Sampling: the n rows of a group differ from each other (each draws its own randomness).
-    sampled = sample(TINY, tiny_params, PROMPTS, num_samples=4, max_new_tokens=5, temperature=1.0, stop_token_ids=[],
-                     rng=jax.random.PRNGKey(1))
+    sampled = sample(
+        TINY,
+        tiny_params,
+        PROMPTS,
+        num_samples=4,
+        max_new_tokens=5,
+        temperature=1.0,
+        stop_token_ids=[],
+        rng=jax.random.PRNGKey(1),
+    )
     assert len({tuple(r) for r in np.asarray(sampled.tokens[:4]).tolist()}) > 1
 
 
 def test_stop_handling_masks_everything_after_the_first_stop(tiny_params):
     stops = list(range(0, 128, 6))  # ~1/6 of the vocabulary: most rows stop within 16 tokens
-    result = sample(TINY, tiny_params, PROMPTS, num_samples=8, max_new_tokens=16, temperature=1.5,
-                    stop_token_ids=stops, rng=jax.random.PRNGKey(2), pad_id=127)
+    result = sample(
+        TINY,
+        tiny_params,
+        PROMPTS,
+        num_samples=8,
+        max_new_tokens=16,
+        temperature=1.5,
+        stop_token_ids=stops,
+        rng=jax.random.PRNGKey(2),
+        pad_id=127,
+    )
     tokens, lps, mask, lengths = map(np.asarray, (result.tokens, result.logprobs, result.mask, result.lengths))
     stopped = 0
     for row in range(tokens.shape[0]):
@@ -215,15 +287,31 @@ def test_early_exit_counts_decode_steps(tiny_params):
 
 
 def test_deterministic_per_rng(tiny_params):
-    run = lambda seed: sample(TINY, tiny_params, PROMPTS, num_samples=3, max_new_tokens=6, temperature=1.0,
-                              stop_token_ids=[4], rng=jax.random.PRNGKey(seed))
+    run = lambda seed: sample(
+        TINY,
+        tiny_params,
+        PROMPTS,
+        num_samples=3,
+        max_new_tokens=6,
+        temperature=1.0,
+        stop_token_ids=[4],
+        rng=jax.random.PRNGKey(seed),
+    )
     a, b, c = run(7), run(7), run(8)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
     # Typed keys give the same stream as raw uint32 keys.
-    typed = sample(TINY, tiny_params, PROMPTS, num_samples=3, max_new_tokens=6, temperature=1.0,
-                   stop_token_ids=[4], rng=jax.random.key(7))
+    typed = sample(
+        TINY,
+        tiny_params,
+        PROMPTS,
+        num_samples=3,
+        max_new_tokens=6,
+        temperature=1.0,
+        stop_token_ids=[4],
+        rng=jax.random.key(7),
+    )
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(typed.tokens))
 
 
@@ -241,8 +329,9 @@ def test_prompt_buckets_reuse_compiled_programs(tiny_params):
 def test_eight_devices_give_the_same_tokens_as_one(tiny_params):
     assert len(jax.devices()) == 8
     mesh = make_mesh(data=2, fsdp=4)
-    kw = dict(num_samples=2, max_new_tokens=20, temperature=1.0, top_k=20, stop_token_ids=[4, 5],
-              rng=jax.random.PRNGKey(4))  # two decode segments: the cache grows under the mesh
+    kw = dict(
+        num_samples=2, max_new_tokens=20, temperature=1.0, top_k=20, stop_token_ids=[4, 5], rng=jax.random.PRNGKey(4)
+    )  # two decode segments: the cache grows under the mesh
     prompts = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6]]  # 8 rows: one per device
     one = sample(TINY, tiny_params, prompts, **kw)
     eight = sample(TINY, tiny_params, prompts, mesh=mesh, rules=SAMPLE_RULES, **kw)
@@ -259,9 +348,19 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="outside"):
         sample(TINY, params, [[1, 500]], num_samples=1, max_new_tokens=2, temperature=1.0, rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="top_p"):
-        sample(TINY, params, [[1]], num_samples=1, max_new_tokens=2, temperature=1.0, top_p=0.0, rng=jax.random.PRNGKey(0))
+        sample(
+            TINY, params, [[1]], num_samples=1, max_new_tokens=2, temperature=1.0, top_p=0.0, rng=jax.random.PRNGKey(0)
+        )
     with pytest.raises(ValueError, match="decode_segments"):
-        sample(TINY, params, [[1]], num_samples=1, max_new_tokens=2, temperature=1.0, decode_segments=0,
-               rng=jax.random.PRNGKey(0))
+        sample(
+            TINY,
+            params,
+            [[1]],
+            num_samples=1,
+            max_new_tokens=2,
+            temperature=1.0,
+            decode_segments=0,
+            rng=jax.random.PRNGKey(0),
+        )
     with pytest.raises(ValueError, match="max_position_embeddings"):
         sample(TINY, params, [[1] * 200], num_samples=1, max_new_tokens=100, temperature=1.0, rng=jax.random.PRNGKey(0))

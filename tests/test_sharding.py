@@ -1,4 +1,5 @@
 """The mesh, the rule sets, and sharded forwards on 8 virtual CPU devices (see conftest.py)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,11 +30,29 @@ from tooln1_jax.sharding import (
 )
 
 # Every sharded dimension divisible by 2 (so the (2, 2, 2) mesh really splits each one).
-CONFIG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8, rope_theta=1e4)
+CONFIG = ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=1e4,
+)
 # Nothing divisible by 8: the fit drops mesh axes instead of failing.
-ODD = ModelConfig(vocab_size=97, hidden_size=12, intermediate_size=20, num_layers=2, num_heads=3,
-                  num_kv_heads=1, head_dim=6, attention_bias=False, model_type="llama", tie_word_embeddings=True)
+ODD = ModelConfig(
+    vocab_size=97,
+    hidden_size=12,
+    intermediate_size=20,
+    num_layers=2,
+    num_heads=3,
+    num_kv_heads=1,
+    head_dim=6,
+    attention_bias=False,
+    model_type="llama",
+    tie_word_embeddings=True,
+)
 
 
 def batch(vocab, rows=4, t=6, seed=0):

@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.hf_io import save_pretrained
+from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.params import abstract_params
 from tooln1_jax.sharding import TRAIN_RULES, make_mesh
 

@@ -22,23 +22,24 @@ starts at 1. With top-k / top-p active this is not the probability of the (trunc
 distribution the token was drawn from (a small off-policy bias; keep top_p=1, top_k=0 for
 exact on-policy GRPO). With temperature 0 (greedy) it is log_softmax(logits).
 """
+
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_lookup_table
 from tooln1_jax.models.kv_cache import KVCache, cache_sharding, grow_cache, init_cache
+from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.params import shard_params
 from tooln1_jax.models.transformer import forward_cached, lm_head_weight
 from tooln1_jax.sharding import SAMPLE_RULES, batch_sharding
+from tooln1_jax.token_draw import SamplingFilters, row_uniforms, sample_logits
 
 MIN_PROMPT_BUCKET = 16
 # The decode loop runs in up to `decode_segments` (default DECODE_SEGMENTS) segments, the first
@@ -72,82 +73,6 @@ class SamplingState:
     cache: KVCache | None  # each row's generated tokens, [R, window] slots; None until the decode loop
 
 
-@dataclasses.dataclass(frozen=True)
-class _Filters:
-    """The static (compile-time) part of the sampling settings; T and top_p values are traced."""
-
-    greedy: bool
-    top_k: int  # 0: no top-k
-    use_top_p: bool
-
-
-def _uniforms(row_keys: jax.Array, step: jax.Array) -> jax.Array:
-    """[R] uniforms in [0, 1): one per row, a pure function of (row key, step)."""
-    return jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, step)))(row_keys)
-
-
-def _inverse_cdf(weights: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """weights [N, R] (unnormalised, >= 0; column r is row r's distribution), u [R] ->
-    (index [R] int32, total [R]): the first j whose cumulative mass exceeds u * total, so
-    P(j) = weights[j] / total; zero-mass entries are never picked.
-
-    Two levels (blocks of ~sqrt(N), then within the chosen block), so no cumulative sum runs
-    over the full vocabulary. Vocabulary-major, so each reduction
-    over N runs across all R rows at once (vectorised over rows)."""
-    n, r = weights.shape
-    block = 1 << max(0, (n.bit_length() - 1) // 2)
-    if n % block or n <= 2 * block:
-        cdf = jnp.cumsum(weights, axis=0)
-        idx = jnp.minimum(jnp.sum(cdf <= u * cdf[-1], axis=0), n - 1)
-        return idx.astype(jnp.int32), cdf[-1]
-    blocks = weights.reshape(n // block, block, r)
-    block_cdf = jnp.cumsum(jnp.sum(blocks, axis=1), axis=0)  # [N/block, R]
-    total = block_cdf[-1]
-    target = u * total
-    b = jnp.minimum(jnp.sum(block_cdf <= target, axis=0), n // block - 1)  # [R]
-    inner = jnp.take_along_axis(blocks, b[None, None], axis=0)[0]  # [block, R]
-    before = jnp.where(b > 0, jnp.take_along_axis(block_cdf, jnp.maximum(b - 1, 0)[None], axis=0)[0], 0.0)
-    j = jnp.sum(before + jnp.cumsum(inner, axis=0) <= target, axis=0)
-    # Rounding between the two sums can push j past the block's last positive entry: clamp to it.
-    last_positive = block - 1 - jnp.argmax((inner > 0)[::-1], axis=0)
-    return (b * block + jnp.minimum(j, last_positive)).astype(jnp.int32), total
-
-
-def sample_logits(logits_t: jax.Array, u: jax.Array, temperature: jax.Array, top_p: jax.Array, filters: _Filters):
-    """logits_t [V, R] float32, u [R] uniforms -> (tokens [R] int32, logprobs [R] float32).
-
-    Vocabulary-major: the decode step's `head @ x` layout, so no consumer pays a strided
-    transpose to rows. Temperature, then top-k, then top-p
-    (Hugging Face's order; top-p renormalises over the top-k set). logprobs are under
-    softmax(logits / T) over the full vocabulary (module doc)."""
-    if filters.greedy:
-        scaled = logits_t
-        top = jnp.max(scaled, axis=0)  # [R]
-        # argmax as the first index at the max: two plain reductions, faster on CPU than XLA's argmax
-        vocab_ids = jnp.arange(scaled.shape[0], dtype=jnp.int32)[:, None]
-        tokens = jnp.min(jnp.where(scaled == top, vocab_ids, scaled.shape[0] - 1), axis=0)
-        logz = jax.nn.logsumexp(scaled, axis=0)
-    else:
-        scaled = logits_t / temperature
-        top = jnp.max(scaled, axis=0)  # [R]
-        if filters.top_k == 0 and not filters.use_top_p:
-            tokens, total = _inverse_cdf(jnp.exp(scaled - top), u)
-            logz = top + jnp.log(total)  # the draw's normaliser doubles as the log-partition
-        else:
-            k = filters.top_k or logits_t.shape[0]
-            values, order = jax.lax.top_k(scaled.T, min(k, logits_t.shape[0]))  # [R, k], descending
-            probs = jax.nn.softmax(values, axis=-1)
-            if filters.use_top_p:
-                # HF removes tokens whose ascending cumulative mass is <= 1 - top_p, i.e. keeps a
-                # token iff the mass ranked strictly above it is < top_p (the top token always stays).
-                above = jnp.cumsum(probs, axis=-1) - probs
-                probs = jnp.where(above < top_p, probs, 0.0)
-            tokens = jnp.take_along_axis(order, _inverse_cdf(probs.T, u)[0][:, None], axis=-1)[:, 0]
-            logz = jax.nn.logsumexp(scaled, axis=0)
-    logprobs = jnp.take_along_axis(scaled, tokens[None], axis=0)[0] - logz
-    return tokens, logprobs
-
-
 def _constrain(state: SamplingState, mesh, rules) -> SamplingState:
     """Rows over the batch mesh axes; the cache by its logical axes."""
     if mesh is None:
@@ -169,7 +94,7 @@ def _constrain(state: SamplingState, mesh, rules) -> SamplingState:
 
 def _next_tokens(logits_t, state_like, step, temperature, top_p, stop_ids, filters, pad_id):
     """Samples column `step` for every row and marks rows that stop. Rows already done get pad_id."""
-    tokens, logprobs = sample_logits(logits_t, _uniforms(state_like.row_keys, step), temperature, top_p, filters)
+    tokens, logprobs = sample_logits(logits_t, row_uniforms(state_like.row_keys, step), temperature, top_p, filters)
     live = ~state_like.done
     tokens = jnp.where(live, tokens, pad_id)
     logprobs = jnp.where(live, logprobs, 0.0)
@@ -182,12 +107,29 @@ _STATIC = ("config", "num_samples", "max_new_tokens", "filters", "pad_id", "mesh
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p, stop_ids, *,
-             num_samples, max_new_tokens, filters, pad_id, mesh, rules) -> SamplingState:
+def _prefill(
+    config,
+    params,
+    prompt_tokens,
+    prompt_mask,
+    rng,
+    temperature,
+    top_p,
+    stop_ids,
+    *,
+    num_samples,
+    max_new_tokens,
+    filters,
+    pad_id,
+    mesh,
+    rules,
+) -> SamplingState:
     """prompt_tokens, prompt_mask [B, P] (left-padded) -> the loop state after the first token."""
     b, p = prompt_tokens.shape
     rows, m = b * num_samples, max_new_tokens
-    hidden, prefix = forward_cached(config, params, prompt_tokens, prompt_mask, init_cache(config, b, p), last_only=True)
+    hidden, prefix = forward_cached(
+        config, params, prompt_tokens, prompt_mask, init_cache(config, b, p), last_only=True
+    )
     head = lm_head_weight(params).astype(hidden.dtype)
     last_logits_t = (head.T @ hidden[:, -1].T).astype(jnp.float32)  # [V, B]: only the last position
     key_data = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
@@ -205,15 +147,32 @@ def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p
     logits_t = jnp.repeat(last_logits_t, num_samples, axis=1)  # [V, R]
     tokens, logprobs, done, lengths = _next_tokens(logits_t, state, 0, temperature, top_p, stop_ids, filters, pad_id)
     state = state.replace(
-        tokens=state.tokens.at[:, 0].set(tokens), logprobs=state.logprobs.at[:, 0].set(logprobs),
-        done=done, lengths=lengths, step=jnp.ones((), jnp.int32),
+        tokens=state.tokens.at[:, 0].set(tokens),
+        logprobs=state.logprobs.at[:, 0].set(logprobs),
+        done=done,
+        lengths=lengths,
+        step=jnp.ones((), jnp.int32),
     )
     return _constrain(state, mesh, rules)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("decode_segments",), donate_argnames=("state",))
-def _decode(config, params, state, temperature, top_p, stop_ids, *,
-            num_samples, max_new_tokens, filters, pad_id, mesh, rules, decode_segments) -> SamplingState:
+def _decode(
+    config,
+    params,
+    state,
+    temperature,
+    top_p,
+    stop_ids,
+    *,
+    num_samples,
+    max_new_tokens,
+    filters,
+    pad_id,
+    mesh,
+    rules,
+    decode_segments,
+) -> SamplingState:
     """Runs the decode loops until every row is done or `max_new_tokens` columns are filled."""
     weights = decode_weights(config, params)  # sliced, fused and transposed once, outside the loop
     rope = rope_lookup_table(config, state.prefix.max_len + max_new_tokens)
@@ -221,11 +180,16 @@ def _decode(config, params, state, temperature, top_p, stop_ids, *,
     def body(s: SamplingState):
         prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)
         logits_t, cache = group_decode_step(config, weights, prev, s.prefix, s.cache, rope=rope)
-        tokens, logprobs, done, lengths = _next_tokens(logits_t, s, s.step, temperature, top_p, stop_ids, filters, pad_id)
+        tokens, logprobs, done, lengths = _next_tokens(
+            logits_t, s, s.step, temperature, top_p, stop_ids, filters, pad_id
+        )
         new = s.replace(
             tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tokens, s.step, axis=1),
             logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, logprobs, s.step, axis=1),
-            done=done, lengths=lengths, step=s.step + 1, cache=cache,
+            done=done,
+            lengths=lengths,
+            step=s.step + 1,
+            cache=cache,
         )
         return _constrain(new, mesh, rules)
 
@@ -264,13 +228,22 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     mask = np.zeros((len(prompts), length), np.int32)
     for i, prompt in enumerate(prompts):
         if len(prompt):
-            tokens[i, length - len(prompt):] = prompt
-            mask[i, length - len(prompt):] = 1
+            tokens[i, length - len(prompt) :] = prompt
+            mask[i, length - len(prompt) :] = 1
     return tokens, mask
 
 
-def _check(config: ModelConfig, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_token_ids,
-           decode_segments):
+def _check(
+    config: ModelConfig,
+    prompts,
+    num_samples,
+    max_new_tokens,
+    temperature,
+    top_p,
+    top_k,
+    stop_token_ids,
+    decode_segments,
+):
     if not len(prompts):
         raise ValueError("sample: prompts is empty")
     for i, prompt in enumerate(prompts):
@@ -293,15 +266,30 @@ def _check(config: ModelConfig, prompts, num_samples, max_new_tokens, temperatur
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(
             f"sample: longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
-            f"max_position_embeddings={config.max_position_embeddings}")
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
     bad_stops = [t for t in stop_token_ids if not 0 <= int(t) < config.vocab_size]
     if bad_stops:
         raise ValueError(f"sample: stop_token_ids {bad_stops} are outside [0, vocab_size={config.vocab_size})")
 
 
-def sample(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
-           temperature: float, top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] = (), rng: jax.Array,
-           mesh=None, rules=None, pad_id: int = 0, decode_segments: int = DECODE_SEGMENTS) -> SampleResult:
+def sample(
+    config: ModelConfig,
+    params: dict,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_token_ids: Sequence[int] = (),
+    rng: jax.Array,
+    mesh=None,
+    rules=None,
+    pad_id: int = 0,
+    decode_segments: int = DECODE_SEGMENTS,
+) -> SampleResult:
     """`num_samples` completions of each prompt (token-id lists of any lengths).
 
     Returns a `SampleResult` with [len(prompts) * num_samples, max_new_tokens] tokens,
@@ -312,23 +300,32 @@ def sample(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], 
     tokens, mask = left_pad(prompts, prompt_bucket(max(len(p) for p in prompts)), pad_id)
     stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)  # -1 never matches a token
     if mesh is not None:
-
         rules = rules or SAMPLE_RULES
         params = shard_params(params, config, mesh, rules)
         tokens = jax.device_put(tokens, batch_sharding(mesh, rules, 2, len(prompts)))
         mask = jax.device_put(mask, batch_sharding(mesh, rules, 2, len(prompts)))
     else:
         rules = None
-    filters = _Filters(greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0)
-    static = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, filters=filters, pad_id=int(pad_id), mesh=mesh, rules=rules)
+    filters = SamplingFilters(greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0)
+    static = dict(
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        filters=filters,
+        pad_id=int(pad_id),
+        mesh=mesh,
+        rules=rules,
+    )
     t = jnp.float32(temperature if temperature > 0 else 1.0)
     p = jnp.float32(top_p)
     state = _prefill(config, params, tokens, mask, rng, t, p, stop_ids, **static)
     state = _decode(config, params, state, t, p, stop_ids, **static, decode_segments=int(decode_segments))
     columns = jnp.arange(max_new_tokens)[None, :]
     return SampleResult(
-        tokens=state.tokens, logprobs=state.logprobs, mask=columns < state.lengths[:, None],
-        lengths=state.lengths, num_steps=state.step,
+        tokens=state.tokens,
+        logprobs=state.logprobs,
+        mask=columns < state.lengths[:, None],
+        lengths=state.lengths,
+        num_steps=state.step,
     )
 
 

@@ -12,11 +12,13 @@ name onto mesh axes of a ("data", "fsdp", "tensor") mesh. Two rule sets ship:
 A mesh axis is dropped from a dimension it does not divide (`fit_axes`), so every model
 config runs on every mesh: a tiny test model on 8 devices is simply less sharded.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,7 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # One mesh axis, several (the dimension is split over their product), or None (replicated).
-MeshAxes = Union[str, tuple, None]
+MeshAxes = str | tuple | None
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -73,7 +75,7 @@ class ShardingRules:
     cache_seq: MeshAxes = None
     kv_heads_cache: MeshAxes = "tensor"
 
-    def replace(self, **changes) -> "ShardingRules":
+    def replace(self, **changes) -> ShardingRules:
         return dataclasses.replace(self, **changes)
 
     def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
@@ -112,7 +114,9 @@ def fit_axes(axes: Sequence[str], dim: int | None, mesh: Mesh, taken: set[str] =
     return tuple(kept)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh, rules: ShardingRules, shape: Sequence[int] | None = None) -> PartitionSpec:
+def logical_to_spec(
+    logical_axes: Sequence[str | None], mesh: Mesh, rules: ShardingRules, shape: Sequence[int] | None = None
+) -> PartitionSpec:
     """One leaf's logical axes (e.g. ("layers", "embed", "mlp")) -> its PartitionSpec.
     With `shape`, axes that do not divide their dimension are dropped."""
     if shape is not None and len(shape) != len(logical_axes):
@@ -134,7 +138,9 @@ def logical_to_sharding(logical_axes_tree: Any, mesh: Mesh, rules: ShardingRules
     """A tree of logical-axes tuples -> the same tree of `NamedSharding`. `shapes` (same tree,
     leaves are shape tuples, arrays or `jax.ShapeDtypeStruct`) enables the divisibility fit."""
     if shapes is None:
-        return jax.tree.map(lambda ax: NamedSharding(mesh, logical_to_spec(ax, mesh, rules)), logical_axes_tree, is_leaf=_is_axes_leaf)
+        return jax.tree.map(
+            lambda ax: NamedSharding(mesh, logical_to_spec(ax, mesh, rules)), logical_axes_tree, is_leaf=_is_axes_leaf
+        )
 
     def one(ax, shape):
         return NamedSharding(mesh, logical_to_spec(ax, mesh, rules, tuple(getattr(shape, "shape", shape))))

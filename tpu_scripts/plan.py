@@ -26,8 +26,8 @@ for _p in (_HERE, os.path.dirname(_HERE)):
 from common import parse_accelerator  # noqa: E402
 from jax.sharding import AbstractMesh  # noqa: E402
 
-from tooln1_jax.models.model_config import ModelConfig, preset  # noqa: E402
 from tooln1_jax.models.kv_cache import VALUE_CACHE_LOGICAL_AXES  # noqa: E402
+from tooln1_jax.models.model_config import ModelConfig, preset  # noqa: E402
 from tooln1_jax.models.params import param_logical_axes, param_shapes  # noqa: E402
 from tooln1_jax.sharding import MESH_AXES, SAMPLE_RULES, TRAIN_RULES, ShardingRules, logical_to_spec  # noqa: E402
 

@@ -7,15 +7,16 @@ the weights, sliced per layer, fused and transposed (`decode_weights`), and the 
 (`rope_lookup_table`). Numerically this is the same model as `transformer.py` (the
 sampler's tests compare it with transformers and with the full forward).
 """
+
 from __future__ import annotations
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slots
 from tooln1_jax.models.layers import apply_rope, rope_at_positions
+from tooln1_jax.models.model_config import ModelConfig
 
 
 @flax.struct.dataclass
@@ -48,16 +49,25 @@ def decode_weights(config: ModelConfig, params: dict) -> DecodeWeights:
 
     def one(lp):
         by_kv_head = lambda w, width: w.reshape(*w.shape[:-1], c.num_kv_heads, width)
-        q, k, v = by_kv_head(lp["q_proj"], g * c.head_dim), by_kv_head(lp["k_proj"], c.head_dim), by_kv_head(lp["v_proj"], c.head_dim)
+        q, k, v = (
+            by_kv_head(lp["q_proj"], g * c.head_dim),
+            by_kv_head(lp["k_proj"], c.head_dim),
+            by_kv_head(lp["v_proj"], c.head_dim),
+        )
         out = {
-            "input_norm": lp["input_norm"], "post_attn_norm": lp["post_attn_norm"],
+            "input_norm": lp["input_norm"],
+            "post_attn_norm": lp["post_attn_norm"],
             "qkv": jnp.concatenate([q, k, v], axis=-1).reshape(c.hidden_size, -1).T,
             "o_proj": lp["o_proj"].T,
             "gate_up": jnp.stack([lp["gate_proj"], lp["up_proj"]], axis=-1).reshape(c.hidden_size, -1).T,
             "down_proj": lp["down_proj"].T,
         }
         if c.attention_bias:
-            qb, kb, vb = by_kv_head(lp["q_bias"], g * c.head_dim), by_kv_head(lp["k_bias"], c.head_dim), by_kv_head(lp["v_bias"], c.head_dim)
+            qb, kb, vb = (
+                by_kv_head(lp["q_bias"], g * c.head_dim),
+                by_kv_head(lp["k_bias"], c.head_dim),
+                by_kv_head(lp["v_bias"], c.head_dim),
+            )
             out["qkv_bias"] = jnp.concatenate([qb, kb, vb], axis=-1).reshape(-1)
         return out
 
@@ -90,37 +100,51 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_mask, k_suffix, v_suf
     # The n queries of a group share the prefix: one [n*g, hd] x [hd, P] matmul per (prompt, kv head).
     q_groups = q.reshape(b, n, kv_heads, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, n * g, hd)
     s_prefix = jnp.einsum("bkmd,bkdp->bkmp", q_groups, prefix_k.astype(q.dtype), preferred_element_type=jnp.float32)
-    s_prefix = jnp.where(prefix_mask[:, None, None, :] > 0, s_prefix * (hd ** -0.5), neg)
+    s_prefix = jnp.where(prefix_mask[:, None, None, :] > 0, s_prefix * (hd**-0.5), neg)
     s_suffix = jnp.einsum("rkgd,rkds->rkgs", q, k_suffix.astype(q.dtype), preferred_element_type=jnp.float32)
-    s_suffix = jnp.where(suffix_mask[:, None, None, :] > 0, s_suffix * (hd ** -0.5), neg)
+    s_suffix = jnp.where(suffix_mask[:, None, None, :] > 0, s_suffix * (hd**-0.5), neg)
     # One softmax over both parts without concatenating them: a shared max, then each part's sum.
     to_rows = lambda a: a.reshape(b, kv_heads, n, g, *a.shape[3:]).swapaxes(1, 2).reshape(r, kv_heads, g, *a.shape[3:])
-    to_groups = lambda a: a.reshape(b, n, kv_heads, g, *a.shape[3:]).swapaxes(1, 2).reshape(b, kv_heads, n * g, *a.shape[3:])
-    top = jnp.maximum(to_rows(jnp.max(s_prefix, axis=-1, keepdims=True)), jnp.max(s_suffix, axis=-1, keepdims=True))  # [R, K, g, 1]
+    to_groups = lambda a: (
+        a.reshape(b, n, kv_heads, g, *a.shape[3:]).swapaxes(1, 2).reshape(b, kv_heads, n * g, *a.shape[3:])
+    )
+    top = jnp.maximum(
+        to_rows(jnp.max(s_prefix, axis=-1, keepdims=True)), jnp.max(s_suffix, axis=-1, keepdims=True)
+    )  # [R, K, g, 1]
     e_prefix = jnp.exp(s_prefix - to_groups(top))
     e_suffix = jnp.exp(s_suffix - top)
     total = to_rows(jnp.sum(e_prefix, axis=-1, keepdims=True)) + jnp.sum(e_suffix, axis=-1, keepdims=True)
     out = to_rows(jnp.einsum("bkmp,bkpd->bkmd", e_prefix.astype(q.dtype), prefix_v.astype(q.dtype)))
-    out = (out + jnp.einsum("rkgs,rksd->rkgd", e_suffix.astype(q.dtype), v_suffix.astype(q.dtype))) / total.astype(q.dtype)
+    out = (out + jnp.einsum("rkgs,rksd->rkgd", e_suffix.astype(q.dtype), v_suffix.astype(q.dtype))) / total.astype(
+        q.dtype
+    )
     return out.reshape(r, h * hd)
 
 
 def rope_lookup_table(config: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
     """(sin, cos), each [length, head_dim // 2]: a table indexed by position, for positions
-    0 ... length-1 (`layers.rope_at_positions` computes them for given positions). Built once outside a decode loop; inside, XLA would recompute sin and cos in every fusion
-    that reads them (once per layer, and per element)."""
+    0 ... length-1 (`layers.rope_at_positions` computes them for given positions). Built once
+    outside a decode loop; inside, XLA would recompute sin and cos in every fusion that reads
+    them (once per layer, and per element)."""
     sin, cos = rope_at_positions(jnp.arange(length)[None], config.head_dim, config.rope_theta)
     return sin[0], cos[0]
 
 
-def group_decode_step(config: ModelConfig, weights: DecodeWeights, tokens: jax.Array, prefix: KVCache, cache: KVCache,
-                      rope: tuple[jax.Array, jax.Array]):
+def group_decode_step(
+    config: ModelConfig,
+    weights: DecodeWeights,
+    tokens: jax.Array,
+    prefix: KVCache,
+    cache: KVCache,
+    rope: tuple[jax.Array, jax.Array],
+):
     """One new token for each of R = B * n rows that continue B shared prompts.
 
     tokens [R] int. `prefix` is the prompts' prefilled cache ([B, P] slots, read only, never
     copied n times, so a step reads each prompt once); `cache` holds each row's own generated
-    tokens ([R, S] slots), and the new token is written at its slot `cache.index`. `weights` from `decode_weights`; `rope` from
-    `rope_lookup_table`, covering every position the step can reach.
+    tokens ([R, S] slots), and the new token is written at its slot `cache.index`. `weights`
+    from `decode_weights`; `rope` from `rope_lookup_table`, covering every position the step
+    can reach.
     Returns (logits_t [V, R] float32, vocabulary-major as the sampler reads them, new cache)."""
     dt = jnp.dtype(config.dtype)
     r = tokens.shape[0]
@@ -141,9 +165,9 @@ def group_decode_step(config: ModelConfig, weights: DecodeWeights, tokens: jax.A
             qkv = qkv + lp["qkv_bias"][:, None]
         qkv = qkv.T.reshape(r, config.num_kv_heads, g + 2, config.head_dim)
         q = apply_rope(qkv[:, :, :g], sin, cos)  # [R, K, g, hd]
-        k = apply_rope(qkv[:, :, g:g + 1], sin, cos)  # [R, K, 1, hd]
+        k = apply_rope(qkv[:, :, g : g + 1], sin, cos)  # [R, K, 1, hd]
         k_buf = write_key_slots(cache.k[i], jnp.swapaxes(k, 1, 2), start)
-        v_buf = write_value_slots(cache.v[i], jnp.swapaxes(qkv[:, :, g + 1:], 1, 2), start)
+        v_buf = write_value_slots(cache.v[i], jnp.swapaxes(qkv[:, :, g + 1 :], 1, 2), start)
         attn = _prefix_suffix_attention(q, prefix.k[i], prefix.v[i], prefix.mask, k_buf, v_buf, new_mask)  # [R, H*hd]
         x_t = x_t + lp["o_proj"] @ attn.T
         gate_up = (lp["gate_up"] @ _rms_norm_columns(x_t, lp["post_attn_norm"], eps)).reshape(-1, 2, r)  # [F, 2, R]

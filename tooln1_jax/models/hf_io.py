@@ -8,6 +8,7 @@ buffer per shard layer by layer.
 
 Layouts: torch `nn.Linear.weight` is [out, in]; ours is [in, out] (see params.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,12 @@ from safetensors.numpy import save_file
 from tooln1_jax.distributed import is_main, to_host
 from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.params import (
-    PARAM_SPECS, ParamSpec, is_param_spec, param_sharding, param_shapes, param_specs,
+    PARAM_SPECS,
+    ParamSpec,
+    is_param_spec,
+    param_shapes,
+    param_sharding,
+    param_specs,
 )
 from tooln1_jax.sharding import TRAIN_RULES
 
@@ -107,7 +113,8 @@ def _weight_map(folder: str) -> dict[str, str]:
         with safe_open(single, framework="numpy") as f:
             return {name: single for name in f.keys()}
     raise CheckpointFormatError(
-        f"{folder}: has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints load)")
+        f"{folder}: has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints load)"
+    )
 
 
 def _index_key(index: tuple) -> tuple:
@@ -147,12 +154,14 @@ def _check_tensor_names(folder: str, config: ModelConfig, weight_map: dict[str, 
     missing = sorted(needed - set(weight_map))
     if missing:
         raise CheckpointFormatError(
-            f"{folder}: missing {len(missing)} tensor(s) for this config.json, e.g. {missing[:3]}")
+            f"{folder}: missing {len(missing)} tensor(s) for this config.json, e.g. {missing[:3]}"
+        )
     tied_head = {PARAM_SPECS["lm_head"].hf_tensor()} if config.tie_word_embeddings else set()
     unexpected = sorted(n for n in set(weight_map) - needed - tied_head if not _IGNORED.match(n))
     if unexpected:
         raise CheckpointFormatError(
-            f"{folder}: {len(unexpected)} tensor(s) this model does not use, e.g. {unexpected[:3]}")
+            f"{folder}: {len(unexpected)} tensor(s) this model does not use, e.g. {unexpected[:3]}"
+        )
 
 
 def _slice_reader(weight_map: dict[str, str], stack: contextlib.ExitStack, np_dtype: np.dtype):
@@ -213,8 +222,12 @@ def load_pretrained(path, *, dtype=jnp.float32, mesh=None, rules=None, compute_d
     np_dtype = np.dtype(dtype)
     with contextlib.ExitStack() as stack:
         read = _slice_reader(weight_map, stack, np_dtype)
-        params = jax.tree.map(lambda spec, sharding: _load_leaf(spec, config, sharding, read, np_dtype),
-                              specs, shardings, is_leaf=is_param_spec)
+        params = jax.tree.map(
+            lambda spec, sharding: _load_leaf(spec, config, sharding, read, np_dtype),
+            specs,
+            shardings,
+            is_leaf=is_param_spec,
+        )
     return config, params
 
 
@@ -236,7 +249,9 @@ def _hf_tensor_plan(config: ModelConfig, params: dict) -> list[tuple[str, int, A
     return plan
 
 
-def save_pretrained(config: ModelConfig, params: dict, path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer=None) -> str:
+def save_pretrained(
+    config: ModelConfig, params: dict, path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer=None
+) -> str:
     """Writes config.json and safetensors (sharded with an index above `max_shard_bytes`)
     that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Tied embeddings
     write no lm_head. Only one shard is on the host at a time. Returns the folder."""

@@ -8,6 +8,7 @@ slots hold real tokens, so padding is never attended to and positions count real
 
 Written by `transformer.forward_cached` (prefill) and `group_decode.group_decode_step` (decode).
 """
+
 from __future__ import annotations
 
 import flax.struct
@@ -52,13 +53,19 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
     """The same cache with room for `max_len` slots (the new ones empty: zeros, mask 0)."""
     extra = max_len - cache.max_len
     pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-    return KVCache(k=tuple(pad(k, 3) for k in cache.k), v=tuple(pad(v, 2) for v in cache.v),
-                   mask=pad(cache.mask, 1), index=cache.index)
+    return KVCache(
+        k=tuple(pad(k, 3) for k in cache.k),
+        v=tuple(pad(v, 2) for v in cache.v),
+        mask=pad(cache.mask, 1),
+        index=cache.index,
+    )
 
 
 def cache_sharding(cache: KVCache, mesh: Mesh, rules: ShardingRules) -> KVCache:
     """A `KVCache` (or its `jax.eval_shape`) -> the same KVCache structure of `NamedSharding`:
-    keys by `KEY_CACHE_LOGICAL_AXES`, values by `VALUE_CACHE_LOGICAL_AXES`, the mask as [batch, cache_seq], the index replicated."""
+    keys by `KEY_CACHE_LOGICAL_AXES`, values by `VALUE_CACHE_LOGICAL_AXES`, the mask as
+    [batch, cache_seq], the index replicated."""
+
     def buf(axes):
         return lambda x: NamedSharding(mesh, logical_to_spec(axes, mesh, rules, x.shape))
 

@@ -3,6 +3,7 @@
 Everything here follows transformers' Qwen2/Llama numerics: norms and softmax in float32,
 rotary tables in float32, everything else in the compute dtype.
 """
+
 from __future__ import annotations
 
 import jax
@@ -46,7 +47,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     g = h // kv_heads
     q = q.reshape(b, t, kv_heads, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, hd)
     scores = jnp.einsum("bkmd,bskd->bkms", q, k, preferred_element_type=jnp.float32)
-    scores = (scores * (hd ** -0.5)).reshape(b, kv_heads, g, t, -1)
+    scores = (scores * (hd**-0.5)).reshape(b, kv_heads, g, t, -1)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
     out = jnp.einsum("bkms,bskd->bkmd", probs, v)  # [B, K, g*T, hd]

@@ -1,4 +1,5 @@
 """Model hyperparameters, read from a Hugging Face config.json, plus named Qwen2.5 presets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,7 +52,7 @@ class ModelConfig:
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -64,7 +65,7 @@ class ModelConfig:
         return self.num_layers * layer + embed + d
 
     @classmethod
-    def from_hf(cls, hf: Any, **overrides) -> "ModelConfig":
+    def from_hf(cls, hf: Any, **overrides) -> ModelConfig:
         """From a transformers config object, a config.json dict, or a path to config.json / its folder."""
         if isinstance(hf, (str, os.PathLike)):
             path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
@@ -74,7 +75,9 @@ class ModelConfig:
             hf = hf.to_dict()
         model_type = hf.get("model_type", "qwen2")
         if model_type not in _SUPPORTED_TYPES:
-            raise ValueError(f"config.json model_type={model_type!r} is not supported; expected one of {_SUPPORTED_TYPES}")
+            raise ValueError(
+                f"config.json model_type={model_type!r} is not supported; expected one of {_SUPPORTED_TYPES}"
+            )
         rope_scaling = hf.get("rope_scaling") or {}
         rope_kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
         if rope_kind not in ("default", None):
@@ -139,10 +142,21 @@ class ModelConfig:
 
 def _qwen25(hidden, inter, layers, heads, kv, tied, vocab=151936) -> ModelConfig:
     return ModelConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-        num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads, rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6, tie_word_embeddings=tied, attention_bias=True,
-        max_position_embeddings=32768, model_type="qwen2", bos_token_id=151643, eos_token_id=151645,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=hidden // heads,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        attention_bias=True,
+        max_position_embeddings=32768,
+        model_type="qwen2",
+        bos_token_id=151643,
+        eos_token_id=151645,
         dtype="bfloat16",
     )
 

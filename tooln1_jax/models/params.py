@@ -9,10 +9,11 @@ a leading `layers` axis under the key "layers" (the forward scans over it):
 
 Weights are stored as [in, out], the transpose of torch's nn.Linear.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -84,30 +85,39 @@ def _layer(shape, axes, init, hf_name, transposed, present=_always) -> ParamSpec
 # Leaf name -> spec, in Hugging Face's order (embed, layers, final norm, head), which is the
 # order `save_pretrained` writes.
 PARAM_SPECS: dict[str, ParamSpec] = {
-    "embed": ParamSpec(lambda c: (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal",
-                       "model.embed_tokens.weight", False),
+    "embed": ParamSpec(
+        lambda c: (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal", "model.embed_tokens.weight", False
+    ),
     "input_norm": _layer(lambda c: (c.hidden_size,), ("norm",), "ones", "input_layernorm.weight", False),
-    "q_proj": _layer(lambda c: (c.hidden_size, _q_width(c)), ("embed", "q_heads"), "normal",
-                     "self_attn.q_proj.weight", True),
+    "q_proj": _layer(
+        lambda c: (c.hidden_size, _q_width(c)), ("embed", "q_heads"), "normal", "self_attn.q_proj.weight", True
+    ),
     "q_bias": _layer(lambda c: (_q_width(c),), ("q_heads",), "zeros", "self_attn.q_proj.bias", False, _has_bias),
-    "k_proj": _layer(lambda c: (c.hidden_size, _kv_width(c)), ("embed", "kv_heads"), "normal",
-                     "self_attn.k_proj.weight", True),
+    "k_proj": _layer(
+        lambda c: (c.hidden_size, _kv_width(c)), ("embed", "kv_heads"), "normal", "self_attn.k_proj.weight", True
+    ),
     "k_bias": _layer(lambda c: (_kv_width(c),), ("kv_heads",), "zeros", "self_attn.k_proj.bias", False, _has_bias),
-    "v_proj": _layer(lambda c: (c.hidden_size, _kv_width(c)), ("embed", "kv_heads"), "normal",
-                     "self_attn.v_proj.weight", True),
+    "v_proj": _layer(
+        lambda c: (c.hidden_size, _kv_width(c)), ("embed", "kv_heads"), "normal", "self_attn.v_proj.weight", True
+    ),
     "v_bias": _layer(lambda c: (_kv_width(c),), ("kv_heads",), "zeros", "self_attn.v_proj.bias", False, _has_bias),
-    "o_proj": _layer(lambda c: (_q_width(c), c.hidden_size), ("q_heads", "embed"), "normal",
-                     "self_attn.o_proj.weight", True),
+    "o_proj": _layer(
+        lambda c: (_q_width(c), c.hidden_size), ("q_heads", "embed"), "normal", "self_attn.o_proj.weight", True
+    ),
     "post_attn_norm": _layer(lambda c: (c.hidden_size,), ("norm",), "ones", "post_attention_layernorm.weight", False),
-    "gate_proj": _layer(lambda c: (c.hidden_size, c.intermediate_size), ("embed", "mlp"), "normal",
-                        "mlp.gate_proj.weight", True),
-    "up_proj": _layer(lambda c: (c.hidden_size, c.intermediate_size), ("embed", "mlp"), "normal",
-                      "mlp.up_proj.weight", True),
-    "down_proj": _layer(lambda c: (c.intermediate_size, c.hidden_size), ("mlp", "embed"), "normal",
-                        "mlp.down_proj.weight", True),
+    "gate_proj": _layer(
+        lambda c: (c.hidden_size, c.intermediate_size), ("embed", "mlp"), "normal", "mlp.gate_proj.weight", True
+    ),
+    "up_proj": _layer(
+        lambda c: (c.hidden_size, c.intermediate_size), ("embed", "mlp"), "normal", "mlp.up_proj.weight", True
+    ),
+    "down_proj": _layer(
+        lambda c: (c.intermediate_size, c.hidden_size), ("mlp", "embed"), "normal", "mlp.down_proj.weight", True
+    ),
     "final_norm": ParamSpec(lambda c: (c.hidden_size,), ("norm",), "ones", "model.norm.weight", False),
-    "lm_head": ParamSpec(lambda c: (c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal",
-                         "lm_head.weight", True, present=_untied),
+    "lm_head": ParamSpec(
+        lambda c: (c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal", "lm_head.weight", True, present=_untied
+    ),
 }
 
 
@@ -146,9 +156,12 @@ def shard_params(params: dict, config: ModelConfig, mesh: Mesh, rules: ShardingR
 
 def abstract_params(config: ModelConfig, mesh: Mesh, dtype, rules: ShardingRules) -> dict:
     """The params tree as `jax.ShapeDtypeStruct`s placed by `rules` (a restore target; no arrays made)."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sh),
-                        param_shapes(config), param_sharding(config, mesh, rules),
-                        is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sh),
+        param_shapes(config),
+        param_sharding(config, mesh, rules),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:

@@ -4,6 +4,7 @@ The full forward (`hidden_states`, `logits`) runs the stacked layers under one `
 compile time does not grow with depth. The cached forward (`forward_cached`) runs them as an
 unrolled Python loop, because the `KVCache` holds one buffer per layer.
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slots
-from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_at_positions, swiglu_mlp
+from tooln1_jax.models.model_config import ModelConfig
 
 
 def lm_head_weight(params: dict) -> jax.Array:
@@ -54,7 +55,9 @@ def decoder_layer(config, lp, x, sin, cos, mask):
     return attention_out_and_mlp(config, lp, x, attention(q, k, v, mask))
 
 
-def hidden_states(config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+def hidden_states(
+    config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
     """Full forward with no cache. input_ids [B, T], attention_mask [B, T] (1 real, 0 pad,
     left padding allowed) -> final-normed hidden states [B, T, D] in the compute dtype."""
     dt = jnp.dtype(config.dtype)
@@ -78,14 +81,17 @@ def hidden_states(config: ModelConfig, params: dict, input_ids: jax.Array, atten
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def logits(config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+def logits(
+    config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
     """input_ids [B, T] -> logits [B, T, vocab] float32 (full forward, no cache)."""
     h = hidden_states(config, params, input_ids, attention_mask)
     return (h @ lm_head_weight(params).astype(h.dtype)).astype(jnp.float32)
 
 
-def forward_cached(config: ModelConfig, params: dict, tokens: jax.Array, token_mask: jax.Array,
-                   cache: KVCache, last_only: bool = False):
+def forward_cached(
+    config: ModelConfig, params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCache, last_only: bool = False
+):
     """Runs `tokens` [B, T] (token_mask [B, T], 1 real / 0 pad) through the model, appending them
     to the cache at slots index ... index+T-1. Returns (hidden [B, T, D] final-normed, new cache).
 
@@ -106,7 +112,7 @@ def forward_cached(config: ModelConfig, params: dict, tokens: jax.Array, token_m
     x = params["embed"][tokens].astype(dt)
     ks, vs = [], []
     for i in range(config.num_layers):
-        lp = jax.tree.map(lambda a: a[i], params["layers"])
+        lp = jax.tree.map(lambda a, i=i: a[i], params["layers"])
         h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
         q, k, v = project_qkv(config, lp, h, sin, cos)
         k_buf = write_key_slots(cache.k[i], k, start)
