@@ -20,17 +20,17 @@ import numbers
 import ml_collections
 
 from tooln1_jax.grpo import AGGREGATIONS, KL_ESTIMATORS, LossSettings
+from tooln1_jax.models.model_config import MODEL_TYPES, REMAT_POLICIES
 from tooln1_jax.optimizer import OptimizerSettings
 from tooln1_jax.rewards import VARIANTS as REWARD_VARIANTS
 
 DATA_SOURCES = ("synthetic", "xlam", "toolace", "mixed")
 TOKENIZER_KINDS = ("hf", "tiny")
-MODEL_TYPES = ("qwen2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots")
 # The loss's and the optimizer's defaults live in their settings classes; the config copies them.
-_LOSS = LossSettings()
-_OPTIM = OptimizerSettings(lr=1e-6)
+# Every LossSettings field but norm_constant, and every OptimizerSettings field but eps, is a config field.
+_LOSS_FIELDS = {k: v for k, v in dataclasses.asdict(LossSettings()).items() if k != "norm_constant"}
+_OPTIM_FIELDS = {k: v for k, v in dataclasses.asdict(OptimizerSettings(lr=1e-6)).items() if k != "eps"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -109,11 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
             ppo_epochs=1,
             total_epochs=1,
             total_steps=0,  # rollout batches; 0 = total_epochs over the training split
-            clip_eps=_LOSS.clip_eps,
-            kl_coef=_LOSS.kl_coef,
-            kl_estimator=_LOSS.kl_estimator,
-            entropy_coef=_LOSS.entropy_coef,
-            aggregation=_LOSS.aggregation,
+            **_LOSS_FIELDS,  # clip_eps, kl_coef, kl_estimator, entropy_coef, aggregation
             reward_variant="binary",
             filter_zero_std_groups=False,
             unbiased_std=True,
@@ -121,16 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.optim = ml_collections.ConfigDict(
-        dict(
-            lr=_OPTIM.lr,
-            warmup_steps=_OPTIM.warmup_steps,
-            weight_decay=_OPTIM.weight_decay,
-            b1=_OPTIM.b1,
-            b2=_OPTIM.b2,
-            grad_clip=_OPTIM.grad_clip,
-        )
-    )
+    c.optim = ml_collections.ConfigDict(_OPTIM_FIELDS)  # lr, warmup_steps, weight_decay, b1, b2, grad_clip
 
     # SFT warm start before RL (0 steps = none, as in the paper). It uses optim's weight_decay,
     # b1, b2 and grad_clip. max_completion_length 0 = rollout.max_new_tokens.
@@ -232,7 +219,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def _check_model_and_tokenizer(c) -> None:
     _one_of(c, "model.dtype", DTYPES)
     _one_of(c, "model.param_dtype", DTYPES)
-    _one_of(c, "model.remat", REMAT)
+    _one_of(c, "model.remat", REMAT_POLICIES)
     if not c.model.name_or_path:
         r = "model.random"
         _one_of(c, f"{r}.model_type", MODEL_TYPES)
@@ -353,33 +340,24 @@ def total_rl_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
     return int(config.rl.total_epochs * per_epoch)
 
 
+def settings_from(cls, section: ml_collections.ConfigDict, **overrides):
+    """A settings dataclass (`LossSettings`, `OptimizerSettings`, `ModelConfig`) from the fields of
+    a config section that share its field names, then `overrides`: one naming rule instead of a
+    hand-written copy per field."""
+    names = {f.name for f in dataclasses.fields(cls)} & set(section.keys())
+    return cls(**{**{name: section[name] for name in names}, **overrides})
+
+
 def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
     """The GRPO loss settings of `config.rl`."""
-    rl = config.rl
-    return LossSettings(
-        clip_eps=float(rl.clip_eps),
-        kl_coef=float(rl.kl_coef),
-        kl_estimator=str(rl.kl_estimator),
-        entropy_coef=float(rl.entropy_coef),
-        aggregation=str(rl.aggregation),
-    )
+    return settings_from(LossSettings, config.rl)
 
 
 def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
     """The GRPO optimizer of `config.optim`."""
-    o = config.optim
-    return OptimizerSettings(
-        lr=float(o.lr),
-        warmup_steps=int(o.warmup_steps),
-        weight_decay=float(o.weight_decay),
-        b1=float(o.b1),
-        b2=float(o.b2),
-        grad_clip=float(o.grad_clip),
-    )
+    return settings_from(OptimizerSettings, config.optim)
 
 
 def sft_optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
     """The SFT optimizer: `config.sft`'s rate and warmup, the rest as `config.optim`."""
-    return dataclasses.replace(
-        optimizer_settings(config), lr=float(config.sft.lr), warmup_steps=int(config.sft.warmup_steps)
-    )
+    return settings_from(OptimizerSettings, config.optim, lr=config.sft.lr, warmup_steps=config.sft.warmup_steps)

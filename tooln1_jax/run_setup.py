@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from tooln1_jax import distributed, rollouts
 from tooln1_jax.assets import default_cache_dir
-from tooln1_jax.config import ConfigError, validate_config
+from tooln1_jax.config import ConfigError, settings_from, validate_config
 from tooln1_jax.data import sources, synthetic
 from tooln1_jax.data.prompt import encode_prompts
 from tooln1_jax.data.records import DropCounts, ToolRecord, train_val_split
@@ -85,20 +85,11 @@ def load_records(config) -> tuple[list[ToolRecord], DropCounts]:
 def _random_model_config(config, tokenizer) -> ModelConfig:
     """`config.model.random` as a ModelConfig (vocab_size 0 = the tokenizer's size)."""
     r = config.model.random
-    vocab = int(r.vocab_size) or len(tokenizer)
-    return ModelConfig(
-        vocab_size=vocab,
-        hidden_size=r.hidden_size,
-        intermediate_size=r.intermediate_size,
-        num_layers=r.num_layers,
-        num_heads=r.num_heads,
-        num_kv_heads=r.num_kv_heads,
-        head_dim=r.head_dim,
-        rope_theta=float(r.rope_theta),
-        tie_word_embeddings=bool(r.tie_word_embeddings),
+    return settings_from(
+        ModelConfig,
+        r,
+        vocab_size=int(r.vocab_size) or len(tokenizer),
         attention_bias=r.model_type == "qwen2",
-        max_position_embeddings=r.max_position_embeddings,
-        model_type=r.model_type,
         eos_token_id=tokenizer.eos_token_id,
         dtype=config.model.dtype,
         remat=config.model.remat,

@@ -7,7 +7,8 @@ import json
 import os
 from typing import Any
 
-_SUPPORTED_TYPES = ("qwen2", "llama")
+MODEL_TYPES = ("qwen2", "llama")
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +40,8 @@ class ModelConfig:
     remat: str = "none"
 
     def __post_init__(self):
-        if self.model_type not in _SUPPORTED_TYPES:
-            raise ValueError(f"model_type={self.model_type!r} is not supported; expected one of {_SUPPORTED_TYPES}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r} is not supported; expected one of {MODEL_TYPES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
@@ -49,8 +50,8 @@ class ModelConfig:
             raise ValueError("mlp_bias=True is not supported (no Qwen2.5 or Llama-3 checkpoint uses it)")
         if self.model_type == "llama" and self.attention_bias:
             raise ValueError("Llama with attention_bias=True (o_proj bias) is not supported")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -74,10 +75,8 @@ class ModelConfig:
         if not isinstance(hf, dict):
             hf = hf.to_dict()
         model_type = hf.get("model_type", "qwen2")
-        if model_type not in _SUPPORTED_TYPES:
-            raise ValueError(
-                f"config.json model_type={model_type!r} is not supported; expected one of {_SUPPORTED_TYPES}"
-            )
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"config.json model_type={model_type!r} is not supported; expected one of {MODEL_TYPES}")
         rope_scaling = hf.get("rope_scaling") or {}
         rope_kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
         if rope_kind not in ("default", None):
