@@ -10,12 +10,12 @@ usable row (empty, `[]`, truncated JSON, every line bad) raises DataFileError na
 from __future__ import annotations
 
 import glob
-import json
 import os
 import warnings
 from collections.abc import Sequence
 
 from tooln1_jax.data import toolace, xlam
+from tooln1_jax.data.json_files import DataFileError, json_values
 from tooln1_jax.data.records import DropCounts, ToolRecord
 
 XLAM_HUB = "Salesforce/xlam-function-calling-60k"
@@ -38,55 +38,22 @@ def _local_files(source: str | Sequence[str]) -> list[str] | None:
     return None
 
 
-class DataFileError(ValueError):
-    """A data file with no usable row; the message names the file (and the line when known)."""
-
-
 def _json_rows(path: str, drops: DropCounts) -> list[dict]:
     """The rows of a JSON list or JSON-lines file. Bad rows (a line that is not JSON, an item
     that is not an object) are dropped, counted in `drops` and named in one warning."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not data.strip():
-        raise DataFileError(f"{path}: empty file, no rows")
-    bad: list[str] = []
-    if data.lstrip().startswith(b"["):  # one JSON list of rows
-        try:
-            items = json.loads(data)
-        except json.JSONDecodeError as e:
-            raise DataFileError(
-                f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); truncated?"
-            ) from None
-        except ValueError as e:  # UnicodeDecodeError
-            line = data.count(b"\n", 0, getattr(e, "start", 0)) + 1
-            raise DataFileError(f"{path}: line {line}: not valid JSON ({e})") from None
-        if not isinstance(items, list) or not items:
-            raise DataFileError(f"{path}: no rows (an empty JSON list)")
-        rows = []
-        for index, item in enumerate(items):
-            if isinstance(item, dict):
-                rows.append(item)
-            else:
-                drops["not_an_object"] += 1
-                bad.append(f"row {index}: a {type(item).__name__}, not an object")
-    else:  # JSON lines
-        rows = []
-        for number, line in enumerate(data.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-                drops["bad_json_line"] += 1
-                bad.append(f"line {number}: not JSON ({e})")
-                continue
-            if isinstance(item, dict):
-                rows.append(item)
-            else:
-                drops["not_an_object"] += 1
-                bad.append(f"line {number}: a {type(item).__name__}, not an object")
+    is_list, values, bad_lines = json_values(path)
+    bad = []  # (position, why), in file order
+    for number, error in bad_lines:
+        drops["bad_json_line"] += 1
+        bad.append((number, f"line {number}: not JSON ({error})"))
+    rows = []
+    for position, item in values:
+        if isinstance(item, dict):
+            rows.append(item)
+        else:
+            drops["not_an_object"] += 1
+            bad.append((position, f"{'row' if is_list else 'line'} {position}: a {type(item).__name__}, not an object"))
+    bad = [why for _, why in sorted(bad)]
     if not rows:
         raise DataFileError(f"{path}: no usable row; {bad[0]}")
     if bad:

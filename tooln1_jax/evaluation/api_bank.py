@@ -38,6 +38,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from tooln1_jax.data.json_files import DataFileError, json_values
 from tooln1_jax.data.records import ToolRecord, tool_call_block
 from tooln1_jax.rewards import parse_tool_calls
 
@@ -235,28 +236,13 @@ def load_api_bank(path: str) -> list[ApiBankItem]:
     """All items of a level-1 file (a JSON list, or JSON lines)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"API-Bank data not found: {path} (give the path to level-1-api.json)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not text.strip():
-        raise ValueError(f"{path}: empty file, no API-Bank items")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); truncated?"
-            ) from None
-        located = [(row, f"{path}: item {i}") for i, row in enumerate(rows)]
-    else:
-        located = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    located.append((json.loads(line), f"{path}:{line_no}"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
-    if not located:
-        raise ValueError(f"{path}: no API-Bank items")
+    is_list, values, bad_lines = json_values(path, "API-Bank items")
+    if bad_lines:
+        number, error = bad_lines[0]
+        raise DataFileError(f"{path}:{number}: not JSON ({error})")
+    if not values:
+        raise DataFileError(f"{path}: no API-Bank items")
+    located = [(row, f"{path}: item {i}" if is_list else f"{path}:{i}") for i, row in values]
     items = [_item(row, where) for row, where in located]
     seen: set[str] = set()
     for item in items:
