@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from tooln1_jax.data.bfcl import AST_CATEGORIES
 from tooln1_jax.evaluation import bfcl
 
 # Items no completion can pass, because of the shipped data (nvidia-bfcl 26.3): id -> the
@@ -385,18 +386,7 @@ def test_cli_generation_end_to_end(tiny_qwen_dir, tmp_path, items, qwen_tokenize
     from tooln1_jax.evaluate import main
 
     out = tmp_path / "gen"
-    categories = [
-        "simple",
-        "java",
-        "javascript",
-        "multiple",
-        "parallel",
-        "parallel_multiple",
-        "live_simple",
-        "live_multiple",
-        "live_parallel",
-        "live_parallel_multiple",
-    ]
+    categories = list(AST_CATEGORIES)
     # a prompt-length limit that drops the longest prompts: they are scored wrong, not left out
     lengths = sorted(
         len(

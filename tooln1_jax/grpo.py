@@ -287,18 +287,11 @@ def finalize_terms(terms: LossTerms) -> tuple[jax.Array, dict]:
     return metrics["loss"], metrics
 
 
-def grpo_loss(
-    logprobs: jax.Array,
-    old_logprobs: jax.Array,
-    ref_logprobs: jax.Array | None,
-    advantages: jax.Array,
-    mask: jax.Array,
-    *,
-    settings: LossSettings = DEFAULT_LOSS,
-    entropy: jax.Array | None = None,
-) -> tuple[jax.Array, dict]:
-    """GRPO loss of one batch: the PPO clipped surrogate max(-A r, -A clip(r, 1-eps, 1+eps))
-    with r = exp(logp - old), plus kl_coef * KL to the reference, minus entropy_coef * entropy,
+def grpo_loss(*arrays: jax.Array | None, **options) -> tuple[jax.Array, dict]:
+    """The GRPO loss of one batch: `grpo_loss_terms` (same arguments: logprobs, old_logprobs,
+    ref_logprobs, advantages, mask; settings=, entropy=), divided once. The PPO clipped
+    surrogate max(-A r, -A clip(r, 1-eps, 1+eps)) with r = exp(logp - old), plus kl_coef * KL
+    to the reference, minus entropy_coef * entropy,
     aggregated by `aggregation`:
 
     - "token_mean": sum over all loss tokens / their count;
@@ -310,6 +303,4 @@ def grpo_loss(
     Metrics (token means over the mask): loss, policy_loss, kl, entropy, ratio_mean/min/max,
     clip_frac (+ _low for A<0, _high for A>0), num_tokens, num_seqs.
     """
-    return finalize_terms(
-        grpo_loss_terms(logprobs, old_logprobs, ref_logprobs, advantages, mask, settings=settings, entropy=entropy)
-    )
+    return finalize_terms(grpo_loss_terms(*arrays, **options))

@@ -254,29 +254,11 @@ def greedy_completions(
     return list(kept), completions, lengths, drops
 
 
-def greedy_accuracy(
-    model_config,
-    params,
-    tokenizer,
-    records: Sequence[ToolRecord],
-    *,
-    max_new_tokens: int,
-    max_prompt_length: int,
-    batch_size: int = 32,
-    mesh=None,
-) -> dict:
-    """Greedy decoding on `records` (`greedy_completions`): exact-call accuracy (binary reward 1),
-    format-failure rate, mean response length, and the counts scored and dropped."""
-    kept, completions, lengths, drops = greedy_completions(
-        model_config,
-        params,
-        tokenizer,
-        records,
-        max_new_tokens=max_new_tokens,
-        max_prompt_length=max_prompt_length,
-        batch_size=batch_size,
-        mesh=mesh,
-    )
+def greedy_accuracy(model_config, params, tokenizer, records: Sequence[ToolRecord], **decode) -> dict:
+    """Greedy decoding on `records` (`greedy_completions`, with its keyword arguments `decode`):
+    exact-call accuracy (binary reward 1), format-failure rate, mean response length, and the
+    counts scored and dropped."""
+    kept, completions, lengths, drops = greedy_completions(model_config, params, tokenizer, records, **decode)
     reward, reasons = rewards_lib.batch_rewards(completions, [r.answer for r in kept], "binary")
     n = max(len(kept), 1)
     return {

@@ -32,29 +32,11 @@ def load_model(path: str, *, step: int | None = None, mesh=None):
 
 
 def generate_completions(
-    config,
-    params,
-    tokenizer: Any,
-    records: Sequence[ToolRecord],
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    max_prompt_length: int,
-    mesh=None,
-    progress: bool = True,
+    config, params, tokenizer: Any, records: Sequence[ToolRecord], **decode
 ) -> tuple[dict[str, str], DropCounts]:
-    """{record id: completion text} for every record whose prompt fits (`rollouts.greedy_completions`
-    with the evaluation prompt), and the drops, scored wrong as prompt_too_long by the caller."""
-    kept, completions, _, drops = greedy_completions(
-        config,
-        params,
-        tokenizer,
-        records,
-        max_new_tokens=max_new_tokens,
-        max_prompt_length=max_prompt_length,
-        batch_size=batch_size,
-        mesh=mesh,
-        for_eval=True,
-        progress=progress,
-    )
+    """{record id: completion text} for every record whose prompt fits, and the drops (scored
+    wrong as prompt_too_long by the caller): `rollouts.greedy_completions` with the evaluation
+    prompt and its keyword arguments `decode` (batch_size, max_new_tokens, max_prompt_length,
+    mesh, progress)."""
+    kept, completions, _, drops = greedy_completions(config, params, tokenizer, records, for_eval=True, **decode)
     return {r.id: text for r, text in zip(kept, completions)}, drops
