@@ -25,8 +25,10 @@ exact on-policy GRPO). With temperature 0 (greedy) it is log_softmax(logits).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -103,30 +105,23 @@ def _next_tokens(logits_t, state_like, step, temperature, top_p, stop_ids, filte
     return tokens, logprobs, done, lengths
 
 
-_STATIC = ("config", "num_samples", "max_new_tokens", "filters", "pad_id", "mesh", "rules")
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """The static (compile-time) settings of one `sample` call; the programs are cached on it."""
+
+    num_samples: int
+    max_new_tokens: int
+    filters: SamplingFilters
+    pad_id: int
+    mesh: Any = None
+    rules: Any = None
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _prefill(
-    config,
-    params,
-    prompt_tokens,
-    prompt_mask,
-    rng,
-    temperature,
-    top_p,
-    stop_ids,
-    *,
-    num_samples,
-    max_new_tokens,
-    filters,
-    pad_id,
-    mesh,
-    rules,
-) -> SamplingState:
+@functools.partial(jax.jit, static_argnames=("config", "plan"))
+def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p, stop_ids, *, plan) -> SamplingState:
     """prompt_tokens, prompt_mask [B, P] (left-padded) -> the loop state after the first token."""
     b, p = prompt_tokens.shape
-    rows, m = b * num_samples, max_new_tokens
+    rows, m, pad_id = b * plan.num_samples, plan.max_new_tokens, plan.pad_id
     hidden, prefix = forward_cached(
         config, params, prompt_tokens, prompt_mask, init_cache(config, b, p), last_only=True
     )
@@ -144,8 +139,10 @@ def _prefill(
         prefix=prefix,
         cache=None,  # made by `_decode`, whose segments each grow it (a donated input never could be)
     )
-    logits_t = jnp.repeat(last_logits_t, num_samples, axis=1)  # [V, R]
-    tokens, logprobs, done, lengths = _next_tokens(logits_t, state, 0, temperature, top_p, stop_ids, filters, pad_id)
+    logits_t = jnp.repeat(last_logits_t, plan.num_samples, axis=1)  # [V, R]
+    tokens, logprobs, done, lengths = _next_tokens(
+        logits_t, state, 0, temperature, top_p, stop_ids, plan.filters, pad_id
+    )
     state = state.replace(
         tokens=state.tokens.at[:, 0].set(tokens),
         logprobs=state.logprobs.at[:, 0].set(logprobs),
@@ -153,27 +150,13 @@ def _prefill(
         lengths=lengths,
         step=jnp.ones((), jnp.int32),
     )
-    return _constrain(state, mesh, rules)
+    return _constrain(state, plan.mesh, plan.rules)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("decode_segments",), donate_argnames=("state",))
-def _decode(
-    config,
-    params,
-    state,
-    temperature,
-    top_p,
-    stop_ids,
-    *,
-    num_samples,
-    max_new_tokens,
-    filters,
-    pad_id,
-    mesh,
-    rules,
-    decode_segments,
-) -> SamplingState:
+@functools.partial(jax.jit, static_argnames=("config", "plan", "decode_segments"), donate_argnames=("state",))
+def _decode(config, params, state, temperature, top_p, stop_ids, *, plan, decode_segments) -> SamplingState:
     """Runs the decode loops until every row is done or `max_new_tokens` columns are filled."""
+    max_new_tokens, mesh, rules = plan.max_new_tokens, plan.mesh, plan.rules
     weights = decode_weights(config, params)  # sliced, fused and transposed once, outside the loop
     rope = rope_lookup_table(config, state.prefix.max_len + max_new_tokens)
 
@@ -181,7 +164,7 @@ def _decode(
         prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)
         logits_t, cache = group_decode_step(config, weights, prev, s.prefix, s.cache, rope=rope)
         tokens, logprobs, done, lengths = _next_tokens(
-            logits_t, s, s.step, temperature, top_p, stop_ids, filters, pad_id
+            logits_t, s, s.step, temperature, top_p, stop_ids, plan.filters, plan.pad_id
         )
         new = s.replace(
             tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tokens, s.step, axis=1),
@@ -307,18 +290,11 @@ def sample(
     else:
         rules = None
     filters = SamplingFilters(greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0)
-    static = dict(
-        num_samples=num_samples,
-        max_new_tokens=max_new_tokens,
-        filters=filters,
-        pad_id=int(pad_id),
-        mesh=mesh,
-        rules=rules,
-    )
+    plan = DecodePlan(num_samples, max_new_tokens, filters, int(pad_id), mesh, rules)
     t = jnp.float32(temperature if temperature > 0 else 1.0)
     p = jnp.float32(top_p)
-    state = _prefill(config, params, tokens, mask, rng, t, p, stop_ids, **static)
-    state = _decode(config, params, state, t, p, stop_ids, **static, decode_segments=int(decode_segments))
+    state = _prefill(config, params, tokens, mask, rng, t, p, stop_ids, plan=plan)
+    state = _decode(config, params, state, t, p, stop_ids, plan=plan, decode_segments=int(decode_segments))
     columns = jnp.arange(max_new_tokens)[None, :]
     return SampleResult(
         tokens=state.tokens,
