@@ -4,7 +4,8 @@
   declarative `default_config` table;
 - no function body imports a `tooln1_jax` module: a dependency is visible at the top of its module;
 - no import cycle among `tooln1_jax` modules (module-level imports, a package `__init__` standing
-  for its package; imports under `if TYPE_CHECKING:` do not run, so they do not count).
+  for its package; imports under `if TYPE_CHECKING:` do not run, so they do not count);
+- imports point up the data flow (`LAYERS`): no module imports a later stage.
 
 Each failure names file:line and the rule.
 """
@@ -214,3 +215,49 @@ def test_the_cycle_finder_finds_a_cycle():
     graph = {"p.a": {"p.b": 1}, "p.b": {"p.c": 1}, "p.c": {"p.a": 1, "p.d": 1}, "p.d": {}}
     assert _cycles(graph) == [["p.a", "p.b", "p.c", "p.a"]]
     assert _cycles({"p.a": {"p.b": 1}, "p.b": {}}) == []
+
+
+# The data flow, top to bottom (docs/CONTRIBUTING.md and the README's module table say the same):
+# a module imports only from its own layer or the layers above it, never from a later stage.
+LAYERS = (
+    ("settings", "distributed", "interrupt", "assets"),
+    ("config",),
+    ("data",),
+    ("sharding",),
+    ("models",),
+    ("token_draw", "sampling"),
+    ("rewards",),
+    ("rollouts",),
+    ("grpo",),
+    ("optimizer", "train_step"),
+    ("checkpoint", "metrics"),
+    ("cli",),
+    ("run_setup", "resume"),
+    ("sft",),
+    ("iteration",),
+    ("train",),
+    ("evaluation", "evaluate", "export"),
+)
+
+
+def _layer(module: str) -> int | None:
+    """The layer of a package module (a subpackage's modules share its layer); None for the package."""
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None
+    matches = [i for i, names in enumerate(LAYERS) if parts[1] in names]
+    assert matches, f"{module} is in no layer of LAYERS: add it where it sits in the data flow"
+    return matches[0]
+
+
+def test_imports_point_up_the_data_flow():
+    problems = []
+    for module, imports in _import_graph().items():
+        for imported, line in imports.items():
+            here, there = _layer(module), _layer(imported)
+            if here is not None and there is not None and there > here:
+                problems.append(
+                    f"{_where(SOURCES[module][0], line)}: {module} imports {imported}, a later stage "
+                    f"({LAYERS[there][0]} after {LAYERS[here][0]}) (rule: imports point up the data flow)"
+                )
+    assert not problems, "\n".join(problems)

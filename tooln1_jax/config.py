@@ -19,10 +19,15 @@ import numbers
 
 import ml_collections
 
-from tooln1_jax.grpo import AGGREGATIONS, KL_ESTIMATORS, LossSettings
-from tooln1_jax.models.model_config import MODEL_TYPES, REMAT_POLICIES
-from tooln1_jax.optimizer import OptimizerSettings
-from tooln1_jax.rewards import VARIANTS as REWARD_VARIANTS
+from tooln1_jax.settings import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    MODEL_TYPES,
+    REMAT_POLICIES,
+    REWARD_VARIANTS,
+    LossSettings,
+    OptimizerSettings,
+)
 
 DATA_SOURCES = ("synthetic", "xlam", "toolace", "mixed")
 TOKENIZER_KINDS = ("hf", "tiny")

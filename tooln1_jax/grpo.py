@@ -12,40 +12,12 @@ prediction and is never in the loss mask).
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+from tooln1_jax.settings import DEFAULT_LOSS, KL_ESTIMATORS, LossSettings
 
-
-@dataclasses.dataclass(frozen=True)
-class LossSettings:
-    """The GRPO loss's settings, with their defaults (the config's defaults come from here).
-
-    clip_eps: PPO ratio clip; kl_coef: weight of the KL to the frozen reference (0 = no
-    reference at all); kl_estimator: one of `KL_ESTIMATORS`; entropy_coef: entropy bonus;
-    aggregation: one of `AGGREGATIONS` (see `grpo_loss`); norm_constant: Dr. GRPO's constant
-    (None = the sequence width T). Frozen and hashable, so a jitted step can be cached on it."""
-
-    clip_eps: float = 0.2
-    kl_coef: float = 1e-3
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    aggregation: str = "token_mean"
-    norm_constant: float | None = None
-
-    def __post_init__(self):
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={self.aggregation!r}: expected one of {AGGREGATIONS}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator={self.kl_estimator!r}: expected one of {KL_ESTIMATORS}")
-
-
-DEFAULT_LOSS = LossSettings()
 _K3_CLAMP = 10.0
 _LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps a wild ratio finite instead of inf
 

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = ("binary", "no_reason", "partial_reason", "partial_reason_funcname")
+from tooln1_jax.settings import REWARD_VARIANTS
+
+VARIANTS = REWARD_VARIANTS
 # Every value each variant can return (what the fuzz tests check against).
 VARIANT_VALUES = {
     "binary": (0.0, 1.0),

@@ -7,8 +7,7 @@ import json
 import os
 from typing import Any
 
-MODEL_TYPES = ("qwen2", "llama")
-REMAT_POLICIES = ("none", "full", "dots")
+from tooln1_jax.settings import MODEL_TYPES, REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
