@@ -4,6 +4,7 @@ unified records, and their ground-truth completions score 1 under the binary rew
 import json
 
 import pytest
+from bfcl_data_facts import BFCL_CATEGORY_SIZES
 
 from tooln1_jax.data.bfcl import (
     AST_CATEGORIES,
@@ -30,18 +31,7 @@ SINGLE_ANSWER_COUNTS = {
     "live_parallel": 2,
     "live_parallel_multiple": 6,
 }
-CATEGORY_SIZES = {
-    "simple": 400,
-    "java": 100,
-    "javascript": 50,
-    "multiple": 200,
-    "parallel": 200,
-    "parallel_multiple": 200,
-    "live_simple": 258,
-    "live_multiple": 1053,
-    "live_parallel": 16,
-    "live_parallel_multiple": 24,
-}
+CATEGORY_SIZES = {c: BFCL_CATEGORY_SIZES[c] for c in AST_CATEGORIES}
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,21 @@ from tooln1_jax.evaluation import api_bank
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "api-bank", "level-1-api.json")
 
 
+def score_argv(predictions, limit: int, output) -> list[str]:
+    """`evaluate api_bank` scoring a predictions file against the first `limit` items."""
+    return [
+        "api_bank",
+        "--predictions",
+        str(predictions),
+        "--data",
+        DATA,
+        "--limit",
+        str(limit),
+        "--output",
+        str(output),
+    ]
+
+
 @pytest.fixture(scope="module")
 def items():
     return api_bank.load_api_bank(DATA)
@@ -141,22 +156,7 @@ def test_cli_predictions(items, tmp_path, capsys):
     rows.append("garbage line")
     (tmp_path / "p.jsonl").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "api_bank",
-                "--predictions",
-                str(tmp_path / "p.jsonl"),
-                "--data",
-                DATA,
-                "--limit",
-                "40",
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(score_argv(tmp_path / "p.jsonl", 40, out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     first_call = [i for i in items[:40] if not i.multi_turn]
     assert summary["api_bank"]["total"] == len(first_call)
@@ -198,22 +198,7 @@ def test_api_bank_needs_no_nvidia_bfcl(items, tmp_path, monkeypatch):
     (tmp_path / "p.jsonl").write_text(
         json.dumps({"id": items[0].id, "completion": api_bank.oracle_completion(items[0])})
     )
-    assert (
-        main(
-            [
-                "api_bank",
-                "--predictions",
-                str(tmp_path / "p.jsonl"),
-                "--data",
-                DATA,
-                "--limit",
-                "1",
-                "--output",
-                str(tmp_path / "out"),
-            ]
-        )
-        == 0
-    )
+    assert main(score_argv(tmp_path / "p.jsonl", 1, tmp_path / "out")) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["api_bank_all"]["correct"] == 1
     with pytest.raises(SystemExit, match=r"pip install --no-deps nvidia-bfcl"):
         main(["bfcl", "--predictions", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "b")])

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from bfcl_data_facts import BFCL_CATEGORY_SIZES
 
 from tooln1_jax.data.bfcl import AST_CATEGORIES
 from tooln1_jax.evaluation import bfcl
@@ -39,21 +40,7 @@ KNOWN_EXCEPTIONS = {
         "ground truth omits the required 'statement'",
     ),
 }
-SIZES = {
-    "simple": 400,
-    "java": 100,
-    "javascript": 50,
-    "multiple": 200,
-    "parallel": 200,
-    "parallel_multiple": 200,
-    "live_simple": 258,
-    "live_multiple": 1053,
-    "live_parallel": 16,
-    "live_parallel_multiple": 24,
-    "irrelevance": 240,
-    "live_irrelevance": 882,
-    "live_relevance": 18,
-}
+SIZES = BFCL_CATEGORY_SIZES
 
 
 @pytest.fixture(scope="module")
@@ -358,16 +345,12 @@ def test_cli_malformed_prediction_files(items, tmp_path, capsys):
 # ---- end to end: generation with a tiny random model --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer):
-    import jax
-
-    from tooln1_jax.models.hf_io import save_pretrained
+def tiny_qwen_config(vocab_size: int, **overrides):
+    """A one-layer random Qwen2 small enough to generate with in a test."""
     from tooln1_jax.models.model_config import ModelConfig
-    from tooln1_jax.models.params import init_params
 
-    config = ModelConfig(
-        vocab_size=len(qwen_tokenizer),
+    return ModelConfig(
+        vocab_size=vocab_size,
         hidden_size=16,
         intermediate_size=32,
         num_layers=1,
@@ -375,8 +358,18 @@ def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer):
         num_kv_heads=1,
         head_dim=8,
         tie_word_embeddings=True,
-        eos_token_id=qwen_tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        **overrides,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer):
+    import jax
+
+    from tooln1_jax.models.hf_io import save_pretrained
+    from tooln1_jax.models.params import init_params
+
+    config = tiny_qwen_config(len(qwen_tokenizer), eos_token_id=qwen_tokenizer.convert_tokens_to_ids("<|im_end|>"))
     params = init_params(config, jax.random.PRNGKey(0))
     return save_pretrained(config, params, str(tmp_path_factory.mktemp("tiny_qwen")), tokenizer=qwen_tokenizer)
 
@@ -451,19 +444,9 @@ def test_orbax_checkpoint_hook_restores_the_policy(tmp_path):
 
     from tooln1_jax.checkpoint import RunCheckpointer
     from tooln1_jax.evaluation.generation import load_model
-    from tooln1_jax.models.model_config import ModelConfig
     from tooln1_jax.models.params import init_params
 
-    config = ModelConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        tie_word_embeddings=True,
-    )
+    config = tiny_qwen_config(64)
     params = init_params(config, jax.random.PRNGKey(1))
     ckpt = RunCheckpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(3, params, {"count": jnp.zeros((), jnp.int32)}, {"model_config": dataclasses.asdict(config)})
@@ -480,7 +463,6 @@ def test_prompts_beyond_the_model_positions_are_dropped_not_fatal(items, qwen_to
 
     from tooln1_jax.data.prompt import render_prompt
     from tooln1_jax.evaluation.generation import generate_completions
-    from tooln1_jax.models.model_config import ModelConfig
     from tooln1_jax.models.params import init_params
 
     records = [bfcl.prompt_record(it) for it in items["multiple"][:4]]
@@ -489,17 +471,7 @@ def test_prompts_beyond_the_model_positions_are_dropped_not_fatal(items, qwen_to
         for r in records
     ]
     positions, new_tokens = sorted(lengths)[1] + 4, 4  # room for the two shortest prompts only
-    config = ModelConfig(
-        vocab_size=len(qwen_tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        tie_word_embeddings=True,
-        max_position_embeddings=positions,
-    )
+    config = tiny_qwen_config(len(qwen_tokenizer), max_position_embeddings=positions)
     params = init_params(config, jax.random.PRNGKey(0))
     completions, drops = generate_completions(
         config,

@@ -287,31 +287,15 @@ def test_early_exit_counts_decode_steps(tiny_params):
 
 
 def test_deterministic_per_rng(tiny_params):
-    run = lambda seed: sample(
-        TINY,
-        tiny_params,
-        PROMPTS,
-        num_samples=3,
-        max_new_tokens=6,
-        temperature=1.0,
-        stop_token_ids=[4],
-        rng=jax.random.PRNGKey(seed),
+    run = lambda rng: sample(
+        TINY, tiny_params, PROMPTS, num_samples=3, max_new_tokens=6, temperature=1.0, stop_token_ids=[4], rng=rng
     )
-    a, b, c = run(7), run(7), run(8)
+    a, b, c = run(jax.random.PRNGKey(7)), run(jax.random.PRNGKey(7)), run(jax.random.PRNGKey(8))
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
     # Typed keys give the same stream as raw uint32 keys.
-    typed = sample(
-        TINY,
-        tiny_params,
-        PROMPTS,
-        num_samples=3,
-        max_new_tokens=6,
-        temperature=1.0,
-        stop_token_ids=[4],
-        rng=jax.random.key(7),
-    )
+    typed = run(jax.random.key(7))
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(typed.tokens))
 
 

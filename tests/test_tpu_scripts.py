@@ -277,22 +277,8 @@ def repo_with_config(tmp_path):
     return str(root)
 
 
-LAUNCH = [
-    "--name",
-    "tooln1-7b",
-    "--zone",
-    ZONE,
-    "--accelerator-type",
-    "v5p-64",
-    "--config",
-    "configs/tool_n1_qwen2_5_7b.py",
-    "--mesh-data",
-    "1",
-    "--mesh-fsdp",
-    "8",
-    "--mesh-tensor",
-    "4",
-]
+CONFIG_AND_MESH = "--config configs/tool_n1_qwen2_5_7b.py --mesh-data 1 --mesh-fsdp 8 --mesh-tensor 4".split()
+LAUNCH = ["--name", "tooln1-7b", "--zone", ZONE, "--accelerator-type", "v5p-64", *CONFIG_AND_MESH]
 EXPECTED_PROGRAM = [
     "-m",
     "tooln1_jax.train",
@@ -307,18 +293,14 @@ EXPECTED_PROGRAM = [
 ]
 
 
+def launch_argv(repo: str) -> list[str]:
+    """`launch` of the 7B config to a bucket, with two overrides (one with a space)."""
+    tail = ["--", "--config.rl.micro_batch_size=8", "--config.data.xlam_path=data/xlam 60k.json"]
+    return ["launch", *LAUNCH, "--bucket", "gs://my-bucket", "--local-repo", repo, *tail]
+
+
 def test_launch_starts_the_config_on_all_workers_with_distributed_init(repo_with_config):
-    (cmd,) = dry(
-        "launch",
-        *LAUNCH,
-        "--bucket",
-        "gs://my-bucket",
-        "--local-repo",
-        repo_with_config,
-        "--",
-        "--config.rl.micro_batch_size=8",
-        "--config.data.xlam_path=data/xlam 60k.json",
-    )
+    (cmd,) = dry(*launch_argv(repo_with_config))
     assert cmd[:8] == SSH + ["tooln1-7b", f"--zone={ZONE}", "--worker=all"] and len(cmd) == 9
     remote = remote_command(cmd)
     assert remote.startswith('mkdir -p "$HOME/tooln1-logs/tool_n1_qwen2_5_7b" && cd "$HOME/tooln1-jax" && { nohup ')
@@ -353,17 +335,7 @@ def _wait_for(path, timeout=10.0):
 def test_launch_logs_and_stop_commands_work_in_a_worker_shell(tmp_path, repo_with_config):
     home = _fake_worker_home(tmp_path)
     env = {**os.environ, "HOME": str(home)}
-    (launch,) = dry(
-        "launch",
-        *LAUNCH,
-        "--bucket",
-        "gs://my-bucket",
-        "--local-repo",
-        repo_with_config,
-        "--",
-        "--config.rl.micro_batch_size=8",
-        "--config.data.xlam_path=data/xlam 60k.json",
-    )
+    (launch,) = dry(*launch_argv(repo_with_config))
     hostname = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
     run_dir = home / "tooln1-logs" / "tool_n1_qwen2_5_7b"
     pid = None
@@ -622,18 +594,7 @@ def test_missing_gcloud_is_reported(tmp_path):
 
 
 def test_launch_local_processes_run_the_workers_program_with_explicit_peers(repo_with_config):
-    common = [
-        "--config",
-        "configs/tool_n1_qwen2_5_7b.py",
-        "--mesh-data",
-        "1",
-        "--mesh-fsdp",
-        "8",
-        "--mesh-tensor",
-        "4",
-        "--local-repo",
-        repo_with_config,
-    ]
+    common = [*CONFIG_AND_MESH, "--local-repo", repo_with_config]
     overrides = ["--", "--config.rl.micro_batch_size=8"]
     (remote,) = dry(
         "launch", "--name", "t", "--zone", ZONE, *common, "--output-dir", "gs://my-bucket/runs/x", *overrides
