@@ -4,7 +4,7 @@
     python benchmarks/demo_control.py --demo_dir runs/tiny_cpu     # reuse a finished demo run
     python benchmarks/demo_control.py --match=wallclock            # match seconds, not FLOPs
 
-1. The demo (`tooln1_jax.train(config)`): SFT warm start, held-out accuracy A_sft, GRPO,
+1. The demo (`train(config)`): SFT warm start, held-out accuracy A_sft, GRPO,
    held-out accuracy A_grpo (skipped with --demo_dir, or with --match=flops --no_demo).
 2. The control: the same seed and data give the same warm start (its accuracy is
    re-measured), then SFT continues (same optimizer state, the next examples in order) for
