@@ -16,6 +16,8 @@ from tooln1_jax.rewards import (
     VARIANTS,
     batch_rewards,
     parse_tool_calls,
+    reasoning_stats,
+    reasoning_text,
     score_completion,
     tool_call_reward,
 )
@@ -476,3 +478,18 @@ def test_property_valid_output_scores_one_in_any_call_order(truth, rng):
     text = format_completion(shuffled, "ok")
     for variant in VARIANTS:
         assert score_completion(text, truth, variant) == (1.0, "correct")
+
+
+def test_reasoning_stats_count_non_empty_think_blocks():
+    completions = [
+        "<think>pick get_weather</think><tool_call>[]</tool_call>",  # 16 characters of reasoning
+        "<think>  </think><tool_call>[]</tool_call>",  # an empty block does not count as reasoning
+        "</think>late<think>",  # a close before any open: no block
+        "no tags at all",
+        "<think>abc",  # never closed
+    ]
+    assert [reasoning_text(c) for c in completions] == ["pick get_weather", "", "", "", ""]
+    assert reasoning_stats(completions) == {"think_frac": 0.2, "think_chars": 16.0}
+    assert reasoning_stats([]) == {"think_frac": 0.0, "think_chars": 0.0}
+    # Linear in the input: a megabyte of unclosed openers is one scan.
+    assert reasoning_text("<think>" * 150_000) == ""

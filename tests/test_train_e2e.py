@@ -45,6 +45,8 @@ STEP_METRICS = (
     "step_time",
     "rollout_time",
     "update_time",
+    "think_frac",
+    "think_chars",
 )
 
 TINY_CPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")

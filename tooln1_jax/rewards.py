@@ -60,6 +60,25 @@ def has_think_tags(completion: str) -> bool:
     return "<think>" in completion and "</think>" in completion
 
 
+def reasoning_text(completion: str) -> str:
+    """The stripped text between the first `<think>` and the first `</think>` after it ("" when
+    there is none): what the reasoning statistics measure. Linear in the completion."""
+    start = completion.find("<think>")
+    end = completion.find("</think>", start + len("<think>")) if start >= 0 else -1
+    return completion[start + len("<think>") : end].strip() if end >= 0 else ""
+
+
+def reasoning_stats(completions: Sequence[str]) -> dict[str, float]:
+    """think_frac: the fraction of completions that reason (a non-empty `<think>` block);
+    think_chars: the mean length in characters of that reasoning, over those that do (0 if none)."""
+    lengths = [len(reasoning_text(c)) for c in completions]
+    reasoned = [n for n in lengths if n]
+    return {
+        "think_frac": len(reasoned) / max(len(lengths), 1),
+        "think_chars": float(np.mean(reasoned)) if reasoned else 0.0,
+    }
+
+
 def _unique_keys(pairs: list) -> dict:
     """`object_pairs_hook` that raises on a repeated key: last-wins would let `{"a": 2, "a": 1}`
     pass for `{"a": 1}`."""

@@ -53,8 +53,10 @@ class RolloutBatch:
         return int(self.input_ids.shape[0])
 
     def summary(self) -> dict[str, float]:
-        """Per-rollout metrics: reward mean, exact-call accuracy, format-failure rate, lengths."""
+        """Per-rollout metrics: reward mean, exact-call accuracy, format-failure rate, lengths,
+        and how often and how long the completions reason (`rewards.reasoning_stats`)."""
         return {
+            **rewards_lib.reasoning_stats(self.completions),
             "reward_mean": float(np.mean(self.rewards)),
             "accuracy": float(np.mean(self.correct)),
             "format_failure_rate": float(np.mean([r in FORMAT_FAILURES for r in self.reasons])),
@@ -265,6 +267,7 @@ def greedy_accuracy(model_config, params, tokenizer, records: Sequence[ToolRecor
         "accuracy": float(np.sum(reward) / n),
         "format_failure_rate": float(sum(r in FORMAT_FAILURES for r in reasons) / n),
         "response_length": float(np.mean(lengths)) if lengths else 0.0,
+        **rewards_lib.reasoning_stats(completions),
         "num_scored": len(kept),
         "num_dropped": int(sum(drops.values())),
     }
