@@ -131,8 +131,9 @@ def test_prompt_is_deterministic(qwen_tokenizer, for_eval):
 
 
 def test_training_and_evaluation_stop_on_the_same_ids(qwen_tokenizer, smollm2_dir):
-    """One stop rule: rollouts (training, held-out accuracy) and evaluation generation call the
-    same function, and it stops on every end-of-turn token a real vocabulary has."""
+    """One stop rule: rollouts (training) and the one greedy path (held-out accuracy and
+    evaluation generation) call the same function, and it stops on every end-of-turn token a
+    real vocabulary has."""
     from transformers import AutoTokenizer
 
     from tooln1_jax import rollouts
@@ -140,7 +141,7 @@ def test_training_and_evaluation_stop_on_the_same_ids(qwen_tokenizer, smollm2_di
     from tooln1_jax.evaluation import generation
     from tooln1_jax.models import ModelConfig
 
-    assert rollouts.stop_token_ids is generation.stop_token_ids is stop_token_ids
+    assert rollouts.stop_token_ids is stop_token_ids and generation.greedy_completions is rollouts.greedy_completions
     qwen25 = type("Qwen25InstructConfig", (), {"eos_token_id": (151645, 151643)})()  # its config.json's eos ids
     assert set(stop_token_ids(qwen_tokenizer, qwen25)) == {151643, 151645}  # <|endoftext|>, <|im_end|>
     smol = AutoTokenizer.from_pretrained(smollm2_dir)

@@ -24,8 +24,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from tooln1_jax import distributed
 from tooln1_jax.data.bfcl import KNOWN_CATEGORIES
 from tooln1_jax.evaluation import api_bank, bfcl
@@ -161,6 +159,8 @@ def _generate(args, records) -> tuple[dict[str, str], dict]:
     tok_dir = args.tokenizer or args.checkpoint
     if not args.tokenizer and not is_hf_folder(args.checkpoint):
         raise SystemExit("--tokenizer is required with an orbax checkpoint (it holds no tokenizer files)")
+    from transformers import AutoTokenizer  # at its one point of use: it imports torch
+
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     mesh = make_mesh()
     config, params = load_model(args.checkpoint, step=args.step, mesh=mesh)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from transformers import AutoTokenizer
-
 from tooln1_jax import distributed
 from tooln1_jax.checkpoint import export_hf
 
@@ -32,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     distributed.initialize_from_args(args)
+    from transformers import AutoTokenizer  # at its one point of use: it imports torch
+
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
     try:
         out = export_hf(args.checkpoint, args.output, step=args.step, tokenizer=tokenizer)

@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from transformers import AutoTokenizer
 
 from tooln1_jax import distributed, rollouts
 from tooln1_jax.assets import default_cache_dir
@@ -52,6 +51,8 @@ def build_tokenizer(config):
     if t.kind == "tiny":
         path = t.name_or_path or os.path.join(default_cache_dir(), f"tiny_tokenizer_{t.vocab_size}")
         return load_or_build_tiny_tokenizer(path, vocab_size=int(t.vocab_size))
+    from transformers import AutoTokenizer  # at its one point of use: it imports torch (seconds per CLI start)
+
     return AutoTokenizer.from_pretrained(t.name_or_path or config.model.name_or_path)
 
 

@@ -25,14 +25,17 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from tooln1_jax.data.prompt import format_completion, system_message
 from tooln1_jax.data.records import ToolRecord
 from tooln1_jax.data.synthetic import SyntheticConfig, corpus_text, generate, template_reasoning
 from tooln1_jax.data.xlam import convert_rows
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
@@ -131,6 +134,8 @@ def build_tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1
     # Added tokens match before pre-tokenization, so markup never splits into pieces.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS + phrase_tokens()])
+    from transformers import PreTrainedTokenizerFast  # transformers loads only when a tokenizer is made
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
@@ -162,6 +167,8 @@ def load_or_build_tiny_tokenizer(
     if stamp and os.path.exists(stamp) and os.path.exists(os.path.join(path, "tokenizer.json")):
         with open(stamp, encoding="utf-8") as f:
             if f.read().strip() == fingerprint:
+                from transformers import PreTrainedTokenizerFast
+
                 return PreTrainedTokenizerFast.from_pretrained(path)
     tokenizer = build_tiny_tokenizer(texts, vocab_size=vocab_size)
     if path:
