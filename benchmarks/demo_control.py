@@ -37,7 +37,7 @@ from tooln1_jax import cli  # noqa: E402
 from tooln1_jax.metrics import METRICS_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.run_setup import held_out_accuracy, setup_run  # noqa: E402
 from tooln1_jax.sampling import prompt_bucket  # noqa: E402
-from tooln1_jax.sft import encode_sft, init_sft_state, max_completion_length, sft_loop  # noqa: E402
+from tooln1_jax.sft import encode_for_run, init_sft_state, sft_loop  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
 
 _DEMO_DIR = flags.DEFINE_string("demo_dir", "", "A finished demo run's output_dir to reuse (skip step 1).")
@@ -68,12 +68,7 @@ def control(config, *, seconds: float | None = None, grpo_steps: int | None = No
     """Warm start as in the demo, then more SFT for `seconds` (wall-clock matching) or for the
     FLOPs of `grpo_steps` GRPO steps; held-out accuracy after each."""
     setup = setup_run(config)
-    data = encode_sft(
-        setup.tokenizer,
-        setup.train_records,
-        max_prompt_length=int(config.data.max_prompt_length),
-        max_completion_length=max_completion_length(config),
-    )
+    data = encode_for_run(config, setup.tokenizer, setup.train_records)
     state, optimizer = init_sft_state(config, setup.model_config, setup.params, mesh=setup.mesh)
     warm = int(config.sft.warm_start_steps)
     state, m_warm = sft_loop(config, setup.model_config, state, optimizer, data, mesh=setup.mesh, steps=warm)

@@ -14,6 +14,7 @@ appended to `--out` as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from tooln1_jax import cli, rollouts  # noqa: E402
-from tooln1_jax.run_setup import setup_run  # noqa: E402
-from tooln1_jax.sft import encode_sft, init_sft_state, max_completion_length, sft_loop  # noqa: E402
+from tooln1_jax import cli  # noqa: E402
+from tooln1_jax.run_setup import held_out_accuracy, setup_run  # noqa: E402
+from tooln1_jax.sft import encode_for_run, init_sft_state, sft_loop  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds (run and synthetic data).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", 2000, "SFT steps per seed.")
@@ -42,14 +43,10 @@ def trajectory(config, seed: int, *, max_steps: int, probe_every: int, probe_exa
     setup = setup_run(config)
     first = int(config.eval.num_examples)
     probe = setup.val_records[first : first + probe_examples]
+    probe_setup = dataclasses.replace(setup, val_records=probe)  # held_out_accuracy reads the probe
     if len(probe) < probe_examples:
         raise SystemExit(f"only {len(probe)} held-out records after the first {first}; lower --probe_examples")
-    data = encode_sft(
-        setup.tokenizer,
-        setup.train_records,
-        max_prompt_length=int(config.data.max_prompt_length),
-        max_completion_length=max_completion_length(config),
-    )
+    data = encode_for_run(config, setup.tokenizer, setup.train_records)
     state, optimizer = init_sft_state(config, setup.model_config, setup.params, mesh=setup.mesh)
     done, t0 = 0, time.perf_counter()
     while done < max_steps:
@@ -57,16 +54,7 @@ def trajectory(config, seed: int, *, max_steps: int, probe_every: int, probe_exa
             config, setup.model_config, state, optimizer, data, mesh=setup.mesh, start_step=done, steps=probe_every
         )
         done += metrics["sft_steps"]
-        acc = rollouts.greedy_accuracy(
-            setup.model_config,
-            state.params,
-            setup.tokenizer,
-            probe,
-            max_new_tokens=int(config.eval.max_new_tokens),
-            max_prompt_length=int(config.data.max_prompt_length),
-            batch_size=int(config.eval.batch_size),
-            mesh=setup.mesh,
-        )
+        acc = held_out_accuracy(config, probe_setup, state.params)
         yield {
             "seed": seed,
             "sft_steps": done,

@@ -130,9 +130,13 @@ def sft_step(
     return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
 
 
-def max_completion_length(config) -> int:
-    """SFT target tokens (stop token included): `sft.max_completion_length`, 0 = `rollout.max_new_tokens`."""
-    return int(config.sft.max_completion_length or config.rollout.max_new_tokens)
+def encode_for_run(config, tokenizer: Any, records: Sequence[ToolRecord]) -> SFTData:
+    """`encode_sft` at the run's limits: prompts up to `data.max_prompt_length` tokens, targets
+    (stop token included) up to `sft.max_completion_length`, 0 meaning `rollout.max_new_tokens`."""
+    completion = int(config.sft.max_completion_length or config.rollout.max_new_tokens)
+    return encode_sft(
+        tokenizer, records, max_prompt_length=int(config.data.max_prompt_length), max_completion_length=completion
+    )
 
 
 def init_sft_state(
@@ -226,12 +230,7 @@ def run_sft(
     seeded shuffle of them. Returns (params, metrics: losses, step times, example counts).
     The caller's `params` are left intact; `data` reuses an already encoded `SFTData`."""
     steps = int(config.sft.warm_start_steps if steps is None else steps)
-    data = data or encode_sft(
-        tokenizer,
-        records,
-        max_prompt_length=int(config.data.max_prompt_length),
-        max_completion_length=max_completion_length(config),
-    )
+    data = data or encode_for_run(config, tokenizer, records)
     state, optimizer = init_sft_state(config, model_config, params, mesh=mesh)
     state, metrics = sft_loop(
         config,
