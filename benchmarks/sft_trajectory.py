@@ -54,7 +54,7 @@ def trajectory(config, seed: int, *, max_steps: int, probe_every: int, probe_exa
             config, setup.model_config, state, optimizer, data, mesh=setup.mesh, start_step=done, steps=probe_every
         )
         done += metrics["sft_steps"]
-        acc = held_out_accuracy(config, probe_setup, state.params)
+        acc = held_out_accuracy(config, probe_setup, state.params, num_examples=len(probe))
         yield {
             "seed": seed,
             "sft_steps": done,

@@ -269,7 +269,7 @@ def sft_baseline(config) -> dict:
     )
     acc = held_out_accuracy(config, setup, params)
     summary = {
-        "accuracy": {k: v for k, v in acc.items() if not isinstance(v, list)},
+        "accuracy": acc,
         **{k: v for k, v in metrics.items() if k != "sft_step_times"},
     }
     if main_process:

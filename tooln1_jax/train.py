@@ -151,8 +151,7 @@ def _save(config, setup: RunSetup, checkpointer, progress: Progress, summary: di
 
 
 def _evaluate(config, setup: RunSetup, log: MetricsLogger, step: int, params) -> dict:
-    acc = held_out_accuracy(config, setup, params)
-    return log.log_eval(step, {k: v for k, v in acc.items() if not isinstance(v, list)})
+    return log.log_eval(step, held_out_accuracy(config, setup, params))
 
 
 def _train_steps(
