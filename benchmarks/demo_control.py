@@ -35,7 +35,7 @@ from absl import app, flags  # noqa: E402
 
 from tooln1_jax import cli  # noqa: E402
 from tooln1_jax.metrics import METRICS_FILE, read_jsonl  # noqa: E402
-from tooln1_jax.run_setup import held_out_accuracy, setup_run  # noqa: E402
+from tooln1_jax.run_setup import held_out_results, setup_run  # noqa: E402
 from tooln1_jax.sampling import prompt_bucket  # noqa: E402
 from tooln1_jax.sft import encode_for_run, init_sft_state, sft_loop  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
@@ -64,15 +64,18 @@ def grpo_seconds(output_dir: str) -> tuple[float, int]:
     return float(sum(r["step_time"] for r in rows)), len(rows)
 
 
-def control(config, *, seconds: float | None = None, grpo_steps: int | None = None) -> dict:
-    """Warm start as in the demo, then more SFT for `seconds` (wall-clock matching) or for the
-    FLOPs of `grpo_steps` GRPO steps; held-out accuracy after each."""
+def control(
+    config, *, warm_steps: int | None = None, seconds: float | None = None, grpo_steps: int | None = None
+) -> dict:
+    """Warm start as in the demo (`warm_steps` SFT steps, the demo's own count when its warm start
+    stopped on the probe), then more SFT for `seconds` (wall-clock matching) or for the FLOPs of
+    `grpo_steps` GRPO steps; held-out (and out-of-distribution) accuracy after each."""
     setup = setup_run(config)
     data = encode_for_run(config, setup.tokenizer, setup.train_records)
     state, optimizer = init_sft_state(config, setup.model_config, setup.params, mesh=setup.mesh)
-    warm = int(config.sft.warm_start_steps)
+    warm = int(config.sft.warm_start_steps if warm_steps is None else warm_steps)
     state, m_warm = sft_loop(config, setup.model_config, state, optimizer, data, mesh=setup.mesh, steps=warm)
-    acc_warm = held_out_accuracy(config, setup, state.params)
+    acc_warm = held_out_results(config, setup, state.params)
     print(f"control: warm start ({warm} SFT steps) held-out accuracy {acc_warm['accuracy']:.3f}", flush=True)
     flops = {}
     if seconds is None:
@@ -92,7 +95,7 @@ def control(config, *, seconds: float | None = None, grpo_steps: int | None = No
         time_budget_s=seconds,
     )
     spent = time.perf_counter() - t0
-    acc_more = held_out_accuracy(config, setup, state.params)
+    acc_more = held_out_results(config, setup, state.params)
     print(
         f"control: +{m_more['sft_steps']} SFT steps in {spent:.0f} s held-out accuracy {acc_more['accuracy']:.3f}",
         flush=True,
@@ -104,6 +107,8 @@ def control(config, *, seconds: float | None = None, grpo_steps: int | None = No
         "extra_sft_seconds": spent,
         "accuracy_more_sft": acc_more["accuracy"],
         "num_scored": acc_more["num_scored"],
+        **{f"{k}_warm": v for k, v in acc_warm.items() if k.startswith("ood_")},
+        **{f"{k}_more_sft": v for k, v in acc_more.items() if k.startswith("ood_")},
         "sft_final_loss": m_more["sft_final_loss"],
         **flops,
     }
@@ -118,14 +123,17 @@ def main(_):
             summary = json.load(f)
     elif not (_NO_DEMO.value and _MATCH.value == "flops"):
         summary = train(config)
+    warm = (summary.get("sft") or {}).get("sft_steps")
+    if warm is None and config.sft.stop_accuracy:
+        raise SystemExit("the warm start stops on a probe (config.sft.stop_accuracy): run the demo, or pass --demo_dir")
     if _MATCH.value == "wallclock":
         seconds, steps = grpo_seconds(out)
-        ctrl = control(config, seconds=seconds)
+        ctrl = control(config, warm_steps=warm, seconds=seconds)
     else:
         if not config.rl.total_steps:
             raise SystemExit("--match=flops needs config.rl.total_steps (the GRPO steps to match)")
         steps, seconds = int(config.rl.total_steps), None
-        ctrl = control(config, grpo_steps=steps)
+        ctrl = control(config, warm_steps=warm, grpo_steps=steps)
     result = {
         "accuracy_after_sft": summary.get("accuracy_start"),
         "accuracy_after_grpo": summary.get("accuracy_end"),

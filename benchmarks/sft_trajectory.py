@@ -14,7 +14,6 @@ appended to `--out` as JSON.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from tooln1_jax import cli  # noqa: E402
-from tooln1_jax.run_setup import held_out_accuracy, setup_run  # noqa: E402
+from tooln1_jax.run_setup import held_out_accuracy, probe_records, setup_run  # noqa: E402
 from tooln1_jax.sft import encode_for_run, init_sft_state, sft_loop  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds (run and synthetic data).")
@@ -41,11 +40,10 @@ def trajectory(config, seed: int, *, max_steps: int, probe_every: int, probe_exa
     config.seed = seed
     config.data.synthetic.seed = seed
     setup = setup_run(config)
-    first = int(config.eval.num_examples)
-    probe = setup.val_records[first : first + probe_examples]
-    probe_setup = dataclasses.replace(setup, val_records=probe)  # held_out_accuracy reads the probe
+    config.sft.probe_examples = probe_examples
+    probe = probe_records(config, setup)
     if len(probe) < probe_examples:
-        raise SystemExit(f"only {len(probe)} held-out records after the first {first}; lower --probe_examples")
+        raise SystemExit(f"only {len(probe)} held-out records after the evaluation's; lower --probe_examples")
     data = encode_for_run(config, setup.tokenizer, setup.train_records)
     state, optimizer = init_sft_state(config, setup.model_config, setup.params, mesh=setup.mesh)
     done, t0 = 0, time.perf_counter()
@@ -54,7 +52,7 @@ def trajectory(config, seed: int, *, max_steps: int, probe_every: int, probe_exa
             config, setup.model_config, state, optimizer, data, mesh=setup.mesh, start_step=done, steps=probe_every
         )
         done += metrics["sft_steps"]
-        acc = held_out_accuracy(config, probe_setup, state.params, num_examples=len(probe))
+        acc = held_out_accuracy(config, setup, state.params, records=probe)
         yield {
             "seed": seed,
             "sft_steps": done,

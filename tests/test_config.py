@@ -93,6 +93,8 @@ BAD_FIELDS = [
     ),
     (None, ("data", "val_fraction", 1.0), "config.data.val_fraction=1.0 must be in [0, 1)"),
     (None, ("checkpoint", "keep", 0), "config.checkpoint.keep=0 must be positive"),
+    (None, ("sft", "stop_accuracy", 1.5), "config.sft.stop_accuracy=1.5 must be in [0, 1]"),
+    (None, ("sft", "probe_every", 0), "config.sft.probe_every=0 must be positive"),
     (("data", "source", "mixed"), ("data", "toolace_path", ""), "config.data.toolace_path='' is empty"),
     (("rl", "total_steps", 0), ("rl", "total_epochs", 0), "config.rl.total_steps=0 and config.rl.total_epochs=0"),
 ]
@@ -128,6 +130,7 @@ FLOAT_FIELDS = [
     "rollout.temperature",
     "rollout.top_p",
     "sft.lr",
+    "sft.stop_accuracy",
     "data.val_fraction",
     "model.random.rope_theta",
 ]

@@ -1,6 +1,8 @@
 """The synthetic tool-calling generator: determinism, schema, knobs, exact answers, reward 1."""
 
+import dataclasses
 import json
+import string
 from collections import Counter
 
 import pytest
@@ -112,6 +114,33 @@ def test_difficulty_knobs_change_the_task():
     for r in always:
         for c in _calls(r):
             assert set(c["arguments"]) == {p.name for p in BY_NAME[c["name"]].params}
+
+
+def test_held_out_phrasing_uses_only_wordings_the_seen_split_never_does():
+    """phrasing="seen" drops each tool's last template, "held_out" keeps only it: the two splits share
+    tools and values but no sentence frame (the out-of-distribution evaluation of the demo)."""
+    cfg = SyntheticConfig(num_tools=2, max_calls=1, optional_prob=0.0)
+
+    def frames(phrasing):  # the template each query was written from
+        out = set()
+        for r in generate(400, dataclasses.replace(cfg, phrasing=phrasing), seed=9):
+            tool = BY_NAME[_calls(r)[0]["name"]]
+            matches = [t for t in tool.templates if all(piece in r["query"] for piece in _literal_pieces(t))]
+            assert len(matches) == 1, (r["query"], tool.templates)
+            out.add((tool.name, matches[0]))
+        return out
+
+    seen, held_out, every = frames("seen"), frames("held_out"), frames("all")
+    assert seen and held_out and not seen & held_out and seen | held_out == every
+    assert {name for name, _ in held_out} == {name for name, _ in seen}
+    assert generate(30, cfg, seed=9) == generate(30, dataclasses.replace(cfg, phrasing="all"), seed=9)
+    with pytest.raises(ValueError, match="phrasing"):
+        SyntheticConfig(phrasing="unseen")
+
+
+def _literal_pieces(template):
+    """The fixed text of a query template, between its `{field}`s."""
+    return [text for text, _, _, _ in string.Formatter().parse(template) if text.strip()]
 
 
 @pytest.mark.parametrize(

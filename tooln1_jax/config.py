@@ -126,8 +126,21 @@ def default_config() -> ml_collections.ConfigDict:
 
     # SFT warm start before RL (0 steps = none, as in the paper). It uses optim's weight_decay,
     # b1, b2 and grad_clip. max_completion_length 0 = rollout.max_new_tokens.
+    # stop_accuracy > 0 ends the warm start early, at the first probe (every probe_every steps,
+    # greedy on probe_examples held-out records the evaluation does not use) whose exact-call
+    # accuracy reaches it; warm_start_steps is then the cap.
     c.sft = ml_collections.ConfigDict(
-        dict(warm_start_steps=0, lr=1e-4, batch_size=16, warmup_steps=0, max_completion_length=0, log_every=25)
+        dict(
+            warm_start_steps=0,
+            lr=1e-4,
+            batch_size=16,
+            warmup_steps=0,
+            max_completion_length=0,
+            log_every=25,
+            stop_accuracy=0.0,
+            probe_every=100,
+            probe_examples=100,
+        )
     )
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))  # 0 = never (but once if interrupted)
@@ -327,9 +340,11 @@ def _check_optim_and_sft(c) -> None:
             _fail(f, _get(c, f), "must be in [0, 1)")
 
     _non_negative(c, "sft.warm_start_steps", "sft.warmup_steps", "sft.max_completion_length")
-    _positive(c, "sft.log_every")
+    _positive(c, "sft.log_every", "sft.probe_every", "sft.probe_examples")
     if c.sft.warm_start_steps:
         _positive(c, "sft.lr", "sft.batch_size")
+    if not 0.0 <= c.sft.stop_accuracy <= 1.0:
+        _fail("sft.stop_accuracy", c.sft.stop_accuracy, "must be in [0, 1] (0 = no early stop)")
 
 
 def total_rl_steps(config: ml_collections.ConfigDict, num_train: int) -> int:

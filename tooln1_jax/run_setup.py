@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -43,6 +44,7 @@ class RunSetup:
     train_prompt_ids: list
     val_records: list
     drops: DropCounts
+    ood_records: list = dataclasses.field(default_factory=list)  # see `ood_records`
 
 
 def build_tokenizer(config):
@@ -56,8 +58,8 @@ def build_tokenizer(config):
     return AutoTokenizer.from_pretrained(t.name_or_path or config.model.name_or_path)
 
 
-def _synthetic_records(config) -> tuple[list[ToolRecord], DropCounts]:
-    """The synthetic tasks of `config.data.synthetic` (its knobs are `SyntheticConfig` fields)."""
+def _synthetic_knobs(config) -> tuple[int, int, synthetic.SyntheticConfig]:
+    """(num_examples, seed, SyntheticConfig) of `config.data.synthetic`."""
     knobs = dict(config.data.synthetic)
     num = int(knobs.pop("num_examples"))
     seed = int(knobs.pop("seed", config.seed))
@@ -67,8 +69,30 @@ def _synthetic_records(config) -> tuple[list[ToolRecord], DropCounts]:
         raise ConfigError(
             f"config.data.synthetic has unknown fields {unknown}; known: num_examples, seed, {sorted(fields)}"
         )
-    sc = synthetic.SyntheticConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in knobs.items()})
+    try:
+        sc = synthetic.SyntheticConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in knobs.items()})
+    except ValueError as e:
+        raise ConfigError(f"config.data.{e}") from None
+    return num, seed, sc
+
+
+def _synthetic_records(config) -> tuple[list[ToolRecord], DropCounts]:
+    """The synthetic tasks of `config.data.synthetic` (its knobs are `SyntheticConfig` fields)."""
+    num, seed, sc = _synthetic_knobs(config)
     return convert_rows(synthetic.generate(num, sc, seed=seed), source="synthetic")
+
+
+def ood_records(config) -> list[ToolRecord]:
+    """The out-of-distribution evaluation set: with synthetic data trained on `phrasing="seen"`,
+    `eval.num_examples` problems worded only with the held-out templates, from their own random
+    stream (so their tools and values are not the training problems'). Otherwise empty."""
+    if config.data.source != "synthetic" or config.data.synthetic.get("phrasing", "all") != "seen":
+        return []
+    _, seed, sc = _synthetic_knobs(config)
+    rows = synthetic.generate(
+        int(config.eval.num_examples), dataclasses.replace(sc, phrasing="held_out"), seed=f"{seed}/held_out"
+    )
+    return convert_rows(rows, source="synthetic")[0]
 
 
 def load_records(config) -> tuple[list[ToolRecord], DropCounts]:
@@ -160,20 +184,40 @@ def setup_run(config, *, load_weights: bool = True) -> RunSetup:
                 f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {len(kept)} "
                 f"training prompts left after filtering ({dict(drops)})"
             )
-        return tokenizer, kept, prompt_ids, val, drops
+        _check_probe(config, val)
+        return tokenizer, kept, prompt_ids, val, drops, ood_records(config)
 
-    tokenizer, kept, prompt_ids, val, drops = distributed.all_or_none("data setup", data_stage)
+    tokenizer, kept, prompt_ids, val, drops, ood = distributed.all_or_none("data setup", data_stage)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model_config, params = distributed.all_or_none(
         "model setup", lambda: build_model(config, tokenizer, mesh, load_weights=load_weights)
     )
-    return RunSetup(config, mesh, tokenizer, model_config, params, kept, prompt_ids, val, drops)
+    return RunSetup(config, mesh, tokenizer, model_config, params, kept, prompt_ids, val, drops, ood)
 
 
-def held_out_accuracy(config, setup: RunSetup, params, *, num_examples: int | None = None) -> dict:
-    """Greedy exact-call accuracy on the first `eval.num_examples` held-out records."""
-    n = int(config.eval.num_examples if num_examples is None else num_examples)
-    records = setup.val_records[:n]
+def _check_probe(config, val: list) -> None:
+    """The SFT stop probe needs its own held-out records after the evaluation's: checked at start."""
+    if config.sft.stop_accuracy and config.sft.warm_start_steps:
+        room = len(val) - int(config.eval.num_examples)
+        if room < int(config.sft.probe_examples):
+            raise ConfigError(
+                f"config.sft.probe_examples={config.sft.probe_examples} exceeds the {max(room, 0)} held-out "
+                f"records left after eval.num_examples={config.eval.num_examples}: raise data.val_fraction "
+                "or lower one of them"
+            )
+
+
+def probe_records(config, setup: RunSetup) -> list[ToolRecord]:
+    """The SFT stop probe: `sft.probe_examples` held-out records after the evaluation's first
+    `eval.num_examples`, so the stop decision does not select on the reported accuracy."""
+    first = int(config.eval.num_examples)
+    return setup.val_records[first : first + int(config.sft.probe_examples)]
+
+
+def held_out_accuracy(config, setup: RunSetup, params, *, records: Sequence[ToolRecord] | None = None) -> dict:
+    """Greedy exact-call accuracy on `records` (default: the first `eval.num_examples` held-out ones)."""
+    if records is None:
+        records = setup.val_records[: int(config.eval.num_examples)]
     if not records:
         return {"accuracy": float("nan"), "format_failure_rate": float("nan"), "num_scored": 0}
     return rollouts.greedy_accuracy(
@@ -196,3 +240,13 @@ def log_directory(config) -> str:
     if "://" in config.output_dir:
         return os.path.join("runs", config.output_dir.rstrip("/").rsplit("/", 1)[-1])
     return config.output_dir
+
+
+def held_out_results(config, setup: RunSetup, params) -> dict:
+    """`held_out_accuracy` on the evaluation set, plus the same on the out-of-distribution set
+    (`ood_records`) under `ood_`-prefixed keys when the run has one: one evaluation row."""
+    row = held_out_accuracy(config, setup, params)
+    if setup.ood_records:
+        ood = held_out_accuracy(config, setup, params, records=setup.ood_records)
+        row.update({f"ood_{k}": ood[k] for k in ("accuracy", "format_failure_rate", "num_scored")})
+    return row

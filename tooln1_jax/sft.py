@@ -225,26 +225,67 @@ def run_sft(
     data: SFTData | None = None,
     log_fn=None,
     should_stop=None,
+    probe=None,
 ) -> tuple[dict, dict]:
     """SFT for `steps` updates (default `config.sft.warm_start_steps`) on `records`, cycling a
     seeded shuffle of them. Returns (params, metrics: losses, step times, example counts).
-    The caller's `params` are left intact; `data` reuses an already encoded `SFTData`."""
+    The caller's `params` are left intact; `data` reuses an already encoded `SFTData`.
+
+    With `probe(params) -> {"accuracy", "format_failure_rate", ...}` and `sft.stop_accuracy` > 0,
+    the probe runs every `sft.probe_every` steps and SFT ends at the first one reaching that
+    accuracy: the warm start then stops once sampled groups hold right answers as well as wrong
+    ones, whatever the seed, instead of after a fixed count (`metrics["sft_probes"]`)."""
     steps = int(config.sft.warm_start_steps if steps is None else steps)
     data = data or encode_for_run(config, tokenizer, records)
     state, optimizer = init_sft_state(config, model_config, params, mesh=mesh)
-    state, metrics = sft_loop(
-        config,
-        model_config,
-        state,
-        optimizer,
-        data,
-        mesh=mesh,
-        start_step=start_step,
-        steps=steps,
-        log_fn=log_fn,
-        should_stop=should_stop,
-    )
+    stop_accuracy = float(config.sft.stop_accuracy) if probe is not None else 0.0
+    chunk = int(config.sft.probe_every) if stop_accuracy else max(steps, 1)
+    done, parts, probes = 0, [], []
+    while done < steps:
+        state, part = sft_loop(
+            config,
+            model_config,
+            state,
+            optimizer,
+            data,
+            mesh=mesh,
+            start_step=start_step + done,
+            steps=min(chunk, steps - done),
+            log_fn=log_fn,
+            should_stop=should_stop,
+        )
+        parts.append(part)
+        done += part["sft_steps"]
+        if part["interrupted"] or not stop_accuracy:
+            break
+        acc = probe(state.params)
+        probes.append(
+            {"sft_steps": start_step + done, **{k: acc[k] for k in ("accuracy", "format_failure_rate", "num_scored")}}
+        )
+        if log_fn is not None:
+            log_fn(start_step + done, {"sft_probe_accuracy": acc["accuracy"]})
+        if acc["accuracy"] >= stop_accuracy:
+            break
+    metrics = _joined(parts) if parts else _joined([{"sft_examples": len(data), "sft_drops": dict(data.drops)}])
+    if stop_accuracy:
+        metrics["sft_probes"] = probes
+        metrics["sft_stopped_by_probe"] = bool(probes) and probes[-1]["accuracy"] >= stop_accuracy
     return state.params, metrics
+
+
+def _joined(parts: list[dict]) -> dict:
+    """One metrics dict for consecutive `sft_loop` calls."""
+    losses = [x for p in parts for x in p.get("sft_losses", [])]
+    return {
+        "sft_steps": len(losses),
+        "interrupted": any(p.get("interrupted", False) for p in parts),
+        "sft_examples": parts[-1]["sft_examples"],
+        "sft_drops": parts[-1]["sft_drops"],
+        "sft_losses": losses,
+        "sft_final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+        "sft_seconds": sum(p.get("sft_seconds", 0.0) for p in parts),
+        "sft_step_times": [x for p in parts for x in p.get("sft_step_times", [])],
+    }
 
 
 def sft_baseline(config) -> dict:

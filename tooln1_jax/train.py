@@ -33,7 +33,14 @@ from tooln1_jax.iteration import GrpoProgram, Progress, grpo_iteration, grpo_pro
 from tooln1_jax.metrics import EVAL_FILE, MetricsLogger, read_jsonl
 from tooln1_jax.models import shard_params
 from tooln1_jax.resume import abstract_train_state, agreed_step, check_resumed_config, checkpoint_meta
-from tooln1_jax.run_setup import RunSetup, held_out_accuracy, log_directory, setup_run
+from tooln1_jax.run_setup import (
+    RunSetup,
+    held_out_accuracy,
+    held_out_results,
+    log_directory,
+    probe_records,
+    setup_run,
+)
 from tooln1_jax.sft import run_sft
 from tooln1_jax.sharding import TRAIN_RULES
 from tooln1_jax.train_step import TrainState, init_train_state, reference_params
@@ -85,6 +92,13 @@ def _resume(
     return Progress(state, ref, step, num_updates), params, 0
 
 
+def _print_sft(step: int, metrics: dict) -> None:
+    if "sft_loss" in metrics:
+        print(f"sft step {step}: loss {metrics['sft_loss']:.4f}", flush=True)
+    if "sft_probe_accuracy" in metrics:
+        print(f"sft step {step}: probe held-out accuracy {metrics['sft_probe_accuracy']:.3f}", flush=True)
+
+
 def _start(
     config,
     setup: RunSetup,
@@ -109,9 +123,10 @@ def _start(
             start_step=sft_done,
             steps=int(config.sft.warm_start_steps) - sft_done,
             should_stop=stop.requested,
-            log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True) if is_main else None,
+            log_fn=_print_sft if is_main else None,
+            probe=lambda p: held_out_accuracy(config, setup, p, records=probe_records(config, setup)),
         )
-        summary["sft"] = {k: v for k, v in sft_metrics.items() if not isinstance(v, list)}
+        summary["sft"] = {k: v for k, v in sft_metrics.items() if k not in ("sft_losses", "sft_step_times")}
         summary["sft"]["sft_steps"] += sft_done
     params = shard_params(params, setup.model_config, setup.mesh, TRAIN_RULES)  # SFT may leave other shardings
     progress = Progress(
@@ -151,7 +166,7 @@ def _save(config, setup: RunSetup, checkpointer, progress: Progress, summary: di
 
 
 def _evaluate(config, setup: RunSetup, log: MetricsLogger, step: int, params) -> dict:
-    return log.log_eval(step, held_out_accuracy(config, setup, params))
+    return log.log_eval(step, held_out_results(config, setup, params))
 
 
 def _train_steps(

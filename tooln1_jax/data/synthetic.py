@@ -29,6 +29,12 @@ from typing import Any
 from tooln1_jax.data.synthetic_tools import ARG_TYPES, TOOLS, Tool
 
 _BY_NAME = {t.name: t for t in TOOLS}
+PHRASINGS = ("all", "seen", "held_out")
+
+
+def _templates(tool: Tool, phrasing: str) -> tuple[str, ...]:
+    """The query templates of `tool` that `phrasing` allows (every tool has at least two)."""
+    return {"all": tool.templates, "seen": tool.templates[:-1], "held_out": tool.templates[-1:]}[phrasing]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,9 @@ class SyntheticConfig:
     similar_distractor_prob: chance that each distractor is a look-alike of a target.
     optional_prob:  chance that each optional parameter is mentioned (and so in the answer).
     distinct_tools: whether the calls of one problem use different tools.
+    phrasing:       which query templates of each tool are used: "all"; "seen", all but the
+                    last; "held_out", only the last. Training on "seen" and evaluating on
+                    "held_out" tests the tools and values under wordings the model never saw.
     """
 
     num_tools: int = 4
@@ -50,8 +59,11 @@ class SyntheticConfig:
     similar_distractor_prob: float = 0.7
     optional_prob: float = 0.4
     distinct_tools: bool = True
+    phrasing: str = "all"
 
     def __post_init__(self):
+        if self.phrasing not in PHRASINGS:
+            raise ValueError(f"synthetic: phrasing={self.phrasing!r}; expected one of {PHRASINGS}")
         if not 1 <= self.min_calls <= self.max_calls:
             raise ValueError(f"synthetic: need 1 <= min_calls ({self.min_calls}) <= max_calls ({self.max_calls})")
         if self.num_tools < (self.max_calls if self.distinct_tools else 1):
@@ -73,7 +85,7 @@ class SyntheticConfig:
         return tuple(t for t in TOOLS if t.kinds <= set(self.arg_types))
 
 
-def _one_call(tool: Tool, rng: random.Random, optional_prob: float) -> tuple[str, dict]:
+def _one_call(tool: Tool, rng: random.Random, optional_prob: float, phrasing: str) -> tuple[str, dict]:
     """(sentence, arguments) for one call; both come from the same sampled values."""
     args: dict[str, Any] = {}
     fields: dict[str, str] = {}
@@ -87,7 +99,7 @@ def _one_call(tool: Tool, rng: random.Random, optional_prob: float) -> tuple[str
             suffix += p.render(value, rng)
         else:
             fields[p.name] = p.render(value, rng)
-    return rng.choice(tool.templates).format(**fields) + suffix, args
+    return rng.choice(_templates(tool, phrasing)).format(**fields) + suffix, args
 
 
 def _join(sentences: list[str], rng: random.Random) -> str:
@@ -115,7 +127,7 @@ def make_problem(rng: random.Random, config: SyntheticConfig, index: int) -> dic
     rng.shuffle(shown)
     sentences, answers = [], []
     for tool in targets:
-        sentence, args = _one_call(tool, rng, config.optional_prob)
+        sentence, args = _one_call(tool, rng, config.optional_prob, config.phrasing)
         sentences.append(sentence)
         answers.append({"name": tool.name, "arguments": args})
     return {
