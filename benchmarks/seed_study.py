@@ -1,0 +1,109 @@
+"""The demo over several seeds, three arms each, in and out of distribution (issue 18's study).
+
+    python benchmarks/seed_study.py --seeds=1,2,3 --out=docs/experiments/seed_study.jsonl
+    python benchmarks/seed_study.py --report --out=docs/experiments/seed_study.jsonl   # table + plot only
+
+For each seed (`config.seed` and `config.data.synthetic.seed` both set to it), with the demo's
+config (trained on the "seen" query wordings):
+1. SFT only: the warm start (stopped by its probe, `config.sft.stop_accuracy`, or its step count);
+2. SFT then GRPO: the demo (`train`), from that warm start;
+3. the control: the same warm start, then SFT for the GRPO phase's FLOPs (`demo_control.control`).
+Each arm is scored greedily on the held-out problems in distribution and on problems worded only
+with the held-out templates (out of distribution). One JSON line per seed goes to `--out`; the
+report prints a markdown table (mean and min..max over seeds) and writes a bar plot beside `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks.demo_control import control  # noqa: E402
+from tooln1_jax import cli  # noqa: E402
+from tooln1_jax.metrics import read_jsonl  # noqa: E402
+from tooln1_jax.train import train  # noqa: E402
+
+_SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds (run and synthetic data).")
+_OUT = flags.DEFINE_string("out", "runs/seed_study.jsonl", "JSON lines, one per seed (appended).")
+_REPORT = flags.DEFINE_bool("report", False, "Only print the table and write the plot from --out.")
+_CONFIG = cli.define_config_flag()
+
+ARMS = (("sft", "SFT only"), ("grpo", "SFT then GRPO"), ("control", "SFT, more SFT (equal compute)"))
+
+
+def one_seed(config, seed: int) -> dict:
+    """The three arms of one seed: in- and out-of-distribution accuracy of each, and the costs."""
+    config.seed = seed
+    config.data.synthetic.seed = seed
+    if config.data.synthetic.get("phrasing") != "seen":
+        raise SystemExit("the study needs config.data.synthetic.phrasing='seen' (the demo's) for its OOD split")
+    config.output_dir = os.path.join(config.output_dir, f"seed{seed}")
+    summary = train(config)
+    start, end = summary["eval_start"], summary["eval_end"]
+    ctrl = control(config, warm_steps=summary["sft"]["sft_steps"], grpo_steps=int(config.rl.total_steps))
+    return {
+        "seed": seed,
+        "sft_steps": summary["sft"]["sft_steps"],
+        "sft_probes": summary["sft"].get("sft_probes"),
+        "grpo_steps": summary["steps_done"],
+        "control_extra_sft_steps": ctrl["extra_sft_steps"],
+        "wall_s": summary["wall_s"],
+        "sft": {"id": start["accuracy"], "ood": start["ood_accuracy"], "think_frac": start["think_frac"]},
+        "grpo": {"id": end["accuracy"], "ood": end["ood_accuracy"], "think_frac": end["think_frac"]},
+        "control": {"id": ctrl["accuracy_more_sft"], "ood": ctrl["ood_accuracy_more_sft"]},
+        "control_warm_check": ctrl["accuracy_warm"],  # the re-trained warm start: equals sft.id
+        "num_scored": {"id": end["num_scored"], "ood": end["ood_num_scored"]},
+    }
+
+
+def report(rows: list[dict], plot_path: str) -> str:
+    """A markdown table of the arms (mean, min..max over the seeds, per seed) and a bar plot."""
+    lines = [
+        "| arm | in distribution | out of distribution | per seed (id / ood) |",
+        "|---|---|---|---|",
+    ]
+    for key, name in ARMS:
+        cells = []
+        for split in ("id", "ood"):
+            v = [100 * r[key][split] for r in rows]
+            cells.append(f"{sum(v) / len(v):.1f}% ({min(v):.1f}..{max(v):.1f})")
+        per_seed = ", ".join(f"{r['seed']}: {100 * r[key]['id']:.1f} / {100 * r[key]['ood']:.1f}" for r in rows)
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {per_seed} |")
+    from matplotlib.figure import Figure  # only the report draws
+
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.add_subplot()
+    for i, split in enumerate(("id", "ood")):
+        for j, (key, name) in enumerate(ARMS):
+            x = i * 4 + j
+            values = [100 * r[key][split] for r in rows]
+            ax.bar(x, sum(values) / len(values), color=f"C{j}", label=name if i == 0 else None)
+            ax.plot([x] * len(values), values, "k.", markersize=5)
+    ax.set_xticks([1, 5], ["in distribution", "out of distribution (held-out wording)"])
+    ax.set_ylabel("held-out exact-call accuracy (%)")
+    ax.set_title(f"Demo, {len(rows)} seeds (bars: mean; dots: seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=120)
+    return "\n".join(lines)
+
+
+def main(_):
+    if not _REPORT.value:
+        os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+        for seed in (int(s) for s in _SEEDS.value):
+            row = one_seed(_CONFIG.value.copy_and_resolve_references(), seed)
+            print(json.dumps(row), flush=True)
+            with open(_OUT.value, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+    rows = read_jsonl(_OUT.value)
+    print(report(rows, os.path.splitext(_OUT.value)[0] + ".png"))
+
+
+if __name__ == "__main__":
+    app.run(main)
