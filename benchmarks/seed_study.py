@@ -4,7 +4,7 @@
     python benchmarks/seed_study.py --report --out=docs/experiments/seed_study.jsonl   # table + plot only
 
 For each seed (`config.seed` and `config.data.synthetic.seed` both set to it), with the demo's
-config (trained on the "seen" query wordings):
+config trained on the "seen" query wordings (`data.synthetic.phrasing`):
 1. SFT only: the warm start (stopped by its probe, `config.sft.stop_accuracy`, or its step count);
 2. SFT then GRPO: the demo (`train`), from that warm start;
 3. the control: the same warm start, then SFT for the GRPO phase's FLOPs (`demo_control.control`).
@@ -40,8 +40,8 @@ def one_seed(config, seed: int) -> dict:
     """The three arms of one seed: in- and out-of-distribution accuracy of each, and the costs."""
     config.seed = seed
     config.data.synthetic.seed = seed
-    if config.data.synthetic.get("phrasing") != "seen":
-        raise SystemExit("the study needs config.data.synthetic.phrasing='seen' (the demo's) for its OOD split")
+    with config.unlocked():  # train on the "seen" wordings: the held-out one is the OOD split
+        config.data.synthetic.phrasing = "seen"
     config.output_dir = os.path.join(config.output_dir, f"seed{seed}")
     summary = train(config)
     start, end = summary["eval_start"], summary["eval_end"]

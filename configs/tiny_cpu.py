@@ -57,7 +57,6 @@ def get_config():
         similar_distractor_prob=0.7,
         optional_prob=0.3,
         distinct_tools=True,
-        phrasing="seen",  # each tool's last query template is kept for the out-of-distribution eval
     )
 
     c.sft.warm_start_steps = 1000
