@@ -22,9 +22,11 @@ import ml_collections
 from tooln1_jax.settings import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    LORA_TARGETS,
     MODEL_TYPES,
     REMAT_POLICIES,
     REWARD_VARIANTS,
+    LoraSettings,
     LossSettings,
     OptimizerSettings,
 )
@@ -73,6 +75,14 @@ def default_config() -> ml_collections.ConfigDict:
                 rope_theta=1_000_000.0,
             ),
         )
+    )
+
+    # LoRA (models/lora.py): rank 0 = off (full fine-tuning). On, the base (model.param_dtype) is
+    # frozen and is also the KL reference (rl.ref_in_bf16 is unused); SFT and GRPO train float32
+    # adapters A [in, rank], B [rank, out] on each layer's targets, the update (alpha / rank) A @ B.
+    # targets: comma-separated names from q, k, v, o, gate, up, down. dropout: only 0 is implemented.
+    c.lora = ml_collections.ConfigDict(
+        dict(rank=0, alpha=LoraSettings.alpha, dropout=LoraSettings.dropout, targets=",".join(LORA_TARGETS))
     )
 
     # kind "hf": AutoTokenizer from name_or_path ("" = the model folder);
@@ -207,6 +217,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _positive(c, "distributed.heartbeat_timeout_s")
     for check in (
         _check_model_and_tokenizer,
+        _check_lora,
         _check_data,
         _check_mesh,
         _check_rollout,
@@ -257,6 +268,20 @@ def _check_model_and_tokenizer(c) -> None:
             c.tokenizer.name_or_path,
             "is empty and so is config.model.name_or_path: an hf tokenizer needs a folder or hub name",
         )
+
+
+def _check_lora(c) -> None:
+    _non_negative(c, "lora.rank")
+    if not isinstance(_get(c, "lora.rank"), numbers.Integral):
+        _fail("lora.rank", c.lora.rank, "must be an integer")
+    if c.lora.rank:
+        _positive(c, "lora.alpha")
+    if _get(c, "lora.dropout") != 0:
+        _fail("lora.dropout", c.lora.dropout, "is not implemented: only 0 (no adapter dropout) is")
+    targets = _get(c, "lora.targets")
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else []
+    if not names or any(t not in LORA_TARGETS for t in names) or len(set(names)) != len(names):
+        _fail("lora.targets", targets, f"must be distinct comma-separated names from {','.join(LORA_TARGETS)}")
 
 
 def _check_data(c) -> None:
@@ -356,6 +381,13 @@ def settings_from(cls, section: ml_collections.ConfigDict, **overrides):
 def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
     """The GRPO loss settings of `config.rl`."""
     return settings_from(LossSettings, config.rl)
+
+
+def lora_settings(config: ml_collections.ConfigDict) -> LoraSettings:
+    """The LoRA settings of `config.lora` (rank 0: LoRA off)."""
+    lo = config.lora
+    targets = tuple(t.strip() for t in lo.targets.split(","))
+    return LoraSettings(rank=int(lo.rank), alpha=float(lo.alpha), dropout=float(lo.dropout), targets=targets)
 
 
 def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
