@@ -187,20 +187,6 @@ def test_trained_adapters_give_a_real_kl_to_the_base():
     assert float(m["kl"]) > 1e-3 and float(m0["kl"]) == 0.0
 
 
-def test_only_the_adapters_are_trained_and_the_step_needs_the_base():
-    base = init_params(QWEN, jax.random.key(0))
-    opt = make_optimizer(OptimizerSettings(1e-2))
-    step = make_grpo_step(QWEN, opt, micro_batch_size=4, temperature=TEMP, loss_settings=KL, lora=LORA, donate=False)
-    state = init_train_state(init_adapters(QWEN, LORA, jax.random.key(1)), opt)
-    assert jax.tree.structure(state.opt_state[1][0].mu) == jax.tree.structure(state.params)
-    new, m = step(state, base, make_batch())
-    assert bool(m["finite"]) and int(new.step) == 1
-    b = np.asarray(new.params["layers"]["o_proj"]["b"])
-    assert np.abs(b).max() > 1e-3  # B moved off zero
-    with pytest.raises(ValueError, match="LoRA needs the frozen base"):
-        step(state, None, make_batch())
-
-
 # ----------------------------------------------------------------------------- the sampler
 
 
@@ -267,6 +253,10 @@ def test_lora_step_on_8_devices_equals_1_device_with_adapters_sharded_like_their
     for seed in (0, 1):  # two steps: the second moves A too, and uses the Adam moments
         state1, m1 = step1(state1, base, make_batch(seed))
         state8, m8 = step8(state8, base8, shard_batch(make_batch(seed), mesh, micro_batch_size=4))
+    assert jax.tree.structure(state1.opt_state[1][0].mu) == jax.tree.structure(adapters)  # adapters only
+    assert np.abs(np.asarray(state1.params["layers"]["o_proj"]["b"])).max() > 1e-3  # B moved off zero
+    with pytest.raises(ValueError, match="LoRA needs the frozen base"):
+        step1(state1, None, make_batch())
     assert state8.params["layers"]["q_proj"]["a"].sharding.spec == P_(None, "fsdp", None)
     assert state8.opt_state[1][0].mu["layers"]["q_proj"]["b"].sharding.spec == P_(None, None, "tensor")
     for k in ("loss", "kl", "grad_norm"):

@@ -112,3 +112,6 @@ class LoraSettings:
     def target_leaves(self) -> tuple[str, ...]:
         """The adapted parameters' names in `params.PARAM_SPECS` ("q" -> "q_proj"), in LORA_TARGETS order."""
         return tuple(f"{t}_proj" for t in LORA_TARGETS if t in self.targets)
+
+
+LORA_OFF = LoraSettings()  # rank 0: full fine-tuning
