@@ -187,3 +187,16 @@ def test_lora_adapters_and_update_flops_by_hand(reports):
     t = reports["7B LoRA on v4-8"].times["ceiling"]
     assert t["policy update"] == pytest.approx((6 * n + 8 * adapter_params + 4 * attn) * 5120 * 12_288 / slice_flops)
     assert t["reference log-probs"] == pytest.approx((2 * n + attn) * 5120 * 12_288 / slice_flops)
+
+
+def test_the_lora_notebook_settings_fit_colab(capsys):
+    """notebooks/lora_grpo.ipynb states these: Qwen2.5-1.5B with LoRA fits a Colab TPU v2-8
+    (8 devices of 8 GiB) and a T4 (16 GB) at the notebook's workload."""
+    reports = [P.colab_report(p) for p in P.COLAB_PLANS]
+    assert [r.fits for r in reports] == [True, True]
+    cfg = P.preset("Qwen/Qwen2.5-1.5B-Instruct")
+    t4 = reports[1]
+    assert t4.chips == 1 and t4.persistent["frozen base (bf16; also the reference)"] == 2 * cfg.num_params
+    assert "KV cache, 32 rows x 1536 (bf16)" in t4.rollout
+    table = P.render_colab(reports)
+    assert table.count("| yes |") == 2 and "Colab TPU v2-8" in table and "8 x TPU v2 core" in table

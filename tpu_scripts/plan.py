@@ -2,6 +2,7 @@
 
     python tpu_scripts/plan.py                              # prints the tables
     python tpu_scripts/plan.py --update-doc docs/pod_plan.md  # rewrites them between the doc's markers
+    python tpu_scripts/plan.py --colab                        # the LoRA notebook's Colab settings
 
 Per-chip sizes come from the project's own sharding rules (`tooln1_jax.sharding`: TRAIN_RULES
 for the update, SAMPLE_RULES for the rollout) applied to the real parameter and KV-cache shapes
@@ -56,6 +57,14 @@ CHIPS = {
     "v6e": ChipSpec("TPU v6e", 918e12, 32e9, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
 
+# Colab's accelerators, per JAX device (a TPU v2-8 shows 8 devices, one per TensorCore: half a
+# chip each), for notebooks/lora_grpo.ipynb. A T4 has no bfloat16: it computes in float16, the
+# same 2 bytes per value.
+COLAB_DEVICES = {
+    "colab-tpu-v2-8": (ChipSpec("TPU v2 core", 22.5e12, 8 * GiB, 300e9, "https://cloud.google.com/tpu/docs/v2"), 8),
+    "colab-t4": (ChipSpec("NVIDIA T4", 65e12, 16e9, 320e9, "https://www.nvidia.com/en-us/data-center/tesla-t4/"), 1),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -83,6 +92,18 @@ TYPICAL = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 8192)
 # ... unless it trimmed the update's sequences to the decode loop's num_steps (not done today).
 TRIMMED = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 2048)
 SCENARIOS = (("ceiling", CEILING), ("typical", TYPICAL), ("typical, trimmed", TRIMMED))
+# A notebook's run: 8 prompts x 4 samples per step, two updates, prompts up to 1,024 tokens and
+# answers up to 512 (a tool call with its reasoning fits), 100 steps.
+NOTEBOOK = Workload(
+    prompts=8,
+    samples=4,
+    mini_batch_prompts=4,
+    steps=100,
+    prompt_len=1024,
+    max_new_tokens=512,
+    decode_steps=512,
+    train_len=1536,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +197,29 @@ LORA_PLANS = (
     ),
 )
 
+# The notebook's settings (notebooks/lora_grpo.ipynb): Qwen2.5-1.5B-Instruct with rank-16 LoRA
+# on Colab's TPU v2-8 (its 2 KV heads allow tensor = 2) and on a T4, at the NOTEBOOK workload.
+COLAB_PLANS = (
+    PodPlan(
+        "Qwen2.5-1.5B LoRA, Colab TPU v2-8",
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "colab-tpu-v2-8",
+        (1, 4, 2),
+        micro_batch=4,
+        generation_prompts=8,
+        lora_rank=LORA_RANK,
+    ),
+    PodPlan(
+        "Qwen2.5-1.5B LoRA, Colab T4",
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "colab-t4",
+        (1, 1, 1),
+        micro_batch=2,
+        generation_prompts=8,
+        lora_rank=LORA_RANK,
+    ),
+)
+
 
 # ----------------------------------------------------------------------------- sharding
 
@@ -264,16 +308,26 @@ def attention_flops_per_token(config: ModelConfig, context: int) -> float:
     return 4 * config.num_layers * context * config.num_heads * config.head_dim
 
 
-def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency()) -> Report:
-    accel = parse_accelerator(plan.accelerator)
-    chip, chips = CHIPS[accel.generation], accel.chips
+def devices_of(accelerator: str) -> tuple[ChipSpec, int]:
+    """(the spec of one device, the device count) of a gcloud accelerator type or a COLAB_DEVICES name."""
+    if accelerator in COLAB_DEVICES:
+        return COLAB_DEVICES[accelerator]
+    accel = parse_accelerator(accelerator)
+    return CHIPS[accel.generation], accel.chips
+
+
+def plan_report(
+    plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency(), workload: Workload = CEILING
+) -> Report:
+    """Memory per device for `workload`'s padded shapes, and step times for each scenario."""
+    chip, chips = devices_of(plan.accelerator)
     if math.prod(plan.mesh) != chips:
         raise ValueError(
             f"{plan.name}: mesh {plan.mesh} has {math.prod(plan.mesh)} devices, {plan.accelerator} has {chips} chips"
         )
     cfg = preset(plan.model)
     mesh = abstract_mesh(plan.mesh)
-    w = CEILING  # memory is sized for the padded shapes, which do not shrink with shorter text
+    w = workload  # memory is sized for the padded shapes, which do not shrink with shorter text
     d, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
     s = w.train_len
     mb = plan.micro_batch
@@ -461,6 +515,31 @@ def render(reports) -> str:
     return "\n".join(out)
 
 
+def colab_report(plan: PodPlan) -> Report:
+    """A COLAB_PLANS entry's memory per device and step time at the NOTEBOOK workload."""
+    return plan_report(plan, scenarios=(("notebook", NOTEBOOK),), workload=NOTEBOOK)
+
+
+def render_colab(reports) -> str:
+    """The notebook's table: per device, each memory item, the peaks, and the step time."""
+    out = [
+        "| setting | devices | mesh (data, fsdp, tensor) | micro-batch | update peak GiB | rollout peak GiB "
+        "| usable GiB | fits | step s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        out.append(
+            f"| {r.plan.name} | {r.chips} x {r.chip.name} | {r.plan.mesh} | {r.plan.micro_batch} | "
+            f"{_gib(r.update_peak)} | {_gib(r.rollout_peak)} | {_gib(r.budget_bytes)} | "
+            f"{'yes' if r.fits else '**no**'} | {r.times['notebook']['step']:,.1f} |"
+        )
+    for r in reports:
+        out += ["", f"{r.plan.name}, GiB per device:", "", "| phase | item | GiB |", "|---|---|---|"]
+        for phase, items in (("held", r.persistent), ("update", r.update), ("rollout", r.rollout)):
+            out += [f"| {phase} | {k} | {_gib(b)} |" for k, b in items.items()]
+    return "\n".join(out)
+
+
 def all_reports():
     return [plan_report(p) for p in PLANS] + [plan_report(COUNTER_EXAMPLE)] + [plan_report(p) for p in LORA_PLANS]
 
@@ -485,5 +564,7 @@ if __name__ == "__main__":
         update_doc(sys.argv[2])
     elif len(sys.argv) == 1:
         print(render(all_reports()))
+    elif sys.argv[1:] == ["--colab"]:
+        print(render_colab([colab_report(p) for p in COLAB_PLANS]))
     else:
-        raise SystemExit("usage: plan.py [--update-doc docs/pod_plan.md]")
+        raise SystemExit("usage: plan.py [--update-doc docs/pod_plan.md | --colab]")
