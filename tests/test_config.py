@@ -130,6 +130,8 @@ FLOAT_FIELDS = [
     "sft.lr",
     "data.val_fraction",
     "model.random.rope_theta",
+    "lora.alpha",
+    "lora.dropout",
 ]
 
 
