@@ -144,7 +144,7 @@ def test_lora_grpo_runs(tmp_path, kernel_name, kernel_env):
     assert "Qwen2.5-1.5B LoRA, Colab T4: fits = True" in text
     run_dir = tmp_path / "runs" / "lora_grpo"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps_done"] == 2 and summary["sft"]["sft_steps"] == 2
+    assert summary["steps_done"] == 2 and summary["num_updates"] == 2
     assert "trainable adapter parameters" in text
     assert sorted(os.listdir(run_dir / "export" / "peft_adapter")) == [
         "adapter_config.json",

@@ -87,11 +87,10 @@ def _resume(
     state = TrainState(
         step=jax.device_put(jnp.int32(num_updates), abstract.step.sharding), params=params, opt_state=opt_state
     )
-    ref = (
-        _reference(config, setup, ckpt_lib.restore_reference(config.output_dir, abstract.params))
-        if config.rl.kl_coef and not program.lora.enabled
-        else _reference(config, setup, None)
-    )
+    if program.lora.enabled or not config.rl.kl_coef:
+        ref = _reference(config, setup, None)  # the base (LoRA) or none: nothing saved to restore
+    else:
+        ref = _reference(config, setup, ckpt_lib.restore_reference(config.output_dir, abstract.params))
     summary["sft"] = meta.get("sft")
     earlier = [r for r in read_jsonl(os.path.join(summary["log_dir"], EVAL_FILE)) if r.get("step") == 0]
     if earlier:  # the held-out result before RL, from the run's first start
