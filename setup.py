@@ -48,6 +48,8 @@ setup(
             "tensorboardX>=2.6,<3",
             # Lint and format check (configured in pyproject.toml), run by tests/run_tests.sh.
             "ruff>=0.17,<0.18",
+            # The reference for the LoRA adapter export (tests/test_lora_run.py), like torch for the model.
+            "peft>=0.15,<0.22",
         ],
         "tensorboard": ["tensorboardX>=2.6,<3"],
         # Optional: read xLAM / ToolACE through tensorflow-datasets' HF bridge. Never in the base install.

@@ -3,7 +3,11 @@ sequences x 256 tokens (128 prompt + 128 completion, loss on the completion), ra
 (27M params, float32), AdamW lr 1e-6, k3 KL 1e-3 against a frozen reference copy, random
 {0, 1} rewards in groups of 8.
 
-    python benchmarks/grpo_step.py [--micro-batch-size 16] [--reps 3] [--remat none]
+    python benchmarks/grpo_step.py [--micro-batch-size 16] [--reps 3] [--remat none] [--lora-rank 16]
+
+With `--lora-rank R` the step trains rank-R LoRA adapters on every target (alpha = 2R) of the
+frozen base, stored in `--ref-dtype`, which is also the reference (no copy); the nominal FLOPs
+then count the base's backward as input gradients only (4 x params x tokens with the forward).
 
 The timed step (`make_grpo_step`) includes the reference log-probs (a forward of the frozen
 copy inside the same jit), the policy forward and backward over every micro-batch, clipping
@@ -37,7 +41,9 @@ from tooln1_jax.grpo import (
     group_advantages,  # noqa: E402
 )
 from tooln1_jax.models import init_params  # noqa: E402
+from tooln1_jax.models.lora import attach, init_adapters  # noqa: E402
 from tooln1_jax.optimizer import OptimizerSettings, make_optimizer  # noqa: E402
+from tooln1_jax.settings import LoraSettings  # noqa: E402
 from tooln1_jax.train_step import compute_logprobs, init_train_state, make_grpo_step, reference_params  # noqa: E402
 
 ROWS, GROUP, PROMPT_LEN, COMPLETION_LEN, TEMPERATURE = 64, 8, 128, 128, 0.7
@@ -93,6 +99,7 @@ def main():
         "--ref-dtype", choices=["float32", "bfloat16"], default="float32", help="storage dtype of the reference copy"
     )
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 float32 matmul used as the peak")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full)")
     args = parser.parse_args()
 
     config = W1.replace(remat=args.remat)
@@ -101,7 +108,7 @@ def main():
     n_params = config.num_params
     print(
         f"W1 GRPO step: {ROWS} x {PROMPT_LEN + COMPLETION_LEN} tokens (loss on last {COMPLETION_LEN}), "
-        f"micro-batch {args.micro_batch_size}, remat={args.remat}, ref {args.ref_dtype}, "
+        f"micro-batch {args.micro_batch_size}, remat={args.remat}, ref {args.ref_dtype}, lora rank {args.lora_rank}, "
         f"{n_params / 1e6:.1f}M params; {jax.device_count()} {jax.devices()[0].platform} device(s); "
         f"load avg {load_avg()}"
     )
@@ -111,9 +118,12 @@ def main():
 
     params = init_params(config, jax.random.key(0))
     ref = reference_params(params, dtype=None if args.ref_dtype == "float32" else jnp.bfloat16)
+    lora = LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
     optimizer = make_optimizer(OptimizerSettings(1e-6, weight_decay=0.01, grad_clip=1.0))
-    state = init_train_state(params, optimizer)
-    del params
+    # LoRA: the state holds the adapters; `ref` is the frozen base and the reference at once.
+    trainable = init_adapters(config, lora, jax.random.key(1)) if lora.enabled else params
+    state = init_train_state(trainable, optimizer)
+    del params, trainable
     step = make_grpo_step(
         config,
         optimizer,
@@ -122,12 +132,13 @@ def main():
         chunk_size=args.chunk_size,
         completion_len=completion_len,
         loss_settings=LossSettings(clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3"),
+        lora=lora,
     )
     batch = make_batch()
     # Old log-probs: what the sampler would return (here: the policy's own, so ratio = 1).
     old_fn = lambda p, b: compute_logprobs(
         config,
-        p,
+        attach(ref, p, lora) if lora.enabled else p,
         b,
         TEMPERATURE,
         chunk_size=args.chunk_size,
@@ -172,7 +183,8 @@ def main():
         "sampled between steps: "
         f"{[round(r) for r in probe.rates]})"
     )
-    flops_step = (6 + 2) * n_params * tokens  # policy fwd + bwd, reference fwd
+    # policy fwd + bwd (LoRA: no weight gradients of the base), reference fwd; adapters not counted
+    flops_step = ((4 if lora.enabled else 6) + 2) * n_params * tokens
     flops_old = 2 * n_params * tokens
     gf = flops_step / step_s / 1e9
     gf_all = (flops_step + flops_old) / (step_s + old_s) / 1e9

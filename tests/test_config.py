@@ -133,6 +133,8 @@ FLOAT_FIELDS = [
     "sft.stop_accuracy",
     "data.val_fraction",
     "model.random.rope_theta",
+    "lora.alpha",
+    "lora.dropout",
 ]
 
 

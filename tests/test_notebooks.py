@@ -84,7 +84,7 @@ def text_of(nb: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "evaluate_bfcl.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "evaluate_bfcl.ipynb", "lora_grpo.ipynb"])
 def test_notebooks_are_committed_without_outputs(name):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
@@ -133,3 +133,21 @@ def test_evaluate_bfcl_runs(tmp_path, kernel_name, kernel_env):
         assert (scored[category]["correct"], scored[category]["total"]) == (2, limit)
     assert scored["run"]["skipped_lines"] == {"non_json_line": 1}
     assert scored["run"]["missing_prediction"] == 0
+
+
+def test_lora_grpo_runs(tmp_path, kernel_name, kernel_env):
+    """The LoRA notebook at toy size: the Colab table from plan.py, a LoRA SFT warm start and GRPO,
+    a checkpoint of adapters, and both exports."""
+    nb = execute("lora_grpo.ipynb", tmp_path, kernel_name, kernel_env)
+    text = text_of(nb)
+    assert "Qwen2.5-1.5B LoRA, Colab TPU v2-8: fits = True" in text
+    assert "Qwen2.5-1.5B LoRA, Colab T4: fits = True" in text
+    run_dir = tmp_path / "runs" / "lora_grpo"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_done"] == 2 and summary["num_updates"] == 2
+    assert "trainable adapter parameters" in text
+    assert sorted(os.listdir(run_dir / "export" / "peft_adapter")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert (run_dir / "export" / "merged" / "model.safetensors").exists()

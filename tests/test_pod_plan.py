@@ -21,7 +21,7 @@ Q7, Q14 = "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-14B-Instruct"
 
 @pytest.fixture(scope="module")
 def reports():
-    return {p.name: P.plan_report(p) for p in P.PLANS + (P.COUNTER_EXAMPLE,)}
+    return {p.name: P.plan_report(p) for p in P.PLANS + (P.COUNTER_EXAMPLE,) + P.LORA_PLANS}
 
 
 def test_the_paper_models_have_a_plan_on_named_slices():
@@ -150,3 +150,53 @@ def test_the_document_shows_exactly_what_plan_py_prints(reports):
     for chip in P.CHIPS.values():  # every figure used is cited in the document
         assert chip.source in doc
     assert math.isclose(P.CHIPS["v5p"].peak_flops, 459e12) and P.CHIPS["v6e"].hbm_bandwidth == 1638e9
+
+
+def test_lora_plans_on_small_slices(reports):
+    """7B fits a v4-8 and 14B a v5p-8 with LoRA, each at its largest fitting generation batch;
+    7B on a v5e-8 does not: one layer's attention scores at 12,288 tokens fill most of a 16 GB chip."""
+    fits = {name: reports[name].fits for name in (p.name for p in P.LORA_PLANS)}
+    assert fits == {"7B LoRA on v5litepod-8": False, "7B LoRA on v4-8": True, "14B LoRA on v5p-8": True}
+    for plan in P.LORA_PLANS:
+        assert P.largest_generation_prompts(plan) == plan.generation_prompts
+    v5e = reports["7B LoRA on v5litepod-8"]
+    assert v5e.rollout_peak <= v5e.budget_bytes < v5e.update_peak
+    assert v5e.update["attention scores, one layer (x3, fp32)"] > 0.8 * v5e.budget_bytes
+    r = reports["7B LoRA on v4-8"]
+    assert not any("reference" in k and "base" not in k for k in r.persistent)  # the base is the reference
+    assert r.persistent["frozen base (bf16; also the reference)"] == P.param_bytes_per_chip(
+        P.preset(Q7), P.abstract_mesh((1, 1, 4)), P.TRAIN_RULES, 2
+    )
+
+
+def test_lora_adapters_and_update_flops_by_hand(reports):
+    """Rank 16 on q, k, v, o, gate, up, down of 7B on (1, 1, 4): an adapter is split 4 ways on its
+    tensor-parallel side (B of q/k/v/gate/up, A of o/down) and whole on its embed side (fsdp = 1);
+    the update is 6N (no base weight gradients) + 8 x adapter params + attention, per token."""
+    cfg, r = P.preset(Q7), 16
+    d, f, q, kv, layers = cfg.hidden_size, cfg.intermediate_size, 3584, 512, cfg.num_layers
+    whole = r * (d + d + d + d + d + d + d)  # A of q, k, v, gate, up; B of o, down: all [.., d, r] / [r, d]
+    split = r * (q + kv + kv + f + f + q + f)  # B of q, k, v, gate, up; A of o, down
+    want = layers * (whole + split / 4) * 4
+    assert reports["7B LoRA on v4-8"].persistent["LoRA adapters, rank 16 (fp32)"] == pytest.approx(want)
+    adapter_params = layers * (whole + split)
+    assert P.adapter_matmul_params(cfg, P.LORA_PLANS[1].lora) == adapter_params
+    n = cfg.num_params - cfg.vocab_size * cfg.hidden_size
+    attn = 4 * layers * 12_288 * cfg.num_heads * cfg.head_dim
+    slice_flops = 4 * 275e12 * 0.40
+    t = reports["7B LoRA on v4-8"].times["ceiling"]
+    assert t["policy update"] == pytest.approx((6 * n + 8 * adapter_params + 4 * attn) * 5120 * 12_288 / slice_flops)
+    assert t["reference log-probs"] == pytest.approx((2 * n + attn) * 5120 * 12_288 / slice_flops)
+
+
+def test_the_lora_notebook_settings_fit_colab(capsys):
+    """notebooks/lora_grpo.ipynb states these: Qwen2.5-1.5B with LoRA fits a Colab TPU v2-8
+    (8 devices of 8 GiB) and a T4 (16 GB) at the notebook's workload."""
+    reports = [P.colab_report(p) for p in P.COLAB_PLANS]
+    assert [r.fits for r in reports] == [True, True]
+    cfg = P.preset("Qwen/Qwen2.5-1.5B-Instruct")
+    t4 = reports[1]
+    assert t4.chips == 1 and t4.persistent["frozen base (bf16; also the reference)"] == 2 * cfg.num_params
+    assert "KV cache, 32 rows x 1536 (bf16)" in t4.rollout
+    table = P.render_colab(reports)
+    assert table.count("| yes |") == 2 and "Colab TPU v2-8" in table and "8 x TPU v2 core" in table

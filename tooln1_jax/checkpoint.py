@@ -10,6 +10,10 @@ mid-save leaves the previous checkpoint as the latest. A checkpoint damaged late
 file, an empty `meta/metadata`) is skipped on restore, newest first, with a warning; it stays on
 disk until the run saves that step again. The frozen GRPO reference is saved once, beside the
 checkpoints (`<output_dir>/reference/`), since it never changes.
+
+A LoRA run (`config.lora.rank > 0`) saves its adapters as `params` and their optimizer state,
+never the base: the base is the run's pretrained folder or seeded random init, rebuilt from the
+config in `meta` (`restore_policy` merges the two; `export_peft` writes the adapters alone).
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from tooln1_jax.models.hf_io import save_pretrained
+from tooln1_jax.config import lora_settings
+from tooln1_jax.models.hf_io import load_pretrained, save_pretrained
+from tooln1_jax.models.lora import abstract_adapters, merge, save_peft_adapter
 from tooln1_jax.models.model_config import ModelConfig
-from tooln1_jax.models.params import abstract_params
+from tooln1_jax.models.params import abstract_params, sharded_init
+from tooln1_jax.settings import LORA_OFF, LoraSettings
 from tooln1_jax.sharding import TRAIN_RULES, make_mesh
 
 ITEMS = ("params", "opt_state", "meta")
@@ -157,35 +166,86 @@ def restore_reference(output_dir: str, params_like: Any) -> Any:
         return ckptr.restore(reference_dir(output_dir), _abstract(params_like))
 
 
-def restore_policy(checkpoint_dir: str, *, step: int | None = None, mesh: Any = None) -> tuple[ModelConfig, Any]:
-    """(model config, policy params) of a run's checkpoint (default: the latest), restored onto
-    `mesh` (default: FSDP over all devices). `checkpoint_dir` is a run's output_dir or its
-    `checkpoints/` folder. Every process calls it together."""
+def _open_read_only(checkpoint_dir: str) -> ocp.CheckpointManager:
+    """A read-only manager of a run's output_dir or its `checkpoints/` folder."""
     directory = _resolve(checkpoint_dir)
     if epath.Path(directory, "checkpoints").is_dir():
         directory = os.path.join(directory, "checkpoints")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS)
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS)
+
+
+def _lora_of(run_config: dict) -> LoraSettings:
+    """A checkpointed run's LoRA settings (off for a run from before `config.lora` existed)."""
+    return lora_settings(ml_collections.ConfigDict(run_config)) if "lora" in run_config else LORA_OFF
+
+
+def _frozen_base(run_config: dict, model_config: ModelConfig, mesh) -> Any:
+    """A LoRA run's base, rebuilt as `run_setup.build_model` built it: its pretrained folder, or
+    the random init seeded by the run's seed."""
+    model = run_config["model"]
+    if model["name_or_path"]:
+        dtype = jnp.dtype(model["param_dtype"])
+        return load_pretrained(model["name_or_path"], dtype=dtype, mesh=mesh, rules=TRAIN_RULES)[1]
+    return sharded_init(model_config, model["param_dtype"], mesh, TRAIN_RULES)(jax.random.key(int(run_config["seed"])))
+
+
+def restore_trained(
+    checkpoint_dir: str, *, step: int | None = None, mesh: Any = None
+) -> tuple[ModelConfig, LoraSettings, Any, dict]:
+    """(model config, LoRA settings, trained params, run config) of a run's checkpoint (default:
+    the latest) on `mesh` (default: FSDP over all devices): the policy params, or with LoRA the
+    adapters alone. Every process calls it together."""
+    manager = _open_read_only(checkpoint_dir)
+    mesh = mesh or make_mesh()
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint under {directory}")
+            raise FileNotFoundError(f"no checkpoint under {manager.directory}")
         meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
         model_config = ModelConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()}
         )
-        param_dtype = meta.get("config", {}).get("model", {}).get("param_dtype", "float32")
-        target = abstract_params(model_config, mesh or make_mesh(), param_dtype, TRAIN_RULES)
+        run_config = meta.get("config", {})
+        lora = _lora_of(run_config)
+        if lora.enabled:
+            target = abstract_adapters(model_config, lora, mesh, TRAIN_RULES)
+        else:
+            param_dtype = run_config.get("model", {}).get("param_dtype", "float32")
+            target = abstract_params(model_config, mesh, param_dtype, TRAIN_RULES)
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     finally:
         manager.close()
-    return model_config, restored["params"]
+    return model_config, lora, restored["params"], run_config
+
+
+def restore_policy(checkpoint_dir: str, *, step: int | None = None, mesh: Any = None) -> tuple[ModelConfig, Any]:
+    """(model config, policy params) of a run's checkpoint (default: the latest), restored onto
+    `mesh` (default: FSDP over all devices); a LoRA run's adapters are merged into its rebuilt
+    base. `checkpoint_dir` is a run's output_dir or its `checkpoints/` folder. Every process
+    calls it together."""
+    mesh = mesh or make_mesh()
+    model_config, lora, params, run_config = restore_trained(checkpoint_dir, step=step, mesh=mesh)
+    if lora.enabled:
+        params = jax.jit(merge, static_argnums=2)(_frozen_base(run_config, model_config, mesh), params, lora)
+    return model_config, params
 
 
 def export_hf(
     checkpoint_dir: str, out_dir: str, *, step: int | None = None, tokenizer: Any = None, mesh: Any = None
 ) -> str:
-    """Writes the policy of a checkpoint (`restore_policy`) as an HF safetensors folder that
-    `transformers` and `load_pretrained` read; every process calls it, process 0 writes.
-    Returns `out_dir`."""
+    """Writes the policy of a checkpoint (`restore_policy`; a LoRA run's merged) as an HF
+    safetensors folder that `transformers` and `load_pretrained` read; every process calls it,
+    process 0 writes. Returns `out_dir`."""
     model_config, params = restore_policy(checkpoint_dir, step=step, mesh=mesh)
     return save_pretrained(model_config, params, out_dir, tokenizer=tokenizer)
+
+
+def export_peft(checkpoint_dir: str, out_dir: str, *, step: int | None = None, mesh: Any = None) -> str:
+    """Writes a LoRA run's adapters (no base) as a PEFT adapter folder (`lora.save_peft_adapter`)
+    naming the run's `model.name_or_path` as its base. Every process calls it, process 0 writes.
+    Returns `out_dir`."""
+    model_config, lora, adapters, run_config = restore_trained(checkpoint_dir, step=step, mesh=mesh)
+    if not lora.enabled:
+        raise ValueError(f"{checkpoint_dir} is not a LoRA run (config.lora.rank is 0): export it with export_hf")
+    base = run_config.get("model", {}).get("name_or_path", "")
+    return save_peft_adapter(model_config, lora, adapters, out_dir, base_model_name_or_path=base)

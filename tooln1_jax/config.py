@@ -5,10 +5,9 @@ Config files under `configs/` start from `default_config()`, change fields, and 
 
     python -m tooln1_jax.train --config configs/tiny_cpu.py --config.rl.kl_coef=0.0
 
-Units: `rl.train_batch_size` and `rl.mini_batch_size` count PROMPTS (each prompt gives
-`rollout.num_samples` sequences); `rl.micro_batch_size` counts SEQUENCES. A "step" of the
-loop is one rollout batch; it makes `train_batch_size / mini_batch_size * ppo_epochs`
-optimizer updates.
+Units: `rl.train_batch_size` and `rl.mini_batch_size` count PROMPTS (each gives `rollout.num_samples`
+sequences); `rl.micro_batch_size` counts SEQUENCES. A "step" of the loop is one rollout batch; it
+makes `train_batch_size / mini_batch_size * ppo_epochs` optimizer updates.
 """
 
 from __future__ import annotations
@@ -22,9 +21,11 @@ import ml_collections
 from tooln1_jax.settings import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    LORA_TARGETS,
     MODEL_TYPES,
     REMAT_POLICIES,
     REWARD_VARIANTS,
+    LoraSettings,
     LossSettings,
     OptimizerSettings,
 )
@@ -32,8 +33,8 @@ from tooln1_jax.settings import (
 DATA_SOURCES = ("synthetic", "xlam", "toolace", "mixed")
 TOKENIZER_KINDS = ("hf", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
-# The loss's and the optimizer's defaults live in their settings classes; the config copies them.
-# Every LossSettings field but norm_constant, and every OptimizerSettings field but eps, is a config field.
+# The loss's and optimizer's defaults live in their settings classes, which the config copies: every
+# field but LossSettings.norm_constant and OptimizerSettings.eps.
 _LOSS_FIELDS = {k: v for k, v in dataclasses.asdict(LossSettings()).items() if k != "norm_constant"}
 _OPTIM_FIELDS = {k: v for k, v in dataclasses.asdict(OptimizerSettings(lr=1e-6)).items() if k != "eps"}
 
@@ -73,6 +74,13 @@ def default_config() -> ml_collections.ConfigDict:
                 rope_theta=1_000_000.0,
             ),
         )
+    )
+
+    # LoRA (models/lora.py): rank 0 = off. On, the frozen base is also the KL reference (rl.ref_in_bf16
+    # unused); SFT and GRPO train float32 adapters A [in, rank], B [rank, out], update (alpha / rank) A @ B,
+    # on `targets` (comma-separated from q, k, v, o, gate, up, down). dropout: only 0 is implemented.
+    c.lora = ml_collections.ConfigDict(
+        dict(rank=0, alpha=LoraSettings.alpha, dropout=LoraSettings.dropout, targets=",".join(LORA_TARGETS))
     )
 
     # kind "hf": AutoTokenizer from name_or_path ("" = the model folder);
@@ -124,23 +132,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict(_OPTIM_FIELDS)  # lr, warmup_steps, weight_decay, b1, b2, grad_clip
 
-    # SFT warm start before RL (0 steps = none, as in the paper). It uses optim's weight_decay,
-    # b1, b2 and grad_clip. max_completion_length 0 = rollout.max_new_tokens.
-    # stop_accuracy > 0 ends the warm start early, at the first probe (every probe_every steps,
-    # greedy on probe_examples held-out records the evaluation does not use) whose exact-call
-    # accuracy reaches it; warm_start_steps is then the cap.
+    # SFT warm start before RL (0 steps = none, as in the paper), with optim's other fields;
+    # max_completion_length 0 = rollout.max_new_tokens. stop_accuracy > 0: see sft.run_sft.
     c.sft = ml_collections.ConfigDict(
-        dict(
-            warm_start_steps=0,
-            lr=1e-4,
-            batch_size=16,
-            warmup_steps=0,
-            max_completion_length=0,
-            log_every=25,
-            stop_accuracy=0.0,
-            probe_every=100,
-            probe_examples=100,
-        )
+        dict(warm_start_steps=0, lr=1e-4, batch_size=16, warmup_steps=0, max_completion_length=0, log_every=25)
+        | dict(stop_accuracy=0.0, probe_every=100, probe_examples=100)  # the warm start's stop rule
     )
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))  # 0 = never (but once if interrupted)
@@ -220,6 +216,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _positive(c, "distributed.heartbeat_timeout_s")
     for check in (
         _check_model_and_tokenizer,
+        _check_lora,
         _check_data,
         _check_mesh,
         _check_rollout,
@@ -270,6 +267,20 @@ def _check_model_and_tokenizer(c) -> None:
             c.tokenizer.name_or_path,
             "is empty and so is config.model.name_or_path: an hf tokenizer needs a folder or hub name",
         )
+
+
+def _check_lora(c) -> None:
+    _non_negative(c, "lora.rank")
+    if not isinstance(_get(c, "lora.rank"), numbers.Integral):
+        _fail("lora.rank", c.lora.rank, "must be an integer")
+    if c.lora.rank:
+        _positive(c, "lora.alpha")
+    if _get(c, "lora.dropout") != 0:
+        _fail("lora.dropout", c.lora.dropout, "is not implemented: only 0 (no adapter dropout) is")
+    targets = _get(c, "lora.targets")
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else []
+    if not names or any(t not in LORA_TARGETS for t in names) or len(set(names)) != len(names):
+        _fail("lora.targets", targets, f"must be distinct comma-separated names from {','.join(LORA_TARGETS)}")
 
 
 def _check_data(c) -> None:
@@ -371,6 +382,12 @@ def settings_from(cls, section: ml_collections.ConfigDict, **overrides):
 def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
     """The GRPO loss settings of `config.rl`."""
     return settings_from(LossSettings, config.rl)
+
+
+def lora_settings(config: ml_collections.ConfigDict) -> LoraSettings:
+    """The LoRA settings of `config.lora` (rank 0: LoRA off)."""
+    lo, targets = config.lora, tuple(t.strip() for t in config.lora.targets.split(","))
+    return LoraSettings(rank=int(lo.rank), alpha=float(lo.alpha), dropout=float(lo.dropout), targets=targets)
 
 
 def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:

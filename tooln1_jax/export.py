@@ -1,9 +1,11 @@
-"""Export a training run's checkpoint as a Hugging Face safetensors folder.
+"""Export a training run's checkpoint as a Hugging Face safetensors folder (a LoRA run: merged).
 
     python -m tooln1_jax.export runs/tiny_cpu hf_out [--step 80] [--tokenizer TOKENIZER_DIR]
+    python -m tooln1_jax.export runs/lora_run adapter_out --peft    # a LoRA run's adapters alone
 
 The folder loads with `transformers.AutoModelForCausalLM.from_pretrained` and with
-`tooln1_jax.models.load_pretrained`. On a multi-host slice run it on every host with
+`tooln1_jax.models.load_pretrained`; with `--peft`, `peft.PeftModel.from_pretrained(base, folder)`
+loads it onto the run's base model. On a multi-host slice run it on every host with
 `--distributed` (the same arguments everywhere): every process restores its shards and process 0
 writes the folder.
 """
@@ -14,7 +16,7 @@ import argparse
 import sys
 
 from tooln1_jax import distributed
-from tooln1_jax.checkpoint import export_hf
+from tooln1_jax.checkpoint import export_hf, export_peft
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="the HF folder to write")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id to save beside the weights")
+    p.add_argument(
+        "--peft", action="store_true", help="a LoRA run: write its adapters as a PEFT adapter folder, not merged"
+    )
     distributed.add_arguments(p)
     return p
 
@@ -34,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
     try:
-        out = export_hf(args.checkpoint, args.output, step=args.step, tokenizer=tokenizer)
-    except FileNotFoundError as e:
+        if args.peft:
+            out = export_peft(args.checkpoint, args.output, step=args.step)
+        else:
+            out = export_hf(args.checkpoint, args.output, step=args.step, tokenizer=tokenizer)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if distributed.is_main():

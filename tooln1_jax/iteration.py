@@ -20,11 +20,12 @@ import numpy as np
 import optax
 
 from tooln1_jax import rollouts
-from tooln1_jax.config import loss_settings, optimizer_settings
+from tooln1_jax.config import lora_settings, loss_settings, optimizer_settings
 from tooln1_jax.grpo import LossSettings, group_advantages, nonzero_std_groups
 from tooln1_jax.models import ModelConfig
 from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
-from tooln1_jax.run_setup import RunSetup
+from tooln1_jax.run_setup import RunSetup, policy_params
+from tooln1_jax.settings import LoraSettings
 from tooln1_jax.sharding import TRAIN_RULES
 from tooln1_jax.train_step import TrainState, make_grpo_step, shard_batch
 
@@ -56,12 +57,14 @@ def step_rng(seed: int, step: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class GrpoProgram:
     """The optimizer and the jitted GRPO step of a run. `micro_batch_size` counts sequences per
-    gradient-accumulation chunk (also the unit the batch sharding must divide)."""
+    gradient-accumulation chunk (also the unit the batch sharding must divide). With `lora`
+    enabled the step trains adapters on the frozen base (`train_step`)."""
 
     optimizer: optax.GradientTransformation
     update: Callable
     micro_batch_size: int
     optimizer_settings: OptimizerSettings
+    lora: LoraSettings
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,6 +76,7 @@ def _grpo_program(
     micro_batch_size: int,
     temperature: float,
     completion_len: int,
+    lora: LoraSettings,
 ) -> GrpoProgram:
     """Cached on hashable settings: runs in one process (tests, notebooks, resume) reuse the
     compiled step instead of compiling it again."""
@@ -85,12 +89,13 @@ def _grpo_program(
         temperature=temperature,
         completion_len=completion_len,
         loss_settings=loss,
+        lora=lora,
     )
-    return GrpoProgram(optimizer, update, micro_batch_size, optim)
+    return GrpoProgram(optimizer, update, micro_batch_size, optim, lora)
 
 
 def grpo_program(config, setup: RunSetup) -> GrpoProgram:
-    """The run's optimizer and GRPO step, from `config.optim`, `config.rl` and `config.rollout`."""
+    """The run's optimizer and GRPO step, from `config.optim`, `config.rl`, `config.rollout` and `config.lora`."""
     rl, ro = config.rl, config.rollout
     micro = int(rl.micro_batch_size) or int(rl.mini_batch_size * ro.num_samples)
     return _grpo_program(
@@ -101,13 +106,15 @@ def grpo_program(config, setup: RunSetup) -> GrpoProgram:
         micro,
         float(ro.temperature),
         int(ro.max_new_tokens),
+        lora_settings(config),
     )
 
 
 @dataclasses.dataclass
 class Progress:
     """What the loop carries from step to step: the train state, the frozen reference (None
-    when kl_coef is 0), rollout batches done and optimizer updates applied."""
+    when kl_coef is 0; with LoRA, the frozen base, which is the reference too), rollout batches
+    done and optimizer updates applied."""
 
     state: TrainState
     ref: Any
@@ -216,7 +223,7 @@ def grpo_iteration(
     )
     batch = rollouts.generate_and_score(
         setup.model_config,
-        progress.state.params,
+        policy_params(config, setup.model_config, progress.state.params, progress.ref, setup.mesh),
         setup.tokenizer,
         [setup.train_prompt_ids[i] for i in idx],
         [setup.train_records[i] for i in idx],

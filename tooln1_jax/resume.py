@@ -20,13 +20,16 @@ from tooln1_jax import distributed
 from tooln1_jax.checkpoint import CheckpointReadError
 from tooln1_jax.config import ConfigError
 from tooln1_jax.models import ModelConfig, abstract_params
+from tooln1_jax.models.lora import abstract_adapters
+from tooln1_jax.settings import LoraSettings
 from tooln1_jax.sharding import TRAIN_RULES
-from tooln1_jax.train_step import TrainState, state_sharding
+from tooln1_jax.train_step import TrainState, lora_on, state_sharding
 
 # Config fields that change what a resumed run computes: a difference is warned about, or refused.
 RUN_DEFINING = (
     "seed",
     "model.",
+    "lora.",
     "tokenizer.",
     "data.",
     "rl.train_batch_size",
@@ -41,11 +44,19 @@ RUN_DEFINING = (
 
 
 def abstract_train_state(
-    model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, param_dtype
+    model_config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    param_dtype,
+    lora: LoraSettings | None = None,
 ) -> TrainState:
-    """Shapes, dtypes and shardings of a TrainState (a restore target), with no arrays made."""
-    shardings = state_sharding(model_config, optimizer, mesh, TRAIN_RULES)
-    params = abstract_params(model_config, mesh, param_dtype, TRAIN_RULES)
+    """Shapes, dtypes and shardings of a TrainState (a restore target), with no arrays made. With
+    LoRA its params are the float32 adapters (`param_dtype` is the base's, which is not in it)."""
+    shardings = state_sharding(model_config, optimizer, mesh, TRAIN_RULES, lora)
+    if lora_on(lora):
+        params = abstract_adapters(model_config, lora, mesh, TRAIN_RULES)
+    else:
+        params = abstract_params(model_config, mesh, param_dtype, TRAIN_RULES)
     opt_state = jax.eval_shape(optimizer.init, params)
     opt_state = jax.tree.map(
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt_state, shardings.opt_state

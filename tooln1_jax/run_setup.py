@@ -19,15 +19,17 @@ import jax.numpy as jnp
 
 from tooln1_jax import distributed, rollouts
 from tooln1_jax.assets import default_cache_dir
-from tooln1_jax.config import ConfigError, settings_from, validate_config
+from tooln1_jax.config import ConfigError, lora_settings, settings_from, validate_config
 from tooln1_jax.data import sources, synthetic
 from tooln1_jax.data.prompt import encode_prompts
 from tooln1_jax.data.records import DropCounts, ToolRecord, train_val_split
 from tooln1_jax.data.tiny_tokenizer import load_or_build_tiny_tokenizer
 from tooln1_jax.data.xlam import convert_rows
-from tooln1_jax.models import ModelConfig, init_params, load_pretrained, param_sharding
+from tooln1_jax.models import ModelConfig, load_pretrained
 from tooln1_jax.models.hf_io import resolve_checkpoint_dir
-from tooln1_jax.sharding import TRAIN_RULES, make_mesh
+from tooln1_jax.models.lora import adapter_sharding, init_adapters, merged_params
+from tooln1_jax.models.params import sharded_init
+from tooln1_jax.sharding import SAMPLE_RULES, TRAIN_RULES, make_mesh
 
 
 @dataclasses.dataclass
@@ -121,14 +123,6 @@ def _random_model_config(config, tokenizer) -> ModelConfig:
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _sharded_init(model_config: ModelConfig, param_dtype: str, mesh):
-    """A jitted random init that writes each leaf straight onto its TRAIN_RULES sharding
-    (cached, so repeated runs in one process compile it once)."""
-    init = functools.partial(init_params, model_config, dtype=jnp.dtype(param_dtype))
-    return jax.jit(init, out_shardings=param_sharding(model_config, mesh, TRAIN_RULES))
-
-
 def build_model(config, tokenizer, mesh, *, load_weights: bool = True) -> tuple[ModelConfig, Any]:
     """(ModelConfig, params placed on the mesh under TRAIN_RULES). Without `load_weights`,
     params is None (a resumed run restores them from its checkpoint)."""
@@ -149,7 +143,8 @@ def build_model(config, tokenizer, mesh, *, load_weights: bool = True) -> tuple[
         model_config = _random_model_config(config, tokenizer)
         params = None
         if load_weights:
-            params = _sharded_init(model_config, config.model.param_dtype, mesh)(jax.random.key(config.seed))
+            init = sharded_init(model_config, config.model.param_dtype, mesh, TRAIN_RULES)
+            params = init(jax.random.key(config.seed))
     if len(tokenizer) > model_config.vocab_size:
         field = "config.model.random.vocab_size" if not config.model.name_or_path else "config.tokenizer.name_or_path"
         raise ConfigError(
@@ -157,6 +152,26 @@ def build_model(config, tokenizer, mesh, *, load_weights: bool = True) -> tuple[
             f"{model_config.vocab_size}: check {field}"
         )
     return model_config, params
+
+
+def initial_adapters(config, model_config: ModelConfig, mesh) -> Any:
+    """Fresh adapters of `config.lora` placed on the mesh, if any (TRAIN_RULES), drawn from
+    fold_in(key(seed), 1) (the base's random init takes key(seed)): where SFT starts, and GRPO
+    when there is no warm start."""
+    lora = lora_settings(config)
+    init = functools.partial(init_adapters, model_config, lora)
+    sharding = None if mesh is None else adapter_sharding(model_config, lora, mesh, TRAIN_RULES)
+    return jax.jit(init, out_shardings=sharding)(jax.random.fold_in(jax.random.key(int(config.seed)), 1))
+
+
+def policy_params(config, model_config: ModelConfig, trainable: Any, base: Any, mesh) -> Any:
+    """The policy as plain params, for the sampler and evaluation: `trainable` itself, or with
+    LoRA the base with the adapters `trainable` merged in, laid out for sampling (SAMPLE_RULES):
+    built once per rollout, where the sampler would reshard the params anyway."""
+    lora = lora_settings(config)
+    if not lora.enabled:
+        return trainable
+    return merged_params(model_config, base, trainable, lora, mesh=mesh, rules=SAMPLE_RULES)
 
 
 def setup_run(config, *, load_weights: bool = True) -> RunSetup:

@@ -37,6 +37,7 @@ import numpy as np
 
 from tooln1_jax.models.group_decode import decode_weights, group_decode_step, rope_lookup_table
 from tooln1_jax.models.kv_cache import KVCache, cache_sharding, grow_cache, init_cache
+from tooln1_jax.models.lora import ADAPTER_KEY
 from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.models.params import shard_params
 from tooln1_jax.models.transformer import forward_cached, lm_head_weight
@@ -275,11 +276,14 @@ def sample(
 ) -> SampleResult:
     """`num_samples` completions of each prompt (token-id lists of any lengths).
 
+    `params` are plain params (with LoRA, the merged ones: `lora.merged_params`, once per rollout).
     Returns a `SampleResult` with [len(prompts) * num_samples, max_new_tokens] tokens,
     logprobs and mask. With `mesh`, params and rows are placed under `rules`
     (default `SAMPLE_RULES`): rows split over the batch axes, weights tensor-parallel.
     `decode_segments` trades compile time (one loop body each) for attention reads (`decode_windows`)."""
     _check(config, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_token_ids, decode_segments)
+    if ADAPTER_KEY in params["layers"]:  # decode_weights reads the base weights only
+        raise ValueError("sample: params carry LoRA adapters (lora.attach); sample from lora.merge(...) instead")
     tokens, mask = left_pad(prompts, prompt_bucket(max(len(p) for p in prompts)), pad_id)
     stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)  # -1 never matches a token
     if mesh is not None:

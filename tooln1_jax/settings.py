@@ -16,6 +16,8 @@ MODEL_TYPES = ("qwen2", "llama")
 REMAT_POLICIES = ("none", "full", "dots")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# LoRA targets by name: the attention projections q, k, v, o and the MLP's gate, up, down.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +74,44 @@ class OptimizerSettings:
         """The rate the `num_updates`-th update used (1-based); 0 before any update."""
         rate = self.schedule()
         return 0.0 if num_updates <= 0 else float(rate(num_updates - 1) if callable(rate) else rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters on a frozen base (`models/lora.py`); the config's `lora` section.
+
+    rank: the adapters' rank r (0 = off: full fine-tuning); alpha: the update is
+    (alpha / rank) * A @ B; dropout: only 0 is implemented; targets: which projections carry an
+    adapter, names from `LORA_TARGETS` (each layer's `<name>_proj`). Frozen and hashable, so a
+    jitted step can be cached on it."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora rank={self.rank} must be >= 0 (0 turns LoRA off)")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"lora targets={self.targets!r}: expected distinct names from {LORA_TARGETS}")
+        if self.dropout != 0.0:
+            raise ValueError(f"lora dropout={self.dropout}: only 0 is implemented")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: the factor on A @ B (PEFT's `scaling`)."""
+        return self.alpha / self.rank
+
+    @property
+    def target_leaves(self) -> tuple[str, ...]:
+        """The adapted parameters' names in `params.PARAM_SPECS` ("q" -> "q_proj"), in LORA_TARGETS order."""
+        return tuple(f"{t}_proj" for t in LORA_TARGETS if t in self.targets)
+
+
+LORA_OFF = LoraSettings()  # rank 0: full fine-tuning

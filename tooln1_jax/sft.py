@@ -9,6 +9,8 @@ token, so the model learns to stop. Each example is laid out like a rollout row:
 so every completion starts at column P, and the loss reads the hidden states of columns
 P-1 ... P+C-2 only (no lm_head work on prompt tokens). Log-probs are GRPO's `sequence_logprobs`
 (chunked over the vocabulary), so no [batch, seq, vocab] array of the whole batch is ever made.
+With LoRA (`config.lora`) SFT trains the adapters on the frozen base, the same adapters GRPO
+then continues from.
 
     python -m tooln1_jax.sft --config configs/tiny_cpu.py [--config.sft.warm_start_steps=1000]
 """
@@ -29,13 +31,15 @@ import numpy as np
 import optax
 
 from tooln1_jax import cli, distributed
-from tooln1_jax.config import sft_optimizer_settings
+from tooln1_jax.config import lora_settings, sft_optimizer_settings
 from tooln1_jax.data.prompt import encode_prompts, format_completion
 from tooln1_jax.data.records import DropCounts, ToolRecord
 from tooln1_jax.data.synthetic import template_reasoning
 from tooln1_jax.models import ModelConfig, shard_params
+from tooln1_jax.models.lora import adapter_sharding, attach
 from tooln1_jax.optimizer import make_optimizer
-from tooln1_jax.run_setup import held_out_accuracy, setup_run
+from tooln1_jax.run_setup import held_out_accuracy, initial_adapters, policy_params, setup_run
+from tooln1_jax.settings import LORA_OFF, LoraSettings
 from tooln1_jax.sharding import TRAIN_RULES, batch_sharding
 from tooln1_jax.train_step import TrainState, sequence_logprobs
 
@@ -111,20 +115,24 @@ def sft_loss(model_config: ModelConfig, params: dict, input_ids, attention_mask,
     return -jnp.sum(lp * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "optimizer", "prompt_width"), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("model_config", "optimizer", "prompt_width", "lora"), donate_argnums=(0,))
 def sft_step(
     state: TrainState,
     input_ids,
     attention_mask,
     loss_mask,
+    base=None,
     *,
     model_config: ModelConfig,
     optimizer: optax.GradientTransformation,
     prompt_width: int,
+    lora: LoraSettings = LORA_OFF,
 ) -> tuple[TrainState, jax.Array]:
-    """One AdamW update on a batch; returns (new state, loss before the update)."""
+    """One AdamW update on a batch; returns (new state, loss before the update). With LoRA the
+    state holds the adapters and `base` is the frozen base they are attached to."""
+    policy = (lambda a: attach(jax.lax.stop_gradient(base), a, lora)) if lora.enabled else (lambda p: p)
     loss, grads = jax.value_and_grad(
-        lambda p: sft_loss(model_config, p, input_ids, attention_mask, loss_mask, prompt_width)
+        lambda p: sft_loss(model_config, policy(p), input_ids, attention_mask, loss_mask, prompt_width)
     )(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
@@ -142,9 +150,13 @@ def encode_for_run(config, tokenizer: Any, records: Sequence[ToolRecord]) -> SFT
 def init_sft_state(
     config, model_config: ModelConfig, params: dict, *, mesh=None
 ) -> tuple[TrainState, optax.GradientTransformation]:
-    """A fresh SFT state (params copied, since the step donates its state) and its optimizer."""
+    """A fresh SFT state of `params` (with LoRA, the adapters; copied, since the step donates its
+    state) and its optimizer."""
     optimizer = make_optimizer(sft_optimizer_settings(config))
-    if mesh is not None:
+    lora = lora_settings(config)
+    if mesh is not None and lora.enabled:
+        params = jax.device_put(params, adapter_sharding(model_config, lora, mesh, TRAIN_RULES))
+    elif mesh is not None:
         params = shard_params(params, model_config, mesh, TRAIN_RULES)
     params = jax.tree.map(jnp.copy, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)), optimizer
@@ -163,11 +175,15 @@ def sft_loop(
     time_budget_s: float | None = None,
     log_fn=None,
     should_stop=None,
+    base=None,
 ) -> tuple[TrainState, dict]:
     """Runs up to `steps` updates from data position `start_step` (a seeded shuffle of the
     examples, cycled), stopping early once `time_budget_s` seconds of steps have passed, or when
     `should_stop()` (checked after each step; metrics["interrupted"]). `log_fn(step, dict)`
-    receives the periodic mean loss."""
+    receives the periodic mean loss. With LoRA, `base` is the frozen base."""
+    lora = lora_settings(config)
+    if lora.enabled and base is None:
+        raise ValueError("SFT with LoRA (config.lora.rank > 0) needs the frozen base")
     bs, n, log_every = int(config.sft.batch_size), len(data), int(config.sft.log_every)
     put = (lambda x: jax.device_put(x, batch_sharding(mesh, TRAIN_RULES, x.ndim, x.shape[0]))) if mesh else jnp.asarray
     rng = np.random.default_rng(int(config.seed) + 7919)
@@ -188,9 +204,11 @@ def sft_loop(
             put(data.input_ids[idx]),
             put(data.attention_mask[idx]),
             put(data.loss_mask[idx]),
+            base if lora.enabled else None,
             model_config=model_config,
             optimizer=optimizer,
             prompt_width=data.prompt_width,
+            lora=lora,
         )
         loss = float(loss)
         if not np.isfinite(loss):
@@ -226,18 +244,26 @@ def run_sft(
     log_fn=None,
     should_stop=None,
     probe=None,
+    adapters=None,
 ) -> tuple[dict, dict]:
     """SFT for `steps` updates (default `config.sft.warm_start_steps`) on `records`, cycling a
     seeded shuffle of them. Returns (params, metrics: losses, step times, example counts).
     The caller's `params` are left intact; `data` reuses an already encoded `SFTData`.
+    With LoRA, `params` is the frozen base and the adapters are trained, from `adapters` (default:
+    fresh, `run_setup.initial_adapters`); the adapters are returned in place of the params.
 
-    With `probe(params) -> {"accuracy", "format_failure_rate", ...}` and `sft.stop_accuracy` > 0,
-    the probe runs every `sft.probe_every` steps and SFT ends at the first one reaching that
-    accuracy: the warm start then stops once sampled groups hold right answers as well as wrong
-    ones, whatever the seed, instead of after a fixed count (`metrics["sft_probes"]`)."""
+    With `probe(trained) -> {"accuracy", "format_failure_rate", ...}` (`trained`: the params, or
+    with LoRA the adapters) and `sft.stop_accuracy` > 0, the probe runs every `sft.probe_every`
+    steps and SFT ends at the first one reaching that accuracy: the warm start then stops once
+    sampled groups hold right answers as well as wrong ones, whatever the seed, instead of after a
+    fixed count (`metrics["sft_probes"]`)."""
     steps = int(config.sft.warm_start_steps if steps is None else steps)
     data = data or encode_for_run(config, tokenizer, records)
-    state, optimizer = init_sft_state(config, model_config, params, mesh=mesh)
+    lora = lora_settings(config)
+    if lora.enabled and adapters is None:
+        adapters = initial_adapters(config, model_config, mesh)
+    trainable = adapters if lora.enabled else params
+    state, optimizer = init_sft_state(config, model_config, trainable, mesh=mesh)
     stop_accuracy = float(config.sft.stop_accuracy) if probe is not None else 0.0
     chunk = int(config.sft.probe_every) if stop_accuracy else max(steps, 1)
     done, parts, probes = 0, [], []
@@ -253,6 +279,7 @@ def run_sft(
             steps=min(chunk, steps - done),
             log_fn=log_fn,
             should_stop=should_stop,
+            base=params if lora.enabled else None,
         )
         parts.append(part)
         done += part["sft_steps"]
@@ -308,7 +335,7 @@ def sft_baseline(config) -> dict:
         mesh=setup.mesh,
         log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True) if main_process else None,
     )
-    acc = held_out_accuracy(config, setup, params)
+    acc = held_out_accuracy(config, setup, policy_params(config, setup.model_config, params, setup.params, setup.mesh))
     summary = {
         "accuracy": acc,
         **{k: v for k, v in metrics.items() if k != "sft_step_times"},

@@ -74,6 +74,7 @@ class ShardingRules:
     head_dim: MeshAxes = None
     cache_seq: MeshAxes = None
     kv_heads_cache: MeshAxes = "tensor"
+    lora_rank: MeshAxes = None  # a LoRA adapter's small inner dimension: never split
 
     def replace(self, **changes) -> ShardingRules:
         return dataclasses.replace(self, **changes)

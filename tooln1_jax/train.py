@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from tooln1_jax import checkpoint as ckpt_lib
 from tooln1_jax import cli, distributed, interrupt
-from tooln1_jax.config import total_rl_steps, validate_config
+from tooln1_jax.config import lora_settings, total_rl_steps, validate_config
 from tooln1_jax.iteration import GrpoProgram, Progress, grpo_iteration, grpo_program, step_prompt_indices
 from tooln1_jax.metrics import EVAL_FILE, MetricsLogger, read_jsonl
 from tooln1_jax.models import shard_params
@@ -37,7 +37,9 @@ from tooln1_jax.run_setup import (
     RunSetup,
     held_out_accuracy,
     held_out_results,
+    initial_adapters,
     log_directory,
+    policy_params,
     probe_records,
     setup_run,
 )
@@ -48,18 +50,27 @@ from tooln1_jax.train_step import TrainState, init_train_state, reference_params
 # ----------------------------------------------------------------------------- start or resume
 
 
-def _reference(config, params):
-    """The frozen reference for the KL term (None when kl_coef is 0)."""
+def _reference(config, setup: RunSetup, params):
+    """The frozen reference for the KL term (None when kl_coef is 0). With LoRA, the frozen base
+    itself, which the step needs anyway (the policy is the base plus the adapters): no copy."""
+    if lora_settings(config).enabled:
+        return setup.params
     return reference_params(params, jnp.bfloat16 if config.rl.ref_in_bf16 else None) if config.rl.kl_coef else None
+
+
+def _policy(config, setup: RunSetup, progress: Progress):
+    """The policy as plain params (with LoRA, merged): what rollouts, evaluations and the summary read."""
+    return policy_params(config, setup.model_config, progress.state.params, progress.ref, setup.mesh)
 
 
 def _resume(
     config, setup: RunSetup, checkpointer, program: GrpoProgram, summary: dict, is_main: bool
 ) -> tuple[Progress | None, Any, int]:
-    """(progress, params, SFT steps done) from the newest readable checkpoint. A run stopped inside
-    the SFT warm start gives no progress: its params and step count finish the warm start first."""
+    """(progress, trainable params, SFT steps done) from the newest readable checkpoint (with LoRA
+    the checkpoint holds the adapters; the base is `setup.params`). A run stopped inside the SFT
+    warm start gives no progress: its params and step count finish the warm start first."""
     abstract = abstract_train_state(
-        setup.model_config, program.optimizer, setup.mesh, jnp.dtype(config.model.param_dtype)
+        setup.model_config, program.optimizer, setup.mesh, jnp.dtype(config.model.param_dtype), program.lora
     )
     # Newest first: a damaged checkpoint is skipped with a warning, not a crash on every restart.
     step, params, opt_state, meta = checkpointer.restore_latest_readable(abstract.params, abstract.opt_state)
@@ -78,11 +89,10 @@ def _resume(
     state = TrainState(
         step=jax.device_put(jnp.int32(num_updates), abstract.step.sharding), params=params, opt_state=opt_state
     )
-    ref = (
-        _reference(config, ckpt_lib.restore_reference(config.output_dir, abstract.params))
-        if config.rl.kl_coef
-        else None
-    )
+    if program.lora.enabled or not config.rl.kl_coef:
+        ref = _reference(config, setup, None)  # the base (LoRA) or none: nothing saved to restore
+    else:
+        ref = _reference(config, setup, ckpt_lib.restore_reference(config.output_dir, abstract.params))
     summary["sft"] = meta.get("sft")
     earlier = [r for r in read_jsonl(os.path.join(summary["log_dir"], EVAL_FILE)) if r.get("step") == 0]
     if earlier:  # the held-out result before RL, from the run's first start
@@ -109,14 +119,15 @@ def _start(
     summary: dict,
     stop: interrupt.StopRequest,
 ) -> Progress:
-    """A fresh GRPO start: the SFT warm start (or its rest), then the train state and the reference.
-    A warm start interrupted by a signal saves its params as checkpoint 0 and stops the run."""
+    """A fresh GRPO start: the SFT warm start (or its rest) of `params` (the trainable ones: the
+    adapters with LoRA), then the train state and the reference. A warm start interrupted by a
+    signal saves its params as checkpoint 0 and stops the run."""
     is_main = distributed.is_main()
     if config.sft.warm_start_steps > sft_done:
         params, sft_metrics = run_sft(
             config,
             setup.model_config,
-            params,
+            setup.params if program.lora.enabled else params,
             setup.tokenizer,
             setup.train_records,
             mesh=setup.mesh,
@@ -124,14 +135,22 @@ def _start(
             steps=int(config.sft.warm_start_steps) - sft_done,
             should_stop=stop.requested,
             log_fn=_print_sft if is_main else None,
-            probe=lambda p: held_out_accuracy(config, setup, p, records=probe_records(config, setup)),
+            adapters=params if program.lora.enabled else None,
+            probe=lambda trained: held_out_accuracy(
+                config,
+                setup,
+                policy_params(config, setup.model_config, trained, setup.params, setup.mesh),
+                records=probe_records(config, setup),
+            ),
         )
         summary["sft"] = {k: v for k, v in sft_metrics.items() if k not in ("sft_losses", "sft_step_times")}
         summary["sft"]["sft_steps"] += sft_done
-    params = shard_params(params, setup.model_config, setup.mesh, TRAIN_RULES)  # SFT may leave other shardings
-    progress = Progress(
-        init_train_state(params, program.optimizer, model_config=setup.model_config, mesh=setup.mesh), None, 0, 0
+    if not program.lora.enabled:
+        params = shard_params(params, setup.model_config, setup.mesh, TRAIN_RULES)  # SFT may leave other shardings
+    state = init_train_state(
+        params, program.optimizer, model_config=setup.model_config, mesh=setup.mesh, lora=program.lora
     )
+    progress = Progress(state, None, 0, 0)
     if (summary.get("sft") or {}).get("interrupted"):
         _save(config, setup, checkpointer, progress, summary)
         checkpointer.close()
@@ -141,9 +160,9 @@ def _start(
             "again to finish the warm start and train",
             stop.signal_number(),
         )
-    if config.rl.kl_coef:
+    if config.rl.kl_coef and not program.lora.enabled:  # a LoRA run's reference is its base
         ckpt_lib.save_reference(config.output_dir, progress.state.params)
-    progress.ref = _reference(config, progress.state.params)
+    progress.ref = _reference(config, setup, progress.state.params)
     return progress
 
 
@@ -165,8 +184,8 @@ def _save(config, setup: RunSetup, checkpointer, progress: Progress, summary: di
 # ----------------------------------------------------------------------------- the run
 
 
-def _evaluate(config, setup: RunSetup, log: MetricsLogger, step: int, params) -> dict:
-    return log.log_eval(step, held_out_results(config, setup, params))
+def _evaluate(config, setup: RunSetup, log: MetricsLogger, progress: Progress) -> dict:
+    return log.log_eval(progress.step, held_out_results(config, setup, _policy(config, setup, progress)))
 
 
 def _train_steps(
@@ -183,7 +202,7 @@ def _train_steps(
     stopped it at a step boundary (after a checkpoint of that step)."""
     total = summary["total_steps"]
     if progress.step == 0 and config.eval.at_start and config.eval.num_examples:
-        summary["eval_start"] = _evaluate(config, setup, log, 0, progress.state.params)
+        summary["eval_start"] = _evaluate(config, setup, log, progress)
     while progress.step < total:
         summary["final"] = log.log_step(
             progress.step + 1, grpo_iteration(config, setup, program, progress, checkpointer.latest_step)
@@ -191,7 +210,7 @@ def _train_steps(
         done = progress.step
         final_eval_follows = done == total and config.eval.at_end
         if config.eval.every_steps and done % config.eval.every_steps == 0 and not final_eval_follows:
-            _evaluate(config, setup, log, done, progress.state.params)
+            _evaluate(config, setup, log, progress)
         every = int(config.checkpoint.every_steps)
         saved = every and (done % every == 0 or done == total)
         if saved:
@@ -201,14 +220,14 @@ def _train_steps(
                 _save(config, setup, checkpointer, progress, summary)
             return True
     if config.eval.at_end and config.eval.num_examples:
-        summary["eval_end"] = _evaluate(config, setup, log, total, progress.state.params)
+        summary["eval_end"] = _evaluate(config, setup, log, progress)
     return False
 
 
 def _write_summary(summary: dict, log_dir: str) -> None:
-    """summary.json (all but the params), and the before / after accuracy line."""
+    """summary.json (all but the params and adapters), and the before / after accuracy line."""
     with open(os.path.join(log_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in summary.items() if k != "params"}, f, indent=1, default=str)
+        json.dump({k: v for k, v in summary.items() if k not in ("params", "adapters")}, f, indent=1, default=str)
     start, end = summary["accuracy_start"], summary["accuracy_end"]
     if start is not None and end is not None:
         before = "after SFT" if summary.get("sft") else "before GRPO"
@@ -236,7 +255,8 @@ def train(config) -> dict:
     Returns the run summary (written to `summary.json` too, except `params`): steps and updates
     done, the last step's metrics (`final`), held-out results before RL (`eval_start`, after the
     SFT warm start if any) and after it (`eval_end`), their accuracies, the reward-curve path,
-    drop counts, and `params`, the final policy parameters."""
+    drop counts, `params`, the final policy parameters (with LoRA, the base with the adapters
+    merged), and `adapters` (None without LoRA)."""
     with interrupt.StopRequest() as stop:
         return _run(config, stop)
 
@@ -250,7 +270,8 @@ def _run(config, stop: interrupt.StopRequest) -> dict:
     # Always there: with checkpoint.every_steps=0 it still saves once when the run is interrupted.
     checkpointer = ckpt_lib.RunCheckpointer(config.output_dir, keep=int(config.checkpoint.keep))
     resume_step = checkpointer.latest_step()
-    setup = setup_run(config, load_weights=resume_step is None)
+    lora = lora_settings(config)
+    setup = setup_run(config, load_weights=resume_step is None or lora.enabled)  # a LoRA checkpoint holds no base
     program = grpo_program(config, setup)
     summary: dict[str, Any] = {
         "output_dir": config.output_dir,
@@ -261,7 +282,8 @@ def _run(config, stop: interrupt.StopRequest) -> dict:
         "num_val": len(setup.val_records),
         "final": None,
     }
-    progress, params, sft_done = None, setup.params, 0
+    progress, sft_done = None, 0
+    params = initial_adapters(config, setup.model_config, setup.mesh) if lora.enabled else setup.params
     if resume_step is not None:
         progress, params, sft_done = _resume(config, setup, checkpointer, program, summary, distributed.is_main())
     if progress is None:
@@ -289,7 +311,8 @@ def _run(config, stop: interrupt.StopRequest) -> dict:
             "wall_s": time.perf_counter() - t_run,
             "accuracy_start": (summary.get("eval_start") or {}).get("accuracy"),
             "accuracy_end": (summary.get("eval_end") or {}).get("accuracy"),
-            "params": progress.state.params,  # not written to JSON
+            "params": _policy(config, setup, progress),  # not written to JSON (with LoRA: merged)
+            "adapters": progress.state.params if lora.enabled else None,
         }
     )
     if distributed.is_main():

@@ -6,6 +6,11 @@ loss terms; it divides once at the end, so any micro-batch size gives the one-bi
 loss and gradient. Reference log-probs are computed inside the same jit from frozen
 (stop-gradient, optimizer-free) reference params, which live outside the state.
 
+With LoRA (`settings.LoraSettings`, `models/lora.py`) the state's params are the adapters alone
+(so are the optimizer moments and the gradients), and the step's second argument is the frozen
+base: the policy is the base with the adapters attached, the reference the same base without
+them, in the same jit, with no second copy of the model.
+
 Batch layout (a dict of arrays, rows = sequences):
   input_ids [B, T] int: left-padded prompt followed by the completion (right-padded);
   attention_mask [B, T]: 1 real token, 0 padding;
@@ -37,6 +42,8 @@ from tooln1_jax.grpo import (
     token_logprobs,
 )
 from tooln1_jax.models import ModelConfig, hidden_states, lm_head_weight, param_shapes, param_sharding
+from tooln1_jax.models.lora import adapter_shapes, adapter_sharding, attach
+from tooln1_jax.settings import LoraSettings
 from tooln1_jax.sharding import TRAIN_RULES, ShardingRules, batch_sharding, fit_axes
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "advantages")
@@ -49,15 +56,39 @@ class TrainState:
     opt_state: Any
 
 
+def lora_on(lora: LoraSettings | None) -> bool:
+    return lora is not None and lora.enabled
+
+
+def trainable_shapes(model_config: ModelConfig, lora: LoraSettings | None = None) -> Any:
+    """The shapes of what the optimizer trains: the adapters with LoRA, else the params."""
+    return adapter_shapes(model_config, lora) if lora_on(lora) else param_shapes(model_config)
+
+
+def trainable_sharding(
+    model_config: ModelConfig, mesh: Mesh, rules: ShardingRules = TRAIN_RULES, lora: LoraSettings | None = None
+) -> Any:
+    """The `NamedSharding` tree of what the optimizer trains (`trainable_shapes`)."""
+    return (
+        adapter_sharding(model_config, lora, mesh, rules)
+        if lora_on(lora)
+        else param_sharding(model_config, mesh, rules)
+    )
+
+
 def state_sharding(
-    model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: ShardingRules = TRAIN_RULES
+    model_config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: ShardingRules = TRAIN_RULES,
+    lora: LoraSettings | None = None,
 ) -> TrainState:
-    """A TrainState of `NamedSharding`: params by `rules`, optimizer moments like their params,
-    counters replicated."""
-    p_sh = param_sharding(model_config, mesh, rules)
+    """A TrainState of `NamedSharding`: params (the adapters with LoRA) by `rules`, optimizer
+    moments like their params, counters replicated."""
+    p_sh = trainable_sharding(model_config, mesh, rules, lora)
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
-        param_shapes(model_config),
+        trainable_shapes(model_config, lora),
         is_leaf=lambda x: isinstance(x, tuple),
     )
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -88,14 +119,16 @@ def init_train_state(
     model_config: ModelConfig | None = None,
     mesh: Mesh | None = None,
     rules: ShardingRules = TRAIN_RULES,
+    lora: LoraSettings | None = None,
 ) -> TrainState:
-    """A fresh TrainState; with a mesh (and model_config) everything is placed by `state_sharding`."""
+    """A fresh TrainState of `params` (the adapters with LoRA); with a mesh (and model_config)
+    everything is placed by `state_sharding`."""
     init = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))
     if mesh is None:
         return jax.jit(init)(params)
     if model_config is None:
         raise ValueError("init_train_state with a mesh needs model_config")
-    sh = state_sharding(model_config, optimizer, mesh, rules)
+    sh = state_sharding(model_config, optimizer, mesh, rules, lora)
     return jax.jit(init, in_shardings=(sh.params,), out_shardings=sh)(params)
 
 
@@ -170,25 +203,30 @@ def loss_and_grads(
     mesh: Mesh | None = None,
     rules: ShardingRules = TRAIN_RULES,
     loss_settings: LossSettings = DEFAULT_LOSS,
+    lora: LoraSettings | None = None,
 ) -> tuple[jax.Array, Any, dict]:
     """GRPO loss, its gradient w.r.t. `params`, and metrics for one mini-batch (traceable; not
     jitted here). Micro-batches run under `lax.scan`; gradients and loss terms are summed
-    and divided once by the whole batch's normaliser."""
+    and divided once by the whole batch's normaliser. With LoRA, `params` are the adapters and
+    `ref_params` the frozen base (needed even when kl_coef is 0): the policy is the base with the
+    adapters attached, the reference the base alone."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"GRPO batch is missing {missing}; it has {sorted(batch)}")
     kl_coef = loss_settings.kl_coef
-    if kl_coef != 0 and ref_params is None:
-        raise ValueError("kl_coef != 0 needs ref_params")
+    if (kl_coef != 0 or lora_on(lora)) and ref_params is None:
+        raise ValueError("kl_coef != 0 needs ref_params" if not lora_on(lora) else "LoRA needs the frozen base")
     b = batch["input_ids"].shape[0]
     micro = _split_micro(batch, micro_batch_size or b, mesh, rules)
     lp_fn = functools.partial(
         sequence_logprobs, model_config, temperature=temperature, chunk_size=chunk_size, completion_len=completion_len
     )
-    frozen_ref = None if kl_coef == 0 else jax.lax.stop_gradient(ref_params)
+    frozen = None if ref_params is None else jax.lax.stop_gradient(ref_params)
+    policy = (lambda p: attach(frozen, p, lora)) if lora_on(lora) else (lambda p: p)
+    frozen_ref = None if kl_coef == 0 else frozen
 
     def micro_loss(p, mb, ref_lp):
-        lp, ent = lp_fn(p, mb["input_ids"], mb["attention_mask"])
+        lp, ent = lp_fn(policy(p), mb["input_ids"], mb["attention_mask"])
         old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(lp)
         terms = grpo_loss_terms(lp, old, ref_lp, mb["advantages"], mb["loss_mask"], entropy=ent, settings=loss_settings)
         return terms.loss_sum, terms
@@ -224,10 +262,12 @@ def make_grpo_step(
     completion_len: int | None = None,
     donate: bool = True,
     loss_settings: LossSettings = DEFAULT_LOSS,
+    lora: LoraSettings | None = None,
 ):
     """A jitted `(state, ref_params, batch) -> (state, metrics)`: one optimizer step on a
     mini-batch (see the module docstring for `batch`). `ref_params` may be bfloat16 (see
-    `reference_params`) or None when kl_coef == 0. With a mesh, state, reference and batch
+    `reference_params`) or None when kl_coef == 0; with LoRA, the state holds the adapters and
+    `ref_params` is the frozen base (any dtype). With a mesh, state, reference and batch
     are sharded by `rules` (put the batch with `shard_batch`); the state is donated.
     With `completion_len` C, log-probs are computed for the last C positions only, so the
     loss mask must be 0 before them (true when C >= the longest completion).
@@ -250,6 +290,7 @@ def make_grpo_step(
             mesh=mesh,
             rules=rules,
             loss_settings=loss_settings,
+            lora=lora,
         )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -267,9 +308,9 @@ def make_grpo_step(
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)
-    state_sh = state_sharding(model_config, optimizer, mesh, rules)
+    state_sh = state_sharding(model_config, optimizer, mesh, rules, lora)
     # kl_coef == 0: the reference is None (an empty pytree), so its sharding must be None too.
-    ref_sh = param_sharding(model_config, mesh, rules) if loss_settings.kl_coef != 0 else None
+    ref_sh = param_sharding(model_config, mesh, rules) if loss_settings.kl_coef != 0 or lora_on(lora) else None
     batch_sh = batch_sharding(mesh, rules, 1, micro_batch_size)  # a prefix: splits every leaf's rows
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(

@@ -2,13 +2,15 @@
 
     python tpu_scripts/plan.py                              # prints the tables
     python tpu_scripts/plan.py --update-doc docs/pod_plan.md  # rewrites them between the doc's markers
+    python tpu_scripts/plan.py --colab                        # the LoRA notebook's Colab settings
 
 Per-chip sizes come from the project's own sharding rules (`tooln1_jax.sharding`: TRAIN_RULES
 for the update, SAMPLE_RULES for the rollout) applied to the real parameter and KV-cache shapes
 on an abstract (data, fsdp, tensor) mesh, so a dimension the mesh does not divide stays
 replicated here exactly as it would on the pod. Times are FLOPs / (chips x peak x MFU) for
 the dense passes and bytes / (HBM bandwidth x efficiency) for decode steps; the assumed
-efficiencies are fields of `Efficiency`.
+efficiencies are fields of `Efficiency`. A plan with `lora_rank` > 0 trains LoRA adapters on a
+frozen bfloat16 base (`tooln1_jax/models/lora.py`, all seven targets), placed by the same rules.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from common import parse_accelerator  # noqa: E402
 from jax.sharding import AbstractMesh  # noqa: E402
 
 from tooln1_jax.models.kv_cache import VALUE_CACHE_LOGICAL_AXES  # noqa: E402
+from tooln1_jax.models.lora import adapter_logical_axes, adapter_shapes  # noqa: E402
 from tooln1_jax.models.model_config import ModelConfig, preset  # noqa: E402
 from tooln1_jax.models.params import param_logical_axes, param_shapes  # noqa: E402
+from tooln1_jax.settings import LoraSettings  # noqa: E402
 from tooln1_jax.sharding import MESH_AXES, SAMPLE_RULES, TRAIN_RULES, ShardingRules, logical_to_spec  # noqa: E402
 
 GiB = 2**30
@@ -51,6 +55,14 @@ CHIPS = {
     "v5e": ChipSpec("TPU v5e", 197e12, 16e9, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
     "v5p": ChipSpec("TPU v5p", 459e12, 95 * GiB, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": ChipSpec("TPU v6e", 918e12, 32e9, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
+}
+
+# Colab's accelerators, per JAX device (a TPU v2-8 shows 8 devices, one per TensorCore: half a
+# chip each), for notebooks/lora_grpo.ipynb. A T4 has no bfloat16: it computes in float16, the
+# same 2 bytes per value.
+COLAB_DEVICES = {
+    "colab-tpu-v2-8": (ChipSpec("TPU v2 core", 22.5e12, 8 * GiB, 300e9, "https://cloud.google.com/tpu/docs/v2"), 8),
+    "colab-t4": (ChipSpec("NVIDIA T4", 65e12, 16e9, 320e9, "https://www.nvidia.com/en-us/data-center/tesla-t4/"), 1),
 }
 
 
@@ -80,6 +92,18 @@ TYPICAL = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 8192)
 # ... unless it trimmed the update's sequences to the decode loop's num_steps (not done today).
 TRIMMED = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 2048)
 SCENARIOS = (("ceiling", CEILING), ("typical", TYPICAL), ("typical, trimmed", TRIMMED))
+# A notebook's run: 8 prompts x 4 samples per step, two updates, prompts up to 1,024 tokens and
+# answers up to 512 (a tool call with its reasoning fits), 100 steps.
+NOTEBOOK = Workload(
+    prompts=8,
+    samples=4,
+    mini_batch_prompts=4,
+    steps=100,
+    prompt_len=1024,
+    max_new_tokens=512,
+    decode_steps=512,
+    train_len=1536,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +125,11 @@ class PodPlan:
     # The sampler reshards the train state's params as they are (sampling.sample -> shard_params):
     # the fp32 master today; 2 if the trainer cast them to bf16 before sampling.
     sampling_weight_bytes: int = F32
+    lora_rank: int = 0  # > 0: LoRA of this rank on every target, the base frozen in bf16
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(rank=self.lora_rank)
 
 
 # Today the trainer samples the whole rollout batch (1,024 prompts) in one sampler call; the
@@ -134,6 +163,64 @@ COUNTER_EXAMPLE = PodPlan(
 )
 
 
+# LoRA on small slices (the issue's question: does 7B fit a v5e-8 or a v4-8, 14B a v5p-8?), at the
+# paper's workload. Rank 16 on all seven targets; the base is the frozen bf16 weights and the
+# reference at once. The tensor axis is 4 (Qwen2.5-7B's 4 KV heads and 28 query heads divide it; 8 does not).
+LORA_RANK = 16
+LORA_PLANS = (
+    PodPlan(
+        "7B LoRA on v5litepod-8",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "v5litepod-8",
+        (1, 2, 4),
+        micro_batch=2,
+        generation_prompts=4,
+        lora_rank=LORA_RANK,
+    ),
+    PodPlan(
+        "7B LoRA on v4-8",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "v4-8",
+        (1, 1, 4),
+        micro_batch=1,
+        generation_prompts=8,
+        lora_rank=LORA_RANK,
+    ),
+    PodPlan(
+        "14B LoRA on v5p-8",
+        "Qwen/Qwen2.5-14B-Instruct",
+        "v5p-8",
+        (1, 1, 4),
+        micro_batch=1,
+        generation_prompts=8,
+        lora_rank=LORA_RANK,
+    ),
+)
+
+# The notebook's settings (notebooks/lora_grpo.ipynb): Qwen2.5-1.5B-Instruct with rank-16 LoRA
+# on Colab's TPU v2-8 (its 2 KV heads allow tensor = 2) and on a T4, at the NOTEBOOK workload.
+COLAB_PLANS = (
+    PodPlan(
+        "Qwen2.5-1.5B LoRA, Colab TPU v2-8",
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "colab-tpu-v2-8",
+        (1, 4, 2),
+        micro_batch=4,
+        generation_prompts=8,
+        lora_rank=LORA_RANK,
+    ),
+    PodPlan(
+        "Qwen2.5-1.5B LoRA, Colab T4",
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "colab-t4",
+        (1, 1, 1),
+        micro_batch=2,
+        generation_prompts=8,
+        lora_rank=LORA_RANK,
+    ),
+)
+
+
 # ----------------------------------------------------------------------------- sharding
 
 
@@ -158,6 +245,18 @@ def param_bytes_per_chip(
     leaves = [(shapes[k], axes[k]) for k in top if k in shapes]
     leaves += [(shapes["layers"][k], axes["layers"][k]) for k in shapes["layers"]]
     return sum(math.prod(s) / split_factor(a, s, mesh, rules) * bytes_per_value for s, a in leaves)
+
+
+def adapter_bytes_per_chip(config: ModelConfig, lora: LoraSettings, mesh: AbstractMesh, rules: ShardingRules) -> float:
+    """The float32 LoRA adapters (A and B of every target and layer), split as `lora.py` places them."""
+    shapes, axes = adapter_shapes(config, lora)["layers"], adapter_logical_axes(lora)["layers"]
+    leaves = [(shapes[t][m], axes[t][m]) for t in shapes for m in ("a", "b")]
+    return sum(math.prod(s) / split_factor(a, s, mesh, rules) * F32 for s, a in leaves)
+
+
+def adapter_matmul_params(config: ModelConfig, lora: LoraSettings) -> int:
+    """Adapter parameters, all of which take part in a matmul per token."""
+    return sum(math.prod(s) for t in adapter_shapes(config, lora)["layers"].values() for s in t.values())
 
 
 def kv_cache_bytes_per_chip(config: ModelConfig, mesh: AbstractMesh, rows: int, length: int) -> float:
@@ -209,16 +308,26 @@ def attention_flops_per_token(config: ModelConfig, context: int) -> float:
     return 4 * config.num_layers * context * config.num_heads * config.head_dim
 
 
-def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency()) -> Report:
-    accel = parse_accelerator(plan.accelerator)
-    chip, chips = CHIPS[accel.generation], accel.chips
+def devices_of(accelerator: str) -> tuple[ChipSpec, int]:
+    """(the spec of one device, the device count) of a gcloud accelerator type or a COLAB_DEVICES name."""
+    if accelerator in COLAB_DEVICES:
+        return COLAB_DEVICES[accelerator]
+    accel = parse_accelerator(accelerator)
+    return CHIPS[accel.generation], accel.chips
+
+
+def plan_report(
+    plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency(), workload: Workload = CEILING
+) -> Report:
+    """Memory per device for `workload`'s padded shapes, and step times for each scenario."""
+    chip, chips = devices_of(plan.accelerator)
     if math.prod(plan.mesh) != chips:
         raise ValueError(
             f"{plan.name}: mesh {plan.mesh} has {math.prod(plan.mesh)} devices, {plan.accelerator} has {chips} chips"
         )
     cfg = preset(plan.model)
     mesh = abstract_mesh(plan.mesh)
-    w = CEILING  # memory is sized for the padded shapes, which do not shrink with shorter text
+    w = workload  # memory is sized for the padded shapes, which do not shrink with shorter text
     d, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
     s = w.train_len
     mb = plan.micro_batch
@@ -226,18 +335,11 @@ def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency
     def split(logical, shape, rules=TRAIN_RULES):
         return split_factor(logical, shape, mesh, rules)
 
-    # The float32 master copy is needed: at lr 1e-6 an update is ~1e-6 of a weight, far below
-    # bfloat16's 2^-8 relative spacing, so bf16 weights would not change at all.
-    master = param_bytes_per_chip(cfg, mesh, TRAIN_RULES, F32)
-    persistent = {
-        "policy params (fp32 master)": master,
-        "AdamW m and v (fp32)": 2 * master,
-        "reference model (bf16)": param_bytes_per_chip(cfg, mesh, TRAIN_RULES, BF16),
-    }
+    persistent, gradients = _training_state(cfg, plan, mesh)
     batch_split = split(("batch", "seq", "embed"), (mb, s, d))
     head_split = split(("batch", "kv_heads", None, None), (mb, cfg.num_kv_heads, s, s))
     update = {
-        "gradients (fp32 accumulator + micro-batch)": 2 * master,
+        **gradients,
         # remat="full" keeps each layer's input [mb, S, D] (bf16) and recomputes the rest.
         "saved layer inputs (remat)": L * mb * s * d * BF16 / batch_split,
         # One layer recomputed in the backward pass: scores, probabilities and their gradient,
@@ -254,10 +356,13 @@ def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency
     rows = plan.generation_prompts * w.samples
     cache_len = w.prompt_len + w.max_new_tokens
     gp, p = plan.generation_prompts, w.prompt_len
+    sampling = (
+        "sampling weights (tensor-parallel copy)"
+        if not plan.lora_rank
+        else "sampling weights (bf16 base + adapters merged once per rollout, tensor-parallel)"
+    )
     rollout = {
-        "sampling weights (tensor-parallel copy)": param_bytes_per_chip(
-            cfg, mesh, SAMPLE_RULES, plan.sampling_weight_bytes
-        ),
+        sampling: param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, BF16 if plan.lora_rank else plan.sampling_weight_bytes),
         # group_decode.decode_weights: per-layer slices in the compute dtype (bf16), q/k/v
         # and gate/up fused, [out, in], built once before the decode loop, which reads them.
         "decode weights (bf16 layers + untied head, built once per rollout)": param_bytes_per_chip(
@@ -278,6 +383,27 @@ def plan_report(plan: PodPlan, scenarios=SCENARIOS, eff: Efficiency = Efficiency
     return Report(plan, chips, chip, eff.usable_hbm * chip.hbm_bytes, persistent, update, rollout, times)
 
 
+def _training_state(cfg: ModelConfig, plan: PodPlan, mesh: AbstractMesh) -> tuple[dict, dict]:
+    """(bytes per chip held for the whole run, gradient bytes live in the update), by item."""
+    if plan.lora_rank:
+        adapters = adapter_bytes_per_chip(cfg, plan.lora, mesh, TRAIN_RULES)
+        held = {
+            "frozen base (bf16; also the reference)": param_bytes_per_chip(cfg, mesh, TRAIN_RULES, BF16),
+            f"LoRA adapters, rank {plan.lora_rank} (fp32)": adapters,
+            "AdamW m and v of the adapters (fp32)": 2 * adapters,
+        }
+        return held, {"adapter gradients (fp32 accumulator + micro-batch)": 2 * adapters}
+    # The float32 master copy is needed: at lr 1e-6 an update is ~1e-6 of a weight, far below
+    # bfloat16's 2^-8 relative spacing, so bf16 weights would not change at all.
+    master = param_bytes_per_chip(cfg, mesh, TRAIN_RULES, F32)
+    held = {
+        "policy params (fp32 master)": master,
+        "AdamW m and v (fp32)": 2 * master,
+        "reference model (bf16)": param_bytes_per_chip(cfg, mesh, TRAIN_RULES, BF16),
+    }
+    return held, {"gradients (fp32 accumulator + micro-batch)": 2 * master}
+
+
 def step_times(cfg, plan, chip, chips, mesh, rollout_mem, w: Workload, eff: Efficiency) -> dict:
     """Seconds per rollout step, by phase."""
     n = matmul_params(cfg)
@@ -288,8 +414,12 @@ def step_times(cfg, plan, chip, chips, mesh, rollout_mem, w: Workload, eff: Effi
     # the sampler's own, so they cost no pass.
     logprob_flops = (2 * n + attn) * tokens
     # policy forward + backward (6N) plus the remat recompute of the forward (2N); attention
-    # likewise 1 + 2 + 1 forward-equivalents
-    update_flops = (8 * n + 4 * attn) * tokens
+    # likewise 1 + 2 + 1 forward-equivalents. LoRA: the frozen base's backward computes input
+    # gradients only (2N, no weight gradients), the adapters (Na) 2 + 2 forward-equivalents + 4 backward.
+    if plan.lora_rank:
+        update_flops = (6 * n + 8 * adapter_matmul_params(cfg, plan.lora) + 4 * attn) * tokens
+    else:
+        update_flops = (8 * n + 4 * attn) * tokens
 
     passes = math.ceil(w.prompts / plan.generation_prompts)
     rows = plan.generation_prompts * w.samples
@@ -385,8 +515,33 @@ def render(reports) -> str:
     return "\n".join(out)
 
 
+def colab_report(plan: PodPlan) -> Report:
+    """A COLAB_PLANS entry's memory per device and step time at the NOTEBOOK workload."""
+    return plan_report(plan, scenarios=(("notebook", NOTEBOOK),), workload=NOTEBOOK)
+
+
+def render_colab(reports) -> str:
+    """The notebook's table: per device, each memory item, the peaks, and the step time."""
+    out = [
+        "| setting | devices | mesh (data, fsdp, tensor) | micro-batch | update peak GiB | rollout peak GiB "
+        "| usable GiB | fits | step s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        out.append(
+            f"| {r.plan.name} | {r.chips} x {r.chip.name} | {r.plan.mesh} | {r.plan.micro_batch} | "
+            f"{_gib(r.update_peak)} | {_gib(r.rollout_peak)} | {_gib(r.budget_bytes)} | "
+            f"{'yes' if r.fits else '**no**'} | {r.times['notebook']['step']:,.1f} |"
+        )
+    for r in reports:
+        out += ["", f"{r.plan.name}, GiB per device:", "", "| phase | item | GiB |", "|---|---|---|"]
+        for phase, items in (("held", r.persistent), ("update", r.update), ("rollout", r.rollout)):
+            out += [f"| {phase} | {k} | {_gib(b)} |" for k, b in items.items()]
+    return "\n".join(out)
+
+
 def all_reports():
-    return [plan_report(p) for p in PLANS] + [plan_report(COUNTER_EXAMPLE)]
+    return [plan_report(p) for p in PLANS] + [plan_report(COUNTER_EXAMPLE)] + [plan_report(p) for p in LORA_PLANS]
 
 
 BEGIN, END = "<!-- plan:begin -->\n", "\n<!-- plan:end -->"
@@ -409,5 +564,7 @@ if __name__ == "__main__":
         update_doc(sys.argv[2])
     elif len(sys.argv) == 1:
         print(render(all_reports()))
+    elif sys.argv[1:] == ["--colab"]:
+        print(render_colab([colab_report(p) for p in COLAB_PLANS]))
     else:
-        raise SystemExit("usage: plan.py [--update-doc docs/pod_plan.md]")
+        raise SystemExit("usage: plan.py [--update-doc docs/pod_plan.md | --colab]")

@@ -1,4 +1,4 @@
-"""Qwen2.5 / Llama decoder: config, params, forward, KV cache and HF checkpoints."""
+"""Qwen2.5 / Llama decoder: config, params, forward, KV cache, HF checkpoints (LoRA adapters: `lora.py`)."""
 
 from tooln1_jax.models.hf_io import (
     CheckpointFormatError,

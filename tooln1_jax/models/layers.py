@@ -1,4 +1,5 @@
-"""The decoder's maths as pure functions: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+"""The decoder's maths as pure functions: RMSNorm, rotary embeddings, GQA attention (the SwiGLU
+MLP is `transformer.attention_out_and_mlp`, built from `transformer.dense`).
 
 Everything here follows transformers' Qwen2/Llama numerics: norms and softmax in float32,
 rotary tables in float32, everything else in the compute dtype.
@@ -52,8 +53,3 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
     out = jnp.einsum("bkms,bskd->bkmd", probs, v)  # [B, K, g*T, hd]
     return out.reshape(b, kv_heads, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
-
-
-def swiglu_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """x [B, T, D]; gate, up [D, F]; down [F, D] -> [B, T, D]."""
-    return (jax.nn.silu(x @ gate) * (x @ up)) @ down

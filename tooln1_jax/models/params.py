@@ -13,6 +13,7 @@ Weights are stored as [in, out], the transpose of torch's nn.Linear.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -178,3 +179,11 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
         else:
             leaves.append((INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
     return jax.tree.unflatten(treedef, leaves)
+
+
+@functools.lru_cache(maxsize=8)
+def sharded_init(config: ModelConfig, param_dtype: str, mesh: Mesh, rules: ShardingRules):
+    """A jitted `init_params(config, rng)` that writes each leaf straight onto its `rules`
+    sharding (cached, so repeated runs in one process compile it once)."""
+    init = functools.partial(init_params, config, dtype=jnp.dtype(param_dtype))
+    return jax.jit(init, out_shardings=param_sharding(config, mesh, rules))

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slots
-from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_at_positions, swiglu_mlp
+from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_at_positions
+from tooln1_jax.models.lora import ADAPTER_KEY
 from tooln1_jax.models.model_config import ModelConfig
 
 
@@ -27,11 +28,23 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
+def dense(x: jax.Array, lp: dict, name: str) -> jax.Array:
+    """x [..., in] @ lp[name] [in, out] in x's dtype, plus (x @ a) @ b when the layer carries a
+    LoRA adapter for `name` (`lora.attach`: b already scaled): the low-rank path, not a merged
+    weight, so its gradient is the adapters' alone."""
+    dt = x.dtype
+    y = x @ lp[name].astype(dt)
+    adapter = lp.get(ADAPTER_KEY, {}).get(name)
+    if adapter is not None:
+        y = y + (x @ adapter["a"].astype(dt)) @ adapter["b"].astype(dt)
+    return y
+
+
 def project_qkv(config: ModelConfig, lp: dict, x: jax.Array, sin: jax.Array, cos: jax.Array):
     """x [B, T, D] (normed) -> q [B, T, H, hd], k and v [B, T, K, hd], rotary applied to q and k."""
     c = config
     dt = x.dtype
-    q, k, v = x @ lp["q_proj"].astype(dt), x @ lp["k_proj"].astype(dt), x @ lp["v_proj"].astype(dt)
+    q, k, v = dense(x, lp, "q_proj"), dense(x, lp, "k_proj"), dense(x, lp, "v_proj")
     if c.attention_bias:
         q, k, v = q + lp["q_bias"].astype(dt), k + lp["k_bias"].astype(dt), v + lp["v_bias"].astype(dt)
     b, t, _ = x.shape
@@ -41,11 +54,11 @@ def project_qkv(config: ModelConfig, lp: dict, x: jax.Array, sin: jax.Array, cos
 
 
 def attention_out_and_mlp(config: ModelConfig, lp: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
-    """Residual adds: x [B, T, D] + o_proj(attn), then + SwiGLU MLP of its norm."""
-    dt = x.dtype
-    x = x + attn @ lp["o_proj"].astype(dt)
+    """Residual adds: x [B, T, D] + o_proj(attn), then + the SwiGLU MLP of its norm,
+    down(silu(gate(h)) * up(h))."""
+    x = x + dense(attn, lp, "o_proj")
     h = rms_norm(x, lp["post_attn_norm"], config.rms_norm_eps)
-    return x + swiglu_mlp(h, lp["gate_proj"].astype(dt), lp["up_proj"].astype(dt), lp["down_proj"].astype(dt))
+    return x + dense(jax.nn.silu(dense(h, lp, "gate_proj")) * dense(h, lp, "up_proj"), lp, "down_proj")
 
 
 def decoder_layer(config, lp, x, sin, cos, mask):
