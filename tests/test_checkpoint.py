@@ -55,8 +55,8 @@ def _rows(run_dir):
 
 
 def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
     flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(flat_a) == len(flat_b)
     for x, y in zip(flat_a, flat_b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

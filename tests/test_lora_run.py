@@ -10,59 +10,30 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_checkpoint import _assert_trees_equal, _rows, tiny_config  # one tiny run config for both
 
 import tooln1_jax.train as train_lib
 from tooln1_jax import checkpoint as ckpt_lib
 from tooln1_jax import metrics as metrics_lib
 from tooln1_jax import run_setup
-from tooln1_jax.config import default_config, lora_settings, validate_config
+from tooln1_jax.config import lora_settings, validate_config
 from tooln1_jax.models import logits, save_pretrained
 from tooln1_jax.models.hf_io import load_pretrained
 from tooln1_jax.models.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, adapter_shapes, attach
 from tooln1_jax.sft import run_sft
 from tooln1_jax.sharding import make_mesh
 
-TIMING_KEYS = {"tokens_per_s", "rollout_tokens_per_s", "step_time", "rollout_time", "update_time"}
-
 
 def lora_config(output_dir, total_steps=2, every=1):
-    c = default_config()
-    c.output_dir = str(output_dir)
-    c.data.synthetic.num_examples = 48
-    c.data.synthetic.num_tools = 2
-    c.data.synthetic.max_calls = 1
-    c.rl.train_batch_size = 2
-    c.rl.mini_batch_size = 1  # two optimizer updates per step
-    c.rl.total_steps = total_steps
-    c.rollout.num_samples = 4
-    c.rollout.max_new_tokens = 8
-    c.rollout.temperature = 1.0
+    """test_checkpoint's tiny run with rank-4 LoRA on four targets and a 2-step LoRA warm start."""
+    c = tiny_config(output_dir, total_steps=total_steps, every=every)
     c.optim.lr = 1e-2  # large enough that every update visibly moves the adapters
     c.sft.warm_start_steps = 2
     c.sft.batch_size = 4
     c.sft.lr = 1e-2
     c.sft.max_completion_length = 64
     c.lora.rank, c.lora.alpha, c.lora.targets = 4, 8.0, "q,v,o,down"
-    c.eval.num_examples = 0
-    c.checkpoint.every_steps = every
-    c.checkpoint.keep = 3
-    c.log.progress_bar = False
-    c.log.plot = False
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1  # one device: the 8-device step is in test_lora.py
     return validate_config(c)
-
-
-def _rows(run_dir):
-    return [
-        {k: v for k, v in r.items() if k not in TIMING_KEYS}
-        for r in metrics_lib.read_jsonl(os.path.join(run_dir, metrics_lib.METRICS_FILE))
-    ]
-
-
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(scope="module")
