@@ -38,6 +38,7 @@ setup(
         "test": [
             "torch==2.13.0",
             "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",  # tests/run_tests.sh runs the suite in two worker processes
             "hypothesis>=6.100,<7",
             "gguf>=0.10,<1",
             "accelerate>=1.0,<2",
