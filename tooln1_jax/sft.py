@@ -293,25 +293,25 @@ def run_sft(
             log_fn(start_step + done, {"sft_probe_accuracy": acc["accuracy"]})
         if acc["accuracy"] >= stop_accuracy:
             break
-    metrics = _joined(parts) if parts else _joined([{"sft_examples": len(data), "sft_drops": dict(data.drops)}])
+    metrics = _joined(parts, data)
     if stop_accuracy:
         metrics["sft_probes"] = probes
         metrics["sft_stopped_by_probe"] = bool(probes) and probes[-1]["accuracy"] >= stop_accuracy
     return state.params, metrics
 
 
-def _joined(parts: list[dict]) -> dict:
-    """One metrics dict for consecutive `sft_loop` calls."""
-    losses = [x for p in parts for x in p.get("sft_losses", [])]
+def _joined(parts: list[dict], data: SFTData) -> dict:
+    """One metrics dict for consecutive `sft_loop` calls on `data` (none: no step was run)."""
+    losses = [x for p in parts for x in p["sft_losses"]]
     return {
         "sft_steps": len(losses),
-        "interrupted": any(p.get("interrupted", False) for p in parts),
-        "sft_examples": parts[-1]["sft_examples"],
-        "sft_drops": parts[-1]["sft_drops"],
+        "interrupted": any(p["interrupted"] for p in parts),
+        "sft_examples": len(data),
+        "sft_drops": dict(data.drops),
         "sft_losses": losses,
         "sft_final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
-        "sft_seconds": sum(p.get("sft_seconds", 0.0) for p in parts),
-        "sft_step_times": [x for p in parts for x in p.get("sft_step_times", [])],
+        "sft_seconds": sum(p["sft_seconds"] for p in parts),
+        "sft_step_times": [x for p in parts for x in p["sft_step_times"]],
     }
 
 
