@@ -52,11 +52,13 @@ def spread(params):
 
 
 def trained_adapters(config, lora=LORA, seed=1):
-    """Adapters as after training: A as initialised, B random (a fresh B is zero)."""
-    adapters = init_adapters(config, lora, jax.random.key(seed))
+    """Adapters as after training: A as initialised, B random (a fresh B is zero); norms (with
+    `train_norms`) as the default init's."""
+    adapters = init_adapters(config, lora, jax.random.key(seed), base=init_params(config, jax.random.key(0)))
     keys = iter(jax.random.split(jax.random.key(seed + 100), 64))
     return jax.tree.map(
-        lambda x: 0.3 * jax.random.normal(next(keys), x.shape) if x.shape[1] == lora.rank else x, adapters
+        lambda x: 0.3 * jax.random.normal(next(keys), x.shape) if x.ndim == 3 and x.shape[1] == lora.rank else x,
+        adapters,
     )
 
 
@@ -134,6 +136,33 @@ def test_adapters_follow_their_base_layer_and_merge_equals_the_unmerged_forward(
         merged["layers"]["q_proj"][1], params["layers"]["q_proj"][1] + 2.0 * q["a"][1] @ q["b"][1], atol=1e-6
     )
     assert merged["layers"]["input_norm"] is params["layers"]["input_norm"]
+
+
+def test_trained_norms_start_from_the_base_and_merge_as_they_attach():
+    lora = LoraSettings(rank=4, alpha=8.0, train_norms=True)
+    params = spread(init_params(QWEN, jax.random.key(0)))
+    params["final_norm"] = params["final_norm"] * 1.5  # a base whose norms are not all ones
+    with pytest.raises(ValueError, match="train_norms starts the norms from the base; pass base="):
+        init_adapters(QWEN, lora, jax.random.key(0))
+    adapters = init_adapters(QWEN, lora, jax.random.key(0), base=params)
+    norms = adapters["norms"]
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), norms) == {
+        "layers": {"input_norm": ((2, 32), jnp.float32), "post_attn_norm": ((2, 32), jnp.float32)},
+        "final_norm": ((32,), jnp.float32),
+    }
+    assert adapter_shapes(QWEN, lora)["norms"]["final_norm"] == (32,)
+    np.testing.assert_array_equal(norms["final_norm"], params["final_norm"])
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 10)), jnp.int32)
+    base = np.asarray(logits(QWEN, params, ids))
+    np.testing.assert_array_equal(np.asarray(logits(QWEN, merge(params, adapters, lora), ids)), base)
+
+    trained = trained_adapters(QWEN, lora)
+    trained["norms"] = jax.tree.map(lambda x: x * 3.0, trained["norms"])
+    unmerged = np.asarray(logits(QWEN, attach(params, trained, lora), ids))
+    assert np.abs(unmerged - np.asarray(logits(QWEN, attach(params, trained_adapters(QWEN), LORA), ids))).max() > 1
+    np.testing.assert_allclose(np.asarray(logits(QWEN, merge(params, trained, lora), ids)), unmerged, atol=2e-4)
+    merged = merge(params, trained, lora)
+    np.testing.assert_array_equal(merged["layers"]["post_attn_norm"], trained["norms"]["layers"]["post_attn_norm"])
 
 
 def test_a_bfloat16_base_keeps_its_dtype_and_float32_adapters():

@@ -33,6 +33,7 @@ def lora_config(output_dir, total_steps=2, every=1):
     c.sft.lr = 1e-2
     c.sft.max_completion_length = 64
     c.lora.rank, c.lora.alpha, c.lora.targets = 4, 8.0, "q,v,o,down"
+    c.lora.train_norms = True  # the norms train whole too, and travel in checkpoints and PEFT's folder
     return validate_config(c)
 
 
@@ -124,7 +125,11 @@ def test_export_merged_hf_and_a_peft_adapter_that_peft_loads_with_our_logits(run
     adapter_dir = ckpt_lib.export_peft(str(run_dir), str(tmp_path / "adapter"))
     assert sorted(os.listdir(adapter_dir)) == [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
     with open(os.path.join(adapter_dir, PEFT_CONFIG_FILE)) as f:
-        assert json.load(f)["target_modules"] == ["down_proj", "o_proj", "q_proj", "v_proj"]
+        peft_config = json.load(f)
+    assert peft_config["target_modules"] == ["down_proj", "o_proj", "q_proj", "v_proj"]
+    assert peft_config["modules_to_save"] == ["input_layernorm", "norm", "post_attention_layernorm"]
+    trained_norm = np.asarray(summary["adapters"]["norms"]["final_norm"])
+    assert np.abs(trained_norm - np.asarray(base["final_norm"])).max() > 1e-3  # the norms trained
     base_dir = save_pretrained(model_config, base, tmp_path / "base")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
     ids = np.array([[5, 6, 7, 8, 9, 10]], np.int32)

@@ -79,9 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
     # LoRA (models/lora.py): rank 0 = off. On, the frozen base is also the KL reference (rl.ref_in_bf16
     # unused); SFT and GRPO train float32 adapters A [in, rank], B [rank, out], update (alpha / rank) A @ B,
     # on `targets` (comma-separated from q, k, v, o, gate, up, down). dropout: only 0 is implemented.
-    c.lora = ml_collections.ConfigDict(
-        dict(rank=0, alpha=LoraSettings.alpha, dropout=LoraSettings.dropout, targets=",".join(LORA_TARGETS))
-    )
+    # train_norms: also train every RMSNorm weight whole (PEFT's modules_to_save); a random base needs it.
+    c.lora = ml_collections.ConfigDict({**dataclasses.asdict(LoraSettings()), "targets": ",".join(LORA_TARGETS)})
 
     # kind "hf": AutoTokenizer from name_or_path ("" = the model folder);
     # kind "tiny": the demo's small BPE tokenizer (tooln1_jax.data.tiny_tokenizer) of `vocab_size`
@@ -386,8 +385,8 @@ def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
 
 def lora_settings(config: ml_collections.ConfigDict) -> LoraSettings:
     """The LoRA settings of `config.lora` (rank 0: LoRA off)."""
-    lo, targets = config.lora, tuple(t.strip() for t in config.lora.targets.split(","))
-    return LoraSettings(rank=int(lo.rank), alpha=float(lo.alpha), dropout=float(lo.dropout), targets=targets)
+    targets = tuple(t.strip() for t in config.lora.targets.split(","))
+    return settings_from(LoraSettings, config.lora, targets=targets)
 
 
 def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:

@@ -154,14 +154,15 @@ def build_model(config, tokenizer, mesh, *, load_weights: bool = True) -> tuple[
     return model_config, params
 
 
-def initial_adapters(config, model_config: ModelConfig, mesh) -> Any:
+def initial_adapters(config, model_config: ModelConfig, base: Any, mesh) -> Any:
     """Fresh adapters of `config.lora` placed on the mesh, if any (TRAIN_RULES), drawn from
-    fold_in(key(seed), 1) (the base's random init takes key(seed)): where SFT starts, and GRPO
-    when there is no warm start."""
+    fold_in(key(seed), 1) (the base's random init takes key(seed)), trained norms copied from
+    `base`: where SFT starts, and GRPO when there is no warm start."""
     lora = lora_settings(config)
     init = functools.partial(init_adapters, model_config, lora)
     sharding = None if mesh is None else adapter_sharding(model_config, lora, mesh, TRAIN_RULES)
-    return jax.jit(init, out_shardings=sharding)(jax.random.fold_in(jax.random.key(int(config.seed)), 1))
+    rng = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
+    return jax.jit(init, out_shardings=sharding)(rng, base)
 
 
 def policy_params(config, model_config: ModelConfig, trainable: Any, base: Any, mesh) -> Any:

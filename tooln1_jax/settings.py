@@ -82,13 +82,15 @@ class LoraSettings:
 
     rank: the adapters' rank r (0 = off: full fine-tuning); alpha: the update is
     (alpha / rank) * A @ B; dropout: only 0 is implemented; targets: which projections carry an
-    adapter, names from `LORA_TARGETS` (each layer's `<name>_proj`). Frozen and hashable, so a
-    jitted step can be cached on it."""
+    adapter, names from `LORA_TARGETS` (each layer's `<name>_proj`); train_norms: train every
+    RMSNorm weight whole beside the adapters (PEFT's `modules_to_save`), which a random base needs.
+    Frozen and hashable, so a jitted step can be cached on it."""
 
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = LORA_TARGETS
+    train_norms: bool = False
 
     def __post_init__(self):
         if self.rank < 0:

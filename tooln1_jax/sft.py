@@ -261,7 +261,7 @@ def run_sft(
     data = data or encode_for_run(config, tokenizer, records)
     lora = lora_settings(config)
     if lora.enabled and adapters is None:
-        adapters = initial_adapters(config, model_config, mesh)
+        adapters = initial_adapters(config, model_config, params, mesh)
     trainable = adapters if lora.enabled else params
     state, optimizer = init_sft_state(config, model_config, trainable, mesh=mesh)
     stop_accuracy = float(config.sft.stop_accuracy) if probe is not None else 0.0

@@ -283,7 +283,7 @@ def _run(config, stop: interrupt.StopRequest) -> dict:
         "final": None,
     }
     progress, sft_done = None, 0
-    params = initial_adapters(config, setup.model_config, setup.mesh) if lora.enabled else setup.params
+    params = initial_adapters(config, setup.model_config, setup.params, setup.mesh) if lora.enabled else setup.params
     if resume_step is not None:
         progress, params, sft_done = _resume(config, setup, checkpointer, program, summary, distributed.is_main())
     if progress is None:

@@ -5,6 +5,12 @@ whatever the base's dtype:
 
     {"layers": {"q_proj": {"a": [L, in, r], "b": [L, r, out]}, ...}}   (one entry per target)
 
+plus, with `train_norms`, `"norms"`: every RMSNorm weight trained whole, in the params' own tree
+layout (`{"layers": {"input_norm": [L, D], "post_attn_norm": [L, D]}, "final_norm": [D]}`),
+starting from the base's values (PEFT's `modules_to_save`). A frozen base's norms fix the scale of
+every logit; a random base (the tiny demo's, tied embeddings of std 0.02) then caps any logit
+near 0.02 * D, and LoRA alone cannot fit the data.
+
 A follows its base weight's input axis and B its output axis (the base's logical axes from
 `PARAM_SPECS`; the rank axis, `lora_rank`, is never split), so FSDP and tensor parallelism
 place them as they place the base. One update, (alpha / rank) * A @ B, used three ways:
@@ -38,6 +44,8 @@ from tooln1_jax.settings import LoraSettings
 from tooln1_jax.sharding import ShardingRules, logical_to_sharding
 
 ADAPTER_KEY = "lora"  # where `attach` puts the adapters in the params' "layers" entry
+NORMS_KEY = "norms"  # the adapters' entry of norm weights trained whole (`train_norms`)
+NORM_PARAMS = ("input_norm", "post_attn_norm", "final_norm")  # names in PARAM_SPECS
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -47,25 +55,40 @@ def _check(lora: LoraSettings) -> None:
         raise ValueError("LoRA is off (rank 0): there are no adapters")
 
 
+def _norms_tree(value) -> dict:
+    """{"layers": {name: value(name)}, name: value(name)}: the norm weights where the params keep them."""
+    tree: dict = {}
+    for name in NORM_PARAMS:
+        (tree.setdefault("layers", {}) if PARAM_SPECS[name].stacked else tree)[name] = value(name)
+    return tree
+
+
 def adapter_shapes(config: ModelConfig, lora: LoraSettings) -> dict:
-    """The adapters' tree with a shape tuple at each leaf: a [L, in, r], b [L, r, out]."""
+    """The adapters' tree with a shape tuple at each leaf: a [L, in, r], b [L, r, out] (and the
+    norms' stored shapes with `train_norms`)."""
     _check(lora)
     out = {}
     for leaf in lora.target_leaves:
         d_in, d_out = PARAM_SPECS[leaf].shape(config)
         out[leaf] = {"a": (config.num_layers, d_in, lora.rank), "b": (config.num_layers, lora.rank, d_out)}
-    return {"layers": out}
+    tree = {"layers": out}
+    if lora.train_norms:
+        tree[NORMS_KEY] = _norms_tree(lambda name: PARAM_SPECS[name].stored_shape(config))
+    return tree
 
 
 def adapter_logical_axes(lora: LoraSettings) -> dict:
     """The adapters' tree with logical axes at each leaf: A takes its base weight's input axis,
-    B its output axis (`PARAM_SPECS`)."""
+    B its output axis (`PARAM_SPECS`); trained norms keep their own."""
     _check(lora)
     out = {}
     for leaf in lora.target_leaves:
         axis_in, axis_out = PARAM_SPECS[leaf].logical_axes
         out[leaf] = {"a": ("layers", axis_in, "lora_rank"), "b": ("layers", "lora_rank", axis_out)}
-    return {"layers": out}
+    tree = {"layers": out}
+    if lora.train_norms:
+        tree[NORMS_KEY] = _norms_tree(lambda name: PARAM_SPECS[name].stored_axes)
+    return tree
 
 
 def adapter_sharding(config: ModelConfig, lora: LoraSettings, mesh: Mesh, rules: ShardingRules) -> dict:
@@ -83,8 +106,9 @@ def abstract_adapters(config: ModelConfig, lora: LoraSettings, mesh: Mesh, rules
     )
 
 
-def init_adapters(config: ModelConfig, lora: LoraSettings, rng: jax.Array) -> dict:
-    """Fresh float32 adapters: A uniform in +-1/sqrt(in) (PEFT's default), B zero."""
+def init_adapters(config: ModelConfig, lora: LoraSettings, rng: jax.Array, base: dict | None = None) -> dict:
+    """Fresh float32 adapters: A uniform in +-1/sqrt(in) (PEFT's default), B zero; with
+    `train_norms`, the norms copied from `base` (required then), so the model starts unchanged."""
     shapes = adapter_shapes(config, lora)["layers"]
     keys = jax.random.split(rng, len(shapes))
     out = {}
@@ -92,19 +116,39 @@ def init_adapters(config: ModelConfig, lora: LoraSettings, rng: jax.Array) -> di
         bound = 1.0 / np.sqrt(s["a"][1])
         a = jax.random.uniform(key, s["a"], jnp.float32, -bound, bound)
         out[leaf] = {"a": a, "b": jnp.zeros(s["b"], jnp.float32)}
-    return {"layers": out}
+    tree = {"layers": out}
+    if lora.train_norms:
+        if base is None:
+            raise ValueError("init_adapters: lora.train_norms starts the norms from the base; pass base=")
+        tree[NORMS_KEY] = _norms_tree(
+            lambda name: (base["layers"] if PARAM_SPECS[name].stacked else base)[name].astype(jnp.float32)
+        )
+    return tree
+
+
+def _with_norms(params: dict, adapters: dict) -> dict:
+    """`params` with the trained norms (if any) in place of the base's, in the base's dtype."""
+    norms = adapters.get(NORMS_KEY)
+    if norms is None:
+        return params
+    cast = {k: v.astype(params[k].dtype) for k, v in norms.items() if k != "layers"}
+    layers = {k: v.astype(params["layers"][k].dtype) for k, v in norms["layers"].items()}
+    return {**params, **cast, "layers": {**params["layers"], **layers}}
 
 
 def attach(params: dict, adapters: dict, lora: LoraSettings) -> dict:
     """The params with the adapters beside each layer's weights, under `lp["lora"]`, B already
-    scaled by alpha / rank (traced: the gradient reaches the stored B). Nothing is copied."""
+    scaled by alpha / rank (traced: the gradient reaches the stored B), and the trained norms in
+    place of the base's. Nothing is copied."""
     scaled = {leaf: {"a": ab["a"], "b": ab["b"] * lora.scale} for leaf, ab in adapters["layers"].items()}
+    params = _with_norms(params, adapters)
     return {**params, "layers": {**params["layers"], ADAPTER_KEY: scaled}}
 
 
 def merge(params: dict, adapters: dict, lora: LoraSettings) -> dict:
     """Plain params with each adapted weight W [L, in, out] replaced by W + (alpha / rank) A @ B,
-    summed in float32 and stored in W's dtype."""
+    summed in float32 and stored in W's dtype, and the trained norms in place of the base's."""
+    params = _with_norms(params, adapters)
     layers = dict(params["layers"])
     for leaf, ab in adapters["layers"].items():
         w = layers[leaf]
@@ -143,8 +187,9 @@ def _module_name(leaf: str, layer: int) -> str:
 
 def peft_tensors(config: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
     """PEFT's state dict of the adapters, float32 in torch's [out, in] layout: per layer and target
-    `base_model.model.<module>.lora_A.weight` [r, in] and `... .lora_B.weight` [out, r]. Every
-    process calls it (multi-host arrays are gathered)."""
+    `base_model.model.<module>.lora_A.weight` [r, in] and `... .lora_B.weight` [out, r]; trained
+    norms as `base_model.model.<module>.weight` (PEFT's key for a module in `modules_to_save`).
+    Every process calls it (multi-host arrays are gathered)."""
     out = {}
     for leaf, ab in adapters["layers"].items():
         a, b = to_host(ab["a"]), to_host(ab["b"])
@@ -152,7 +197,17 @@ def peft_tensors(config: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
             module = f"base_model.model.{_module_name(leaf, i)}"
             out[f"{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T, np.float32)
             out[f"{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T, np.float32)
+    norms = adapters.get(NORMS_KEY, {})
+    for name, w in {**norms.get("layers", {}), **{k: v for k, v in norms.items() if k != "layers"}}.items():
+        w, spec = to_host(w), PARAM_SPECS[name]
+        for i in range(config.num_layers) if spec.stacked else [None]:
+            out[f"base_model.model.{spec.hf_tensor(i)}"] = np.ascontiguousarray(w[i] if spec.stacked else w, np.float32)
     return out
+
+
+def _peft_norm_modules() -> set[str]:
+    """transformers' module names of the norms (their last dotted part), as PEFT matches them."""
+    return {PARAM_SPECS[name].hf_name.removesuffix(".weight").rsplit(".", 1)[-1] for name in NORM_PARAMS}
 
 
 def peft_config(lora: LoraSettings, base_model_name_or_path: str = "") -> dict:
@@ -169,7 +224,7 @@ def peft_config(lora: LoraSettings, base_model_name_or_path: str = "") -> dict:
         "fan_in_fan_out": False,
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(_peft_norm_modules()) if lora.train_norms else None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
