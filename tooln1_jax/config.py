@@ -20,6 +20,7 @@ import ml_collections
 
 from tooln1_jax.settings import (
     AGGREGATIONS,
+    ATTENTION_IMPLS,
     KL_ESTIMATORS,
     LORA_TARGETS,
     MODEL_TYPES,
@@ -60,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype
             param_dtype="float32",
             remat="none",
+            attention_impl="auto",  # ATTENTION_IMPLS; "auto": the best for the backend (models/attention.py)
             random=dict(
                 model_type="qwen2",
                 vocab_size=0,
@@ -231,9 +233,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def _check_model_and_tokenizer(c) -> None:
-    _one_of(c, "model.dtype", DTYPES)
-    _one_of(c, "model.param_dtype", DTYPES)
-    _one_of(c, "model.remat", REMAT_POLICIES)
+    for field, choices in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES)):
+        _one_of(c, f"model.{field}", choices)
+    _one_of(c, "model.attention_impl", ATTENTION_IMPLS)
     if not c.model.name_or_path:
         r = "model.random"
         _one_of(c, f"{r}.model_type", MODEL_TYPES)
@@ -348,7 +350,6 @@ def _check_optim_and_sft(c) -> None:
     for f in ("optim.b1", "optim.b2"):
         if not 0.0 <= _get(c, f) < 1.0:
             _fail(f, _get(c, f), "must be in [0, 1)")
-
     _non_negative(c, "sft.warm_start_steps", "sft.warmup_steps", "sft.max_completion_length")
     _positive(c, "sft.log_every", "sft.probe_every", "sft.probe_examples")
     if c.sft.warm_start_steps:

@@ -120,6 +120,7 @@ def _random_model_config(config, tokenizer) -> ModelConfig:
         eos_token_id=tokenizer.eos_token_id,
         dtype=config.model.dtype,
         remat=config.model.remat,
+        attention_impl=config.model.attention_impl,
     )
 
 
@@ -138,7 +139,7 @@ def build_model(config, tokenizer, mesh, *, load_weights: bool = True) -> tuple[
         else:
             folder = resolve_checkpoint_dir(config.model.name_or_path)
             model_config, params = ModelConfig.from_hf(folder, dtype=config.model.dtype), None
-        model_config = model_config.replace(remat=config.model.remat)
+        model_config = model_config.replace(remat=config.model.remat, attention_impl=config.model.attention_impl)
     else:
         model_config = _random_model_config(config, tokenizer)
         params = None

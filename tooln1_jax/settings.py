@@ -14,6 +14,8 @@ import optax
 REWARD_VARIANTS = ("binary", "no_reason", "partial_reason", "partial_reason_funcname")
 MODEL_TYPES = ("qwen2", "llama")
 REMAT_POLICIES = ("none", "full", "dots")
+# models/attention.py; "auto" picks by backend, dtype and length (`attention.resolve`).
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 # LoRA targets by name: the attention projections q, k, v, o and the MLP's gate, up, down.

@@ -1,5 +1,5 @@
-"""The decoder's maths as pure functions: RMSNorm, rotary embeddings, GQA attention (the SwiGLU
-MLP is `transformer.attention_out_and_mlp`, built from `transformer.dense`).
+"""The decoder's maths as pure functions: RMSNorm, rotary embeddings (GQA attention is
+`attention.py`; the SwiGLU MLP is `transformer.attention_out_and_mlp`, built from `transformer.dense`).
 
 Everything here follows transformers' Qwen2/Llama numerics: norms and softmax in float32,
 rotary tables in float32, everything else in the compute dtype.
@@ -32,24 +32,3 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention.
-
-    q [B, T, H, hd], k and v [B, S, K, hd] with H a multiple of K, mask [B, T, S] bool
-    (True where query t may attend to key s). Returns [B, T, H * hd].
-
-    The g = H / K query heads that share a kv head stack into one [g*T, hd] x [hd, S] product per
-    (batch, kv head): fewer, larger matmuls than one per query head (docs/performance_history.md).
-    """
-    b, t, h, hd = q.shape
-    kv_heads = k.shape[2]
-    g = h // kv_heads
-    q = q.reshape(b, t, kv_heads, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, hd)
-    scores = jnp.einsum("bkmd,bskd->bkms", q, k, preferred_element_type=jnp.float32)
-    scores = (scores * (hd**-0.5)).reshape(b, kv_heads, g, t, -1)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
-    out = jnp.einsum("bkms,bskd->bkmd", probs, v)  # [B, K, g*T, hd]
-    return out.reshape(b, kv_heads, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from tooln1_jax.settings import MODEL_TYPES, REMAT_POLICIES
+from tooln1_jax.settings import ATTENTION_IMPLS, MODEL_TYPES, REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +16,8 @@ class ModelConfig:
 
     `dtype` is the compute dtype (activations, matmuls); parameters keep their own dtype.
     `remat` is one of "none", "full" (recompute each layer in the backward pass) or
-    "dots" (save matmul outputs only).
+    "dots" (save matmul outputs only). `attention_impl` is one of `ATTENTION_IMPLS`
+    (models/attention.py; "auto" picks the best for the backend).
     """
 
     vocab_size: int
@@ -37,6 +38,7 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     dtype: str = "float32"
     remat: str = "none"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -51,6 +53,8 @@ class ModelConfig:
             raise ValueError("Llama with attention_bias=True (o_proj bias) is not supported")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -12,8 +12,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from tooln1_jax.models.attention import attention
 from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slots
-from tooln1_jax.models.layers import apply_rope, attention, rms_norm, rope_at_positions
+from tooln1_jax.models.layers import apply_rope, rms_norm, rope_at_positions
 from tooln1_jax.models.lora import ADAPTER_KEY
 from tooln1_jax.models.model_config import ModelConfig
 
@@ -61,11 +62,12 @@ def attention_out_and_mlp(config: ModelConfig, lp: dict, x: jax.Array, attn: jax
     return x + dense(jax.nn.silu(dense(h, lp, "gate_proj")) * dense(h, lp, "up_proj"), lp, "down_proj")
 
 
-def decoder_layer(config, lp, x, sin, cos, mask):
-    """One layer without a cache. x [B, T, D], mask [B, T, T] bool."""
+def decoder_layer(config, lp, x, sin, cos, attention_mask):
+    """One layer without a cache. x [B, T, D], attention_mask [B, T] (1 real, 0 pad): causal
+    attention over the real tokens, by `config.attention_impl`."""
     h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
     q, k, v = project_qkv(config, lp, h, sin, cos)
-    return attention_out_and_mlp(config, lp, x, attention(q, k, v, mask))
+    return attention_out_and_mlp(config, lp, x, attention(config.attention_impl, q, k, v, attention_mask))
 
 
 def hidden_states(
@@ -78,12 +80,10 @@ def hidden_states(
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), jnp.int32)
     sin, cos = rope_at_positions(positions_from_mask(attention_mask), config.head_dim, config.rope_theta)
-    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-    mask = causal[None] & (attention_mask[:, None, :] > 0)
     x = params["embed"][input_ids].astype(dt)
 
     def body(x, lp):
-        return decoder_layer(config, lp, x, sin, cos, mask), None
+        return decoder_layer(config, lp, x, sin, cos, attention_mask), None
 
     if config.remat == "full":
         body = jax.checkpoint(body)
@@ -118,9 +118,7 @@ def forward_cached(
     positions = jnp.sum(cache.mask, axis=1, keepdims=True) + jnp.cumsum(token_mask, axis=1) - 1
     sin, cos = rope_at_positions(jnp.maximum(positions, 0), config.head_dim, config.rope_theta)
     new_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask.astype(jnp.int32), (0, start))
-    slots = jnp.arange(cache.max_len)
-    causal = slots[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
-    mask = causal[None] & (new_mask[:, None, :] > 0)  # [B, T, S]
+    query_start = start  # token t at cache slot start + t; its keys: every valid slot up to it
 
     x = params["embed"][tokens].astype(dt)
     ks, vs = [], []
@@ -131,10 +129,11 @@ def forward_cached(
         k_buf = write_key_slots(cache.k[i], k, start)
         v_buf = write_value_slots(cache.v[i], v, start)
         if last_only and i == config.num_layers - 1:
-            x, q, mask = x[:, -1:], q[:, -1:], mask[:, -1:]
+            x, q, query_start = x[:, -1:], q[:, -1:], start + t - 1
         # [B, S, K, hd] for the prefill attention: one transpose per prefill, not per token
         keys, values = k_buf.transpose(0, 3, 1, 2).astype(dt), jnp.swapaxes(v_buf, 1, 2).astype(dt)
-        x = attention_out_and_mlp(config, lp, x, attention(q, keys, values, mask))
+        attn = attention(config.attention_impl, q, keys, values, new_mask, query_start)
+        x = attention_out_and_mlp(config, lp, x, attn)
         ks.append(k_buf)
         vs.append(v_buf)
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
