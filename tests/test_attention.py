@@ -147,12 +147,11 @@ def test_cudnn_branch_passes_cudnn(monkeypatch):
 
 
 def test_auto_resolves_per_backend():
-    assert attn.resolve("auto", jnp.bfloat16, 4096, backend="tpu") == "splash"
-    assert attn.resolve("auto", jnp.bfloat16, 4096, backend="gpu") == "cudnn"
-    assert attn.resolve("auto", jnp.float32, 4096, backend="gpu") == "blockwise"  # cuDNN flash: no fp32
-    assert attn.resolve("auto", jnp.float32, attn.CPU_BLOCKWISE_FROM - 1, backend="cpu") == "dense"
-    assert attn.resolve("auto", jnp.float32, attn.CPU_BLOCKWISE_FROM, backend="cpu") == "blockwise"
-    assert attn.resolve("dense", jnp.bfloat16, 4096, backend="tpu") == "dense"
+    assert attn.resolve("auto", jnp.bfloat16, backend="tpu") == "splash"
+    assert attn.resolve("auto", jnp.bfloat16, backend="gpu") == "cudnn"
+    assert attn.resolve("auto", jnp.float32, backend="gpu") == "blockwise"  # cuDNN flash: no float32
+    assert attn.resolve("auto", jnp.float32, backend="cpu") == "blockwise"
+    assert attn.resolve("dense", jnp.bfloat16, backend="tpu") == "dense"
 
 
 def test_unknown_impl_is_rejected_naming_the_field():

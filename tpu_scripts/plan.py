@@ -303,7 +303,7 @@ def matmul_params(config: ModelConfig) -> int:
 
 def attention_flops_per_token(config: ModelConfig, context: int) -> float:
     """Forward QK^T and PV for one query over `context` keys, all layers. The project's
-    attention (layers.attention) computes the full masked [T, S] score matrix, so causal
+    attention (attention.dense_attention) computes the full masked [T, S] score matrix, so causal
     masking saves nothing and the full context counts."""
     return 4 * config.num_layers * context * config.num_heads * config.head_dim
 

@@ -32,8 +32,6 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 NEG = float(jnp.finfo(jnp.float32).min)  # masked score, as in the dense reference
 BLOCK = 512  # keys per blockwise step
 SPLASH_BLOCK = 128  # splash kernel tile: sequence lengths are padded to a multiple
-# Sequence length from which "auto" on CPU runs blockwise (docs/performance_history.md).
-CPU_BLOCKWISE_FROM = 1024
 
 
 def causal_mask(key_valid: jax.Array, query_start, t: int) -> jax.Array:
@@ -250,10 +248,10 @@ def splash_attention(q, k, v, key_valid, query_start=0, interpret: bool | None =
     return _at_query_slots(o, key_valid, q.shape[1], query_start)
 
 
-def resolve(impl: str, dtype, length: int, backend: str | None = None) -> str:
+def resolve(impl: str, dtype, backend: str | None = None) -> str:
     """The implementation "auto" stands for (others pass through): "splash" on TPU; "cudnn" on GPU
-    for bf16/fp16 (cuDNN's flash attention has no float32), else "blockwise"; on CPU "dense"
-    below CPU_BLOCKWISE_FROM keys, where it is faster, and "blockwise" from there."""
+    for bf16/fp16 (cuDNN's flash attention has no float32), else "blockwise"; "blockwise" on CPU,
+    measured faster than "dense" at 256 tokens and twice as fast at 4096 (docs/performance_history.md)."""
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
@@ -261,13 +259,13 @@ def resolve(impl: str, dtype, length: int, backend: str | None = None) -> str:
         return "splash"
     if backend == "gpu":
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blockwise"
-    return "dense" if length < CPU_BLOCKWISE_FROM else "blockwise"
+    return "blockwise"
 
 
 def attention(impl: str, q, k, v, key_valid, query_start=0) -> jax.Array:
     """Causal GQA by `impl` (`settings.ATTENTION_IMPLS`): q [B, T, H, hd], k and v [B, S, K, hd],
     key_valid [B, S], query t at slot query_start + t -> [B, T, H * hd]."""
-    impl = resolve(impl, q.dtype, k.shape[1])
+    impl = resolve(impl, q.dtype)
     if impl == "dense":
         return dense_attention(q, k, v, causal_mask(key_valid, query_start, q.shape[1]))
     if impl == "blockwise":
