@@ -86,6 +86,31 @@ def make_batch(seed: int = 0) -> dict:
     )
 
 
+def benchmark_step(config, params, lora_rank: int, *, ref_dtype, micro_batch_size, chunk_size, completion_len):
+    """The benchmarks' GRPO step on `params` (W1 here, W2 in `lora_w2.py`): AdamW lr 1e-6, clip
+    0.2, k3 KL 1e-3. Full (rank 0): the state trains `params`, the reference is a frozen copy in
+    `ref_dtype` (None: float32). LoRA (rank R, alpha 2R, every target): the state trains fresh
+    adapters and the base, in `ref_dtype`, is the reference (no copy). Returns (state, ref, step, lora)."""
+    lora = LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank)
+    optimizer = make_optimizer(OptimizerSettings(1e-6, weight_decay=0.01, grad_clip=1.0))
+    if lora.enabled:
+        ref = params if ref_dtype is None else reference_params(params, dtype=ref_dtype)
+        state = init_train_state(init_adapters(config, lora, jax.random.key(1)), optimizer)
+    else:
+        ref, state = reference_params(params, dtype=ref_dtype), init_train_state(params, optimizer)
+    step = make_grpo_step(
+        config,
+        optimizer,
+        micro_batch_size=micro_batch_size,
+        temperature=TEMPERATURE,
+        chunk_size=chunk_size,
+        completion_len=completion_len,
+        loss_settings=LossSettings(clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3"),
+        lora=lora,
+    )
+    return state, ref, step, lora
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--micro-batch-size", type=int, default=16, help="rows per micro-batch (gradient accumulation)")
@@ -117,23 +142,17 @@ def main():
     probe.sample()
 
     params = init_params(config, jax.random.key(0))
-    ref = reference_params(params, dtype=None if args.ref_dtype == "float32" else jnp.bfloat16)
-    lora = LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
-    optimizer = make_optimizer(OptimizerSettings(1e-6, weight_decay=0.01, grad_clip=1.0))
-    # LoRA: the state holds the adapters; `ref` is the frozen base and the reference at once.
-    trainable = init_adapters(config, lora, jax.random.key(1)) if lora.enabled else params
-    state = init_train_state(trainable, optimizer)
-    del params, trainable
-    step = make_grpo_step(
+    ref_dtype = None if args.ref_dtype == "float32" else jnp.bfloat16
+    state, ref, step, lora = benchmark_step(
         config,
-        optimizer,
+        params,
+        args.lora_rank,
+        ref_dtype=ref_dtype,
         micro_batch_size=args.micro_batch_size,
-        temperature=TEMPERATURE,
         chunk_size=args.chunk_size,
         completion_len=completion_len,
-        loss_settings=LossSettings(clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3"),
-        lora=lora,
     )
+    del params
     batch = make_batch()
     # Old log-probs: what the sampler would return (here: the policy's own, so ratio = 1).
     old_fn = lambda p, b: compute_logprobs(

@@ -154,12 +154,7 @@ def load_batch(path: str) -> tuple[dict, dict]:
 def run_arm(args) -> None:
     """One arm: load, compile (timed), `reps` timed steps; prints a RESULT json line."""
     import jax
-
-    from tooln1_jax.grpo import LossSettings
-    from tooln1_jax.models.lora import init_adapters
-    from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
-    from tooln1_jax.settings import LoraSettings
-    from tooln1_jax.train_step import init_train_state, make_grpo_step, reference_params
+    from grpo_step import benchmark_step  # jax only in the children: their peak RSS is the figure
 
     if args.shape_only:
         rows, width = (int(x) for x in args.shape_only.split("x"))
@@ -175,27 +170,17 @@ def run_arm(args) -> None:
     else:
         batch, meta = load_batch(args.npz)
     config, params = load_model(args.remat)
-    lora = LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.stage == "lora" else None
-    optimizer = make_optimizer(OptimizerSettings(1e-6, weight_decay=0.01, grad_clip=1.0))
-    if lora is None:  # full: the policy is trained, the reference is a frozen fp32 copy
-        ref = reference_params(params)
-        trainable = params
-    else:  # LoRA: the frozen base is the reference; only the adapters are trained
-        ref = params
-        trainable = init_adapters(config, lora, jax.random.key(1))
-    state = init_train_state(trainable, optimizer)
-    n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
-    del params, trainable
-    step = make_grpo_step(
+    state, ref, step, _ = benchmark_step(
         config,
-        optimizer,
+        params,
+        args.lora_rank if args.stage == "lora" else 0,
+        ref_dtype=None,
         micro_batch_size=args.micro_batch_size,
-        temperature=TEMPERATURE,
         chunk_size=args.chunk_size,
         completion_len=int(meta["max_new_tokens"]),
-        loss_settings=LossSettings(clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3"),
-        lora=lora,
     )
+    n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
+    del params
     t0 = time.perf_counter()
     compiled = step.lower(state, ref, batch).compile()
     compile_s = time.perf_counter() - t0
