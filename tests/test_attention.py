@@ -147,11 +147,13 @@ def test_cudnn_branch_passes_cudnn(monkeypatch):
 
 
 def test_auto_resolves_per_backend():
-    assert attn.resolve("auto", jnp.bfloat16, backend="tpu") == "splash"
-    assert attn.resolve("auto", jnp.bfloat16, backend="gpu") == "cudnn"
-    assert attn.resolve("auto", jnp.float32, backend="gpu") == "blockwise"  # cuDNN flash: no float32
-    assert attn.resolve("auto", jnp.float32, backend="cpu") == "blockwise"
-    assert attn.resolve("dense", jnp.bfloat16, backend="tpu") == "dense"
+    long, short = attn.BLOCK + 1, attn.BLOCK
+    assert attn.resolve("auto", jnp.bfloat16, short, backend="tpu") == "splash"
+    assert attn.resolve("auto", jnp.bfloat16, long, backend="gpu") == "cudnn"
+    assert attn.resolve("auto", jnp.float32, long, backend="gpu") == "blockwise"  # cuDNN flash: no float32
+    assert attn.resolve("auto", jnp.float32, long, backend="cpu") == "blockwise"
+    assert attn.resolve("auto", jnp.float32, short, backend="cpu") == "dense"  # one block saves nothing
+    assert attn.resolve("dense", jnp.bfloat16, long, backend="tpu") == "dense"
 
 
 def test_unknown_impl_is_rejected_naming_the_field():

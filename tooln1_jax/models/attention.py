@@ -248,24 +248,27 @@ def splash_attention(q, k, v, key_valid, query_start=0, interpret: bool | None =
     return _at_query_slots(o, key_valid, q.shape[1], query_start)
 
 
-def resolve(impl: str, dtype, backend: str | None = None) -> str:
-    """The implementation "auto" stands for (others pass through): "splash" on TPU; "cudnn" on GPU
-    for bf16/fp16 (cuDNN's flash attention has no float32), else "blockwise"; "blockwise" on CPU,
-    measured faster than "dense" at 256 tokens and twice as fast at 4096 (docs/performance_history.md)."""
+def resolve(impl: str, dtype, kv_len: int, backend: str | None = None) -> str:
+    """The implementation "auto" stands for at `kv_len` key slots (others pass through): "splash"
+    on TPU; "cudnn" on GPU for bf16/fp16 (cuDNN's flash attention has no float32); else
+    "blockwise", but "dense" up to one key block (`BLOCK`), where blockwise keeps no less memory
+    (one block is the whole score matrix) and the figures in the README (the demo, W1) were
+    measured. On CPU blockwise was 1.2x dense's speed at 256 tokens and 2x at 4,096
+    (docs/performance_history.md)."""
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
     if backend == "tpu":
         return "splash"
-    if backend == "gpu":
-        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blockwise"
-    return "blockwise"
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "dense" if kv_len <= BLOCK else "blockwise"
 
 
 def attention(impl: str, q, k, v, key_valid, query_start=0) -> jax.Array:
     """Causal GQA by `impl` (`settings.ATTENTION_IMPLS`): q [B, T, H, hd], k and v [B, S, K, hd],
     key_valid [B, S], query t at slot query_start + t -> [B, T, H * hd]."""
-    impl = resolve(impl, q.dtype)
+    impl = resolve(impl, q.dtype, k.shape[1])
     if impl == "dense":
         return dense_attention(q, k, v, causal_mask(key_valid, query_start, q.shape[1]))
     if impl == "blockwise":
