@@ -3,6 +3,7 @@
     python tpu_scripts/plan.py                              # prints the tables
     python tpu_scripts/plan.py --update-doc docs/pod_plan.md  # rewrites them between the doc's markers
     python tpu_scripts/plan.py --colab                        # the LoRA notebook's Colab settings
+    python tpu_scripts/plan.py --attention dense              # the tables with dense (quadratic) attention
 
 Per-chip sizes come from the project's own sharding rules (`tooln1_jax.sharding`: TRAIN_RULES
 for the update, SAMPLE_RULES for the rollout) applied to the real parameter and KV-cache shapes
@@ -28,6 +29,7 @@ for _p in (_HERE, os.path.dirname(_HERE)):
 from common import parse_accelerator  # noqa: E402
 from jax.sharding import AbstractMesh  # noqa: E402
 
+from tooln1_jax.models import attention  # noqa: E402
 from tooln1_jax.models.kv_cache import VALUE_CACHE_LOGICAL_AXES  # noqa: E402
 from tooln1_jax.models.lora import adapter_logical_axes, adapter_shapes  # noqa: E402
 from tooln1_jax.models.model_config import ModelConfig, preset  # noqa: E402
@@ -41,13 +43,16 @@ F32, BF16 = 4, 2
 
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
-    """Published per-chip figures (bf16 peak, HBM capacity in bytes, HBM bandwidth in bytes/s)."""
+    """Published per-chip figures (bf16 peak, HBM capacity in bytes, HBM bandwidth in bytes/s), and
+    the JAX backend and compute dtype that `attention.resolve` sees there."""
 
     name: str
     peak_flops: float
     hbm_bytes: float
     hbm_bandwidth: float
     source: str
+    backend: str = "tpu"
+    compute_dtype: str = "bfloat16"
 
 
 CHIPS = {
@@ -62,7 +67,12 @@ CHIPS = {
 # same 2 bytes per value.
 COLAB_DEVICES = {
     "colab-tpu-v2-8": (ChipSpec("TPU v2 core", 22.5e12, 8 * GiB, 300e9, "https://cloud.google.com/tpu/docs/v2"), 8),
-    "colab-t4": (ChipSpec("NVIDIA T4", 65e12, 16e9, 320e9, "https://www.nvidia.com/en-us/data-center/tesla-t4/"), 1),
+    "colab-t4": (
+        ChipSpec(
+            "NVIDIA T4", 65e12, 16e9, 320e9, "https://www.nvidia.com/en-us/data-center/tesla-t4/", "gpu", "float16"
+        ),
+        1,
+    ),
 }
 
 
@@ -126,6 +136,9 @@ class PodPlan:
     # the fp32 master today; 2 if the trainer cast them to bf16 before sampling.
     sampling_weight_bytes: int = F32
     lora_rank: int = 0  # > 0: LoRA of this rank on every target, the base frozen in bf16
+    # config.model.attention_impl; "auto" is what `attention.resolve` picks on the chip ("splash" on TPU).
+    # "dense" prints the quadratic score figures (`python tpu_scripts/plan.py --attention dense`).
+    attention_impl: str = "auto"
 
     @property
     def lora(self) -> LoraSettings:
@@ -135,10 +148,10 @@ class PodPlan:
 # Today the trainer samples the whole rollout batch (1,024 prompts) in one sampler call; the
 # plans below with fewer prompts per pass need it to sample in passes (see docs/pod_plan.md).
 PLANS = (
-    PodPlan("7B on v5p-64", "Qwen/Qwen2.5-7B-Instruct", "v5p-64", (1, 8, 4), micro_batch=8, generation_prompts=256),
+    PodPlan("7B on v5p-64", "Qwen/Qwen2.5-7B-Instruct", "v5p-64", (1, 8, 4), micro_batch=8, generation_prompts=512),
     PodPlan("7B on v4-64", "Qwen/Qwen2.5-7B-Instruct", "v4-64", (1, 8, 4), micro_batch=8, generation_prompts=64),
     PodPlan("7B on v6e-64", "Qwen/Qwen2.5-7B-Instruct", "v6e-64", (1, 16, 4), micro_batch=16, generation_prompts=128),
-    PodPlan("14B on v5p-128", "Qwen/Qwen2.5-14B-Instruct", "v5p-128", (1, 8, 8), micro_batch=8, generation_prompts=128),
+    PodPlan("14B on v5p-128", "Qwen/Qwen2.5-14B-Instruct", "v5p-128", (1, 8, 8), micro_batch=8, generation_prompts=256),
     # One pass of all 1,024 prompts, as the trainer samples today: it takes a 4x bigger slice.
     PodPlan(
         "7B on v5p-256, one pass",
@@ -174,7 +187,7 @@ LORA_PLANS = (
         "v5litepod-8",
         (1, 2, 4),
         micro_batch=2,
-        generation_prompts=4,
+        generation_prompts=8,
         lora_rank=LORA_RANK,
     ),
     PodPlan(
@@ -183,7 +196,7 @@ LORA_PLANS = (
         "v4-8",
         (1, 1, 4),
         micro_batch=1,
-        generation_prompts=8,
+        generation_prompts=16,
         lora_rank=LORA_RANK,
     ),
     PodPlan(
@@ -192,7 +205,7 @@ LORA_PLANS = (
         "v5p-8",
         (1, 1, 4),
         micro_batch=1,
-        generation_prompts=8,
+        generation_prompts=16,
         lora_rank=LORA_RANK,
     ),
 )
@@ -302,10 +315,52 @@ def matmul_params(config: ModelConfig) -> int:
 
 
 def attention_flops_per_token(config: ModelConfig, context: int) -> float:
-    """Forward QK^T and PV for one query over `context` keys, all layers. The project's
-    attention (attention.dense_attention) computes the full masked [T, S] score matrix, so causal
-    masking saves nothing and the full context counts."""
+    """Forward QK^T and PV for one query over `context` keys, all layers. The full context counts:
+    "dense" and "blockwise" compute every masked score of the [T, S] matrix (blockwise changes the
+    memory, not the FLOPs). The splash kernel skips key blocks that the causal mask hides entirely
+    (about half of them in training), which this plan does not model: on TPU the attention FLOPs
+    here are an upper bound."""
     return 4 * config.num_layers * context * config.num_heads * config.head_dim
+
+
+def attention_memory(impl: str, cfg: ModelConfig, rows: int, t: int, split: int, backward: bool) -> dict:
+    """Bytes per chip of one layer's attention over `t` queries and `t` keys (training, or a prefill
+    into its prompt-length cache), by item: what a layer holds on top of its inputs and outputs.
+    `split` is how many ways (batch, KV heads) divide; `backward`: the update's recompute (scores,
+    probabilities and their gradient live) rather than a forward (scores and probabilities).
+
+    - "dense" materialises the float32 scores [rows, heads, t, t] (x3 backward, x2 forward):
+      quadratic in t.
+    - "blockwise" holds one key block at a time, [rows, heads, t, BLOCK] float32 (x3 / x2 as
+      dense), its float32 output (forward) or dq (backward) accumulator [rows, heads, t, head_dim],
+      and the per-row softmax max and sum [rows, heads, t] float32 that its backward recomputes
+      the blocks from: linear in t.
+    - "splash" / "cudnn" (flash kernels) keep their score tiles on chip (splash: SPLASH_BLOCK x
+      SPLASH_BLOCK float32 tiles in VMEM, one grid step at a time; cuDNN: shared memory), so HBM
+      holds only the per-row statistics the backward needs: the logsumexp saved by the forward and
+      the row sum of dO * O, [rows, heads, t] float32 each. A forward without residuals (the
+      prefill) holds nothing beyond its output."""
+    n = 3 if backward else 2
+    per_row = rows * cfg.num_heads * t * F32 / split  # one float32 per query row and head
+    if impl == "dense":
+        name = (
+            "attention scores, one layer (x3, fp32)" if backward else "prefill attention scores, one layer (x2, fp32)"
+        )
+        return {name: n * per_row * t}
+    prefix = "attention" if backward else "prefill attention"
+    if impl == "blockwise":
+        return {
+            f"{prefix} score blocks, one layer (x{n}, [T, {attention.BLOCK}] fp32)": n
+            * per_row
+            * min(attention.BLOCK, t),
+            f"{prefix} fp32 accumulator, one layer": per_row * cfg.head_dim,
+            f"{prefix} softmax max and sum, one layer (fp32)": 2 * per_row,
+        }
+    if impl in ("splash", "cudnn"):
+        if not backward:
+            return {f"{prefix}, one layer ({impl}: score tiles on chip)": 0.0}
+        return {f"{prefix} logsumexp and dO.O rows, one layer ({impl}, fp32)": 2 * per_row}
+    raise ValueError(f"attention_impl={impl!r}: unknown")
 
 
 def devices_of(accelerator: str) -> tuple[ChipSpec, int]:
@@ -338,13 +393,13 @@ def plan_report(
     persistent, gradients = _training_state(cfg, plan, mesh)
     batch_split = split(("batch", "seq", "embed"), (mb, s, d))
     head_split = split(("batch", "kv_heads", None, None), (mb, cfg.num_kv_heads, s, s))
+    impl = attention.resolve(plan.attention_impl, chip.compute_dtype, s, chip.backend)
     update = {
         **gradients,
         # remat="full" keeps each layer's input [mb, S, D] (bf16) and recomputes the rest.
         "saved layer inputs (remat)": L * mb * s * d * BF16 / batch_split,
-        # One layer recomputed in the backward pass: scores, probabilities and their gradient,
-        # [mb, heads, S, S] float32, split over batch and (KV-head-divisible) tensor.
-        "attention scores, one layer (x3, fp32)": 3 * mb * cfg.num_heads * s * s * F32 / head_split,
+        # One layer recomputed in the backward pass, split over batch and (KV-head-divisible) tensor.
+        **attention_memory(impl, cfg, mb, s, head_split, backward=True),
         "MLP activations, one layer (x4, bf16)": 4 * mb * s * f * BF16 / split(("batch", "seq", "mlp"), (mb, s, f)),
         "log-prob chunk logits (x3, fp32)": 3
         * mb
@@ -356,6 +411,9 @@ def plan_report(
     rows = plan.generation_prompts * w.samples
     cache_len = w.prompt_len + w.max_new_tokens
     gp, p = plan.generation_prompts, w.prompt_len
+    # The prefill runs the same attention over its prompt-length cache (sampling._prefill).
+    prefill_impl = attention.resolve(plan.attention_impl, chip.compute_dtype, p, chip.backend)
+    prefill_split = split(("batch", "kv_heads", None, None), (gp, cfg.num_kv_heads, p, p), SAMPLE_RULES)
     sampling = (
         "sampling weights (tensor-parallel copy)"
         if not plan.lora_rank
@@ -370,13 +428,7 @@ def plan_report(
         ),
         f"KV cache, {rows} rows x {cache_len} (bf16)": kv_cache_bytes_per_chip(cfg, mesh, rows, cache_len),
         f"prompt KV cache before the group copy ({gp} rows)": kv_cache_bytes_per_chip(cfg, mesh, gp, cache_len),
-        "prefill attention scores, one layer (x2, fp32)": 2
-        * gp
-        * cfg.num_heads
-        * p
-        * p
-        * F32
-        / split(("batch", "kv_heads", None, None), (gp, cfg.num_kv_heads, p, p), SAMPLE_RULES),
+        **attention_memory(prefill_impl, cfg, gp, p, prefill_split, backward=False),
         "decode logits (fp32)": rows * v * F32 / split(("batch", "vocab"), (rows, v), SAMPLE_RULES),
     }
     times = {name: step_times(cfg, plan, chip, chips, mesh, rollout, sc, eff) for name, sc in scenarios}
@@ -480,6 +532,7 @@ def render(reports) -> str:
             f"{c['step']:,.0f} / {t['step']:,.0f} / {tr['step']:,.0f} | "
             f"{c['run (h)']:,.1f} / {t['run (h)']:,.1f} / {tr['run (h)']:,.1f} |"
         )
+    out += ["", "### What the attention kernel frees per chip", "", render_attention(reports)]
     for r in reports:
         cfg = preset(r.plan.model)
         out += [
@@ -513,6 +566,35 @@ def render(reports) -> str:
                 f"{t['policy update']:,.0f} | {t['step']:,.0f} | {t['run (h)']:,.1f} |"
             )
     return "\n".join(out)
+
+
+def render_attention(reports) -> str:
+    """Per chip, what the attention kernel frees: each plan's layer-local attention memory with
+    "dense" (the quadratic scores) and with the implementation it resolves to, and both peaks."""
+    out = [
+        "| plan | attention | update: dense scores GiB | update: kernel MiB | freed GiB "
+        "| prefill: dense scores GiB | prefill: kernel MiB | freed GiB "
+        "| update peak GiB: dense / kernel | rollout peak GiB: dense / kernel | usable GiB "
+        "| fits at this batch: dense / kernel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        d = plan_report(dataclasses.replace(r.plan, attention_impl="dense"), scenarios=())
+        impl = attention.resolve(r.plan.attention_impl, r.chip.compute_dtype, CEILING.train_len, r.chip.backend)
+        upd, pre = (_attention_items(x.update) for x in (d, r)), (_attention_items(x.rollout) for x in (d, r))
+        (ud, uk), (pd, pk) = upd, pre
+        out.append(
+            f"| {r.plan.name} | {impl} | {_gib(ud)} | {uk / 2**20:,.2f} | {_gib(ud - uk)} | "
+            f"{_gib(pd)} | {pk / 2**20:,.2f} | "
+            f"{_gib(pd - pk)} | {_gib(d.update_peak)} / {_gib(r.update_peak)} | "
+            f"{_gib(d.rollout_peak)} / {_gib(r.rollout_peak)} | {_gib(r.budget_bytes)} | "
+            f"{'yes' if d.fits else 'no'} / {'yes' if r.fits else 'no'} |"
+        )
+    return "\n".join(out)
+
+
+def _attention_items(items: dict) -> float:
+    return sum(b for k, b in items.items() if "attention" in k)
 
 
 def colab_report(plan: PodPlan) -> Report:
@@ -564,7 +646,9 @@ if __name__ == "__main__":
         update_doc(sys.argv[2])
     elif len(sys.argv) == 1:
         print(render(all_reports()))
+    elif sys.argv[1:] == ["--attention", "dense"]:  # the quadratic score figures, for comparison
+        print(render([plan_report(dataclasses.replace(r.plan, attention_impl="dense")) for r in all_reports()]))
     elif sys.argv[1:] == ["--colab"]:
         print(render_colab([colab_report(p) for p in COLAB_PLANS]))
     else:
-        raise SystemExit("usage: plan.py [--update-doc docs/pod_plan.md | --colab]")
+        raise SystemExit("usage: plan.py [--update-doc docs/pod_plan.md | --colab | --attention dense]")
