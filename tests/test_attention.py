@@ -149,8 +149,11 @@ def test_cudnn_branch_passes_cudnn(monkeypatch):
 def test_auto_resolves_per_backend():
     long, short = attn.BLOCK + 1, attn.BLOCK
     assert attn.resolve("auto", jnp.bfloat16, short, backend="tpu") == "splash"
-    assert attn.resolve("auto", jnp.bfloat16, long, backend="gpu") == "cudnn"
-    assert attn.resolve("auto", jnp.float32, long, backend="gpu") == "blockwise"  # cuDNN flash: no float32
+    assert attn.resolve("auto", jnp.bfloat16, long, backend="gpu", gpu_capability=9.0) == "cudnn"
+    assert attn.resolve("auto", jnp.float16, long, backend="gpu", gpu_capability=7.5) == "blockwise"  # a T4
+    assert (
+        attn.resolve("auto", jnp.float32, long, backend="gpu", gpu_capability=9.0) == "blockwise"
+    )  # cuDNN flash: no float32
     assert attn.resolve("auto", jnp.float32, long, backend="cpu") == "blockwise"
     assert attn.resolve("auto", jnp.float32, short, backend="cpu") == "dense"  # one block saves nothing
     assert attn.resolve("dense", jnp.bfloat16, long, backend="tpu") == "dense"

@@ -53,6 +53,7 @@ class ChipSpec:
     source: str
     backend: str = "tpu"
     compute_dtype: str = "bfloat16"
+    gpu_capability: float | None = None  # CUDA compute capability, for a GPU
 
 
 CHIPS = {
@@ -69,7 +70,7 @@ COLAB_DEVICES = {
     "colab-tpu-v2-8": (ChipSpec("TPU v2 core", 22.5e12, 8 * GiB, 300e9, "https://cloud.google.com/tpu/docs/v2"), 8),
     "colab-t4": (
         ChipSpec(
-            "NVIDIA T4", 65e12, 16e9, 320e9, "https://www.nvidia.com/en-us/data-center/tesla-t4/", "gpu", "float16"
+            "NVIDIA T4", 65e12, 16e9, 320e9, "https://www.nvidia.com/en-us/data-center/tesla-t4/", "gpu", "float16", 7.5
         ),
         1,
     ),
@@ -393,7 +394,7 @@ def plan_report(
     persistent, gradients = _training_state(cfg, plan, mesh)
     batch_split = split(("batch", "seq", "embed"), (mb, s, d))
     head_split = split(("batch", "kv_heads", None, None), (mb, cfg.num_kv_heads, s, s))
-    impl = attention.resolve(plan.attention_impl, chip.compute_dtype, s, chip.backend)
+    impl = attention.resolve(plan.attention_impl, chip.compute_dtype, s, chip.backend, chip.gpu_capability)
     update = {
         **gradients,
         # remat="full" keeps each layer's input [mb, S, D] (bf16) and recomputes the rest.
@@ -412,7 +413,7 @@ def plan_report(
     cache_len = w.prompt_len + w.max_new_tokens
     gp, p = plan.generation_prompts, w.prompt_len
     # The prefill runs the same attention over its prompt-length cache (sampling._prefill).
-    prefill_impl = attention.resolve(plan.attention_impl, chip.compute_dtype, p, chip.backend)
+    prefill_impl = attention.resolve(plan.attention_impl, chip.compute_dtype, p, chip.backend, chip.gpu_capability)
     prefill_split = split(("batch", "kv_heads", None, None), (gp, cfg.num_kv_heads, p, p), SAMPLE_RULES)
     sampling = (
         "sampling weights (tensor-parallel copy)"
@@ -580,7 +581,9 @@ def render_attention(reports) -> str:
     ]
     for r in reports:
         d = plan_report(dataclasses.replace(r.plan, attention_impl="dense"), scenarios=())
-        impl = attention.resolve(r.plan.attention_impl, r.chip.compute_dtype, CEILING.train_len, r.chip.backend)
+        impl = attention.resolve(
+            r.plan.attention_impl, r.chip.compute_dtype, CEILING.train_len, r.chip.backend, r.chip.gpu_capability
+        )
         upd, pre = (_attention_items(x.update) for x in (d, r)), (_attention_items(x.rollout) for x in (d, r))
         (ud, uk), (pd, pk) = upd, pre
         out.append(

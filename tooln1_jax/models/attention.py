@@ -248,9 +248,18 @@ def splash_attention(q, k, v, key_valid, query_start=0, interpret: bool | None =
     return _at_query_slots(o, key_valid, q.shape[1], query_start)
 
 
-def resolve(impl: str, dtype, kv_len: int, backend: str | None = None) -> str:
+CUDNN_MIN_CAPABILITY = 8.0  # Ampere: the GPUs cuDNN's flash-attention kernels target (a T4 is 7.5)
+
+
+def _gpu_capability() -> float:
+    """This process's first GPU's CUDA compute capability (0.0 if it reports none)."""
+    return float(getattr(jax.devices("gpu")[0], "compute_capability", "0") or 0)
+
+
+def resolve(impl: str, dtype, kv_len: int, backend: str | None = None, gpu_capability: float | None = None) -> str:
     """The implementation "auto" stands for at `kv_len` key slots (others pass through): "splash"
-    on TPU; "cudnn" on GPU for bf16/fp16 (cuDNN's flash attention has no float32); else
+    on TPU; "cudnn" on a GPU of compute capability >= 8.0 in bf16/fp16 (cuDNN's flash attention
+    has no float32, and older GPUs such as Colab's T4 are left to the portable path); else
     "blockwise", but "dense" up to one key block (`BLOCK`), where blockwise keeps no less memory
     (one block is the whole score matrix) and the figures in the README (the demo, W1) were
     measured. On CPU blockwise was 1.2x dense's speed at 256 tokens and 2x at 4,096
@@ -261,7 +270,9 @@ def resolve(impl: str, dtype, kv_len: int, backend: str | None = None) -> str:
     if backend == "tpu":
         return "splash"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
+        capability = _gpu_capability() if gpu_capability is None else gpu_capability
+        if capability >= CUDNN_MIN_CAPABILITY:
+            return "cudnn"
     return "dense" if kv_len <= BLOCK else "blockwise"
 
 
