@@ -176,6 +176,21 @@ def policy_params(config, model_config: ModelConfig, trainable: Any, base: Any, 
     return merged_params(model_config, base, trainable, lora, mesh=mesh, rules=SAMPLE_RULES)
 
 
+COMPILATION_CACHE = "jax_compilation_cache"  # under `assets.default_cache_dir()` ($TOOLN1_CACHE)
+
+
+def enable_compilation_cache() -> str:
+    """Turns on JAX's persistent compilation cache, so a restarted or resumed run (or the next
+    run of the same shapes) loads its programs instead of compiling them again (XLA keys each
+    entry by the program, the compile options and the JAX version). A directory the user already
+    set (`JAX_COMPILATION_CACHE_DIR`) is kept. Returns the directory in use."""
+    path = jax.config.jax_compilation_cache_dir
+    if not path:
+        path = os.path.join(default_cache_dir(), COMPILATION_CACHE)
+        jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def setup_run(config, *, load_weights: bool = True) -> RunSetup:
     """Validates the config, starts the distributed runtime if asked, then on every process:
     tokenizer, records, train / held-out split and encoded training prompts (local work), then
@@ -183,6 +198,7 @@ def setup_run(config, *, load_weights: bool = True) -> RunSetup:
     (`distributed.all_or_none`), so a file missing on one host stops every host with its error."""
     validate_config(config)
     distributed.initialize_from_config(config.distributed)
+    enable_compilation_cache()
 
     def data_stage():
         tokenizer = build_tokenizer(config)
