@@ -106,10 +106,10 @@ def test_step_time_of_7b_on_v5p_64_by_hand(reports):
     t = r.times["ceiling"]
     assert t["policy update"] == pytest.approx((8 * n + 4 * attn) * tokens / slice_flops)
     assert t["reference log-probs"] == pytest.approx((2 * n + attn) * tokens / slice_flops)
-    # decode: bytes-bound; (fp32 tensor-parallel weights + 320 rows x 1/4 of a 12,288-token
+    # decode: bytes-bound; (bf16 tensor-parallel weights + 320 rows x 1/4 of a 12,288-token
     # cache) / (2,765 GB/s x 0.7)
-    weights = r.rollout["sampling weights (tensor-parallel copy)"]
-    assert weights == pytest.approx(4 * cfg.num_params / 4, rel=1e-3)  # fp32, split 4 ways (norms aside)
+    weights = r.rollout["sampling weights (bf16 copy, tensor-parallel)"]
+    assert weights == pytest.approx(2 * cfg.num_params / 4, rel=1e-3)  # bf16, split 4 ways (norms aside)
     step_bytes = weights + 2560 / 8 * 704_643_072 / 4
     assert t["decode step (ms)"] == pytest.approx(step_bytes / (2765e9 * 0.7) * 1e3)
     prefill = (2 * n + 4 * cfg.num_layers * 4096 * cfg.num_heads * cfg.head_dim) * 512 * 4096 / slice_flops

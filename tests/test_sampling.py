@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from tooln1_jax.models import ModelConfig, init_params, load_pretrained, logits, save_pretrained
-from tooln1_jax.sampling import compiled_program_count, decode_windows, prompt_bucket, sample
+from tooln1_jax import sampling
+from tooln1_jax.models import ModelConfig, init_params, load_pretrained, logits, param_sharding, save_pretrained
+from tooln1_jax.models.params import shard_params
+from tooln1_jax.sampling import compiled_program_count, decode_windows, prompt_bucket, sample, sampling_params
 from tooln1_jax.sharding import SAMPLE_RULES, make_mesh
 from tooln1_jax.token_draw import inverse_cdf
 
@@ -323,6 +325,24 @@ def test_eight_devices_give_the_same_tokens_as_one(tiny_params):
     np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(eight.tokens))
     # float32 sums split over 4 fsdp shards add in another order: equal to a few ulps, not bitwise
     np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(eight.logprobs), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bf16_run_samples_from_one_bf16_copy_with_the_masters_tokens(tiny_params, monkeypatch):
+    config = TINY.replace(dtype="bfloat16")
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    copy = sampling_params(config, tiny_params, mesh, SAMPLE_RULES)
+    assert {x.dtype for x in jax.tree.leaves(copy)} == {jnp.dtype(jnp.bfloat16)}
+    assert jax.tree.map(lambda x: x.sharding, copy) == param_sharding(config, mesh, SAMPLE_RULES)
+    assert sampling_params(TINY, tiny_params) is tiny_params  # float32 compute: nothing copied
+
+    kw = dict(num_samples=2, max_new_tokens=12, temperature=1.0, stop_token_ids=[4], rng=jax.random.PRNGKey(3))
+    prompts = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6]]
+    cast_first = sample(config, tiny_params, prompts, mesh=mesh, rules=SAMPLE_RULES, **kw)
+    # before: the sampler resharded the float32 masters and every forward cast them on use
+    monkeypatch.setattr(sampling, "sampling_params", lambda c, p, m, r: shard_params(p, c, m, r))
+    from_masters = sample(config, tiny_params, prompts, mesh=mesh, rules=SAMPLE_RULES, **kw)
+    np.testing.assert_array_equal(np.asarray(cast_first.tokens), np.asarray(from_masters.tokens))
+    np.testing.assert_array_equal(np.asarray(cast_first.logprobs), np.asarray(from_masters.logprobs))
 
 
 def test_bad_input_is_named():

@@ -39,7 +39,7 @@ from tooln1_jax.models.group_decode import decode_weights, group_decode_step, ro
 from tooln1_jax.models.kv_cache import KVCache, cache_sharding, grow_cache, init_cache
 from tooln1_jax.models.lora import ADAPTER_KEY
 from tooln1_jax.models.model_config import ModelConfig
-from tooln1_jax.models.params import shard_params
+from tooln1_jax.models.params import param_sharding, shard_params
 from tooln1_jax.models.transformer import forward_cached, lm_head_weight
 from tooln1_jax.sharding import SAMPLE_RULES, batch_sharding
 from tooln1_jax.token_draw import SamplingFilters, row_uniforms, sample_logits
@@ -286,13 +286,11 @@ def sample(
         raise ValueError("sample: params carry LoRA adapters (lora.attach); sample from lora.merge(...) instead")
     tokens, mask = left_pad(prompts, prompt_bucket(max(len(p) for p in prompts)), pad_id)
     stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)  # -1 never matches a token
+    rules = (rules or SAMPLE_RULES) if mesh is not None else None
+    params = sampling_params(config, params, mesh, rules)
     if mesh is not None:
-        rules = rules or SAMPLE_RULES
-        params = shard_params(params, config, mesh, rules)
         tokens = jax.device_put(tokens, batch_sharding(mesh, rules, 2, len(prompts)))
         mask = jax.device_put(mask, batch_sharding(mesh, rules, 2, len(prompts)))
-    else:
-        rules = None
     filters = SamplingFilters(greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0)
     plan = DecodePlan(num_samples, max_new_tokens, filters, int(pad_id), mesh, rules)
     t = jnp.float32(temperature if temperature > 0 else 1.0)
@@ -307,6 +305,24 @@ def sample(
         lengths=state.lengths,
         num_steps=state.step,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _cast_and_place(config: ModelConfig, mesh, rules):
+    dt = jnp.dtype(config.dtype)
+    out = None if mesh is None else param_sharding(config, mesh, rules)
+    return jax.jit(lambda params: jax.tree.map(lambda x: x.astype(dt), params), out_shardings=out)
+
+
+def sampling_params(config: ModelConfig, params: dict, mesh=None, rules=None) -> dict:
+    """The params the sampler reads: in the compute dtype (`config.dtype`) and, with a mesh,
+    under `rules`, cast and placed by one program, so a bfloat16 run's rollout holds and reads
+    a bf16 copy (half the fp32 master's bytes) and no fp32 one. Every forward casts a weight to
+    the compute dtype before using it, so casting first changes no token and no log-prob.
+    Params already in the compute dtype are only placed (float32 on CPU: no copy)."""
+    if all(x.dtype == jnp.dtype(config.dtype) for x in jax.tree.leaves(params)):
+        return params if mesh is None else shard_params(params, config, mesh, rules)
+    return _cast_and_place(config, mesh, rules)(params)
 
 
 def compiled_program_count() -> int:

@@ -133,9 +133,6 @@ class PodPlan:
     micro_batch: int  # sequences per gradient-accumulation chunk, config.rl.micro_batch_size
     generation_prompts: int  # prompts per rollout generation pass (x samples rows each)
     logprob_chunk: int = 128  # positions per log-prob chunk (grpo.token_logprobs chunk_size)
-    # The sampler reshards the train state's params as they are (sampling.sample -> shard_params):
-    # the fp32 master today; 2 if the trainer cast them to bf16 before sampling.
-    sampling_weight_bytes: int = F32
     lora_rank: int = 0  # > 0: LoRA of this rank on every target, the base frozen in bf16
     # config.model.attention_impl; "auto" is what `attention.resolve` picks on the chip ("splash" on TPU).
     # "dense" prints the quadratic score figures (`python tpu_scripts/plan.py --attention dense`).
@@ -150,8 +147,8 @@ class PodPlan:
 # plans below with fewer prompts per pass need it to sample in passes (see docs/pod_plan.md).
 PLANS = (
     PodPlan("7B on v5p-64", "Qwen/Qwen2.5-7B-Instruct", "v5p-64", (1, 8, 4), micro_batch=8, generation_prompts=512),
-    PodPlan("7B on v4-64", "Qwen/Qwen2.5-7B-Instruct", "v4-64", (1, 8, 4), micro_batch=8, generation_prompts=64),
-    PodPlan("7B on v6e-64", "Qwen/Qwen2.5-7B-Instruct", "v6e-64", (1, 16, 4), micro_batch=16, generation_prompts=128),
+    PodPlan("7B on v4-64", "Qwen/Qwen2.5-7B-Instruct", "v4-64", (1, 8, 4), micro_batch=8, generation_prompts=128),
+    PodPlan("7B on v6e-64", "Qwen/Qwen2.5-7B-Instruct", "v6e-64", (1, 16, 4), micro_batch=16, generation_prompts=256),
     PodPlan("14B on v5p-128", "Qwen/Qwen2.5-14B-Instruct", "v5p-128", (1, 8, 8), micro_batch=8, generation_prompts=256),
     # One pass of all 1,024 prompts, as the trainer samples today: it takes a 4x bigger slice.
     PodPlan(
@@ -415,13 +412,15 @@ def plan_report(
     # The prefill runs the same attention over its prompt-length cache (sampling._prefill).
     prefill_impl = attention.resolve(plan.attention_impl, chip.compute_dtype, p, chip.backend, chip.gpu_capability)
     prefill_split = split(("batch", "kv_heads", None, None), (gp, cfg.num_kv_heads, p, p), SAMPLE_RULES)
+    # sampling.sampling_params: the params cast to the compute dtype and placed tensor-parallel
+    # by one program, once per rollout (bf16 compute: a bf16 copy, no fp32 one).
     sampling = (
-        "sampling weights (tensor-parallel copy)"
+        "sampling weights (bf16 copy, tensor-parallel)"
         if not plan.lora_rank
         else "sampling weights (bf16 base + adapters merged once per rollout, tensor-parallel)"
     )
     rollout = {
-        sampling: param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, BF16 if plan.lora_rank else plan.sampling_weight_bytes),
+        sampling: param_bytes_per_chip(cfg, mesh, SAMPLE_RULES, BF16),
         # group_decode.decode_weights: per-layer slices in the compute dtype (bf16), q/k/v
         # and gate/up fused, [out, in], built once before the decode loop, which reads them.
         "decode weights (bf16 layers + untied head, built once per rollout)": param_bytes_per_chip(
