@@ -36,7 +36,7 @@ from absl import app, flags  # noqa: E402
 from tooln1_jax import cli  # noqa: E402
 from tooln1_jax.metrics import METRICS_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.run_setup import held_out_results, setup_run  # noqa: E402
-from tooln1_jax.sampling import prompt_bucket  # noqa: E402
+from tooln1_jax.sampling import length_bucket  # noqa: E402
 from tooln1_jax.sft import encode_for_run, init_sft_state, sft_loop  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
 
@@ -79,7 +79,7 @@ def control(
     print(f"control: warm start ({warm} SFT steps) held-out accuracy {acc_warm['accuracy']:.3f}", flush=True)
     flops = {}
     if seconds is None:
-        rl_width = prompt_bucket(max(len(p) for p in setup.train_prompt_ids))
+        rl_width = length_bucket(max(len(p) for p in setup.train_prompt_ids))
         steps, flops = matched_sft_steps(config, grpo_steps, rl_width, data.input_ids.shape[1])
         flops.update(rl_prompt_width=rl_width, sft_width=int(data.input_ids.shape[1]))
     t0 = time.perf_counter()

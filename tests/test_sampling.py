@@ -10,7 +10,7 @@ import torch
 from tooln1_jax import sampling
 from tooln1_jax.models import ModelConfig, init_params, load_pretrained, logits, param_sharding, save_pretrained
 from tooln1_jax.models.params import shard_params
-from tooln1_jax.sampling import compiled_program_count, decode_windows, prompt_bucket, sample, sampling_params
+from tooln1_jax.sampling import compiled_program_count, decode_windows, length_bucket, sample, sampling_params
 from tooln1_jax.sharding import SAMPLE_RULES, make_mesh
 from tooln1_jax.token_draw import inverse_cdf
 
@@ -302,7 +302,8 @@ def test_deterministic_per_rng(tiny_params):
 
 
 def test_prompt_buckets_reuse_compiled_programs(tiny_params):
-    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+    assert [length_bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+    assert [length_bucket(n, cap=48) for n in (1, 17, 40, 48)] == [16, 32, 48, 48]
     kw = dict(num_samples=2, max_new_tokens=4, temperature=1.0, stop_token_ids=[9], rng=jax.random.PRNGKey(0))
     sample(TINY, tiny_params, [[1, 2, 3], [4] * 20], **kw)
     before = compiled_program_count()

@@ -250,3 +250,43 @@ def test_optimizer_warmup_and_decoupled_weight_decay():
     np.testing.assert_allclose([settings.applied_lr(n) for n in range(1, 5)], lrs, rtol=1e-6)
     with pytest.raises(ValueError, match="learning_rate"):
         make_optimizer(OptimizerSettings(0.0))
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_sum_norm"])
+def test_update_on_cut_batch_equals_full_width(params, ref_params, aggregation):
+    # A rollout padded to max_new_tokens = 40 vs the same rollout cut to its bucket (16 columns):
+    # same loss, metrics and updated params (Dr. GRPO with its constant pinned, as the trainer does).
+    from tooln1_jax.rollouts import RolloutBatch, update_width
+
+    max_new, full = 40, make_batch(2)
+    extra = max_new - C
+    wide = {k: np.pad(v, ((0, 0), (0, extra))) if v.ndim == 2 else v for k, v in full.items()}
+    lengths = full["loss_mask"][:, P:].sum(1).astype(np.int32)
+    rollout = RolloutBatch(
+        wide["input_ids"], wide["attention_mask"], wide["loss_mask"], wide["old_logprobs"], *[None] * 4, lengths,
+        None, P, 1,
+    )  # fmt: skip
+    width = update_width(lengths, max_new)
+    cut = rollout.cut(width)
+    assert width == 16 and cut.input_ids.shape == (B, P + 16)
+    settings = LossSettings(aggregation=aggregation, norm_constant=float(max_new), **KL)
+    ref = reference_params(ref_params)
+    results = []
+    for rb, c in ((rollout, max_new), (cut, width)):
+        step = make_grpo_step(CFG, OPT, micro_batch_size=4, completion_len=c, loss_settings=settings, **LOSS_KW)
+        batch = dict(wide, **{k: getattr(rb, k) for k in ("input_ids", "attention_mask", "loss_mask", "old_logprobs")})
+        state = init_train_state(params, OPT)
+        for _ in range(2):  # the second step uses the Adam moments
+            state, m = step(state, ref, batch)
+        results.append((_host(m), _host(state.params)))
+    (m_full, p_full), (m_cut, p_cut) = results
+    assert float(m_full["num_tokens"]) == float(lengths.sum()) and float(abs(m_full["kl"])) > 1e-5
+    for k in m_full:
+        np.testing.assert_allclose(m_cut[k], m_full[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    # Adam's g / sqrt(v) turns float noise into moves of up to lr where the gradient is ~0 (k_bias,
+    # see above); elsewhere the params agree to 1% of an lr-sized move.
+    k_bias = p_cut["layers"].pop("k_bias"), p_full["layers"].pop("k_bias")
+    assert np.all(np.abs(k_bias[0] - k_bias[1]) <= 2 * 2 * 1e-3 + 1e-6)
+    _assert_trees_close(p_cut, p_full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cuts a 6-token completion"):
+        rollout.cut(5)

@@ -56,12 +56,14 @@ def step_rng(seed: int, step: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class GrpoProgram:
-    """The optimizer and the jitted GRPO step of a run. `micro_batch_size` counts sequences per
+    """The optimizer and the jitted GRPO steps of a run. `update_for(C)` is the step on batches
+    [B, P + C] whose log-probs cover the last C columns, one per completion width (see
+    `rollouts.update_width`), each built once. `micro_batch_size` counts sequences per
     gradient-accumulation chunk (also the unit the batch sharding must divide). With `lora`
     enabled the step trains adapters on the frozen base (`train_step`)."""
 
     optimizer: optax.GradientTransformation
-    update: Callable
+    update_for: Callable[[int], Callable]
     micro_batch_size: int
     optimizer_settings: OptimizerSettings
     lora: LoraSettings
@@ -75,37 +77,41 @@ def _grpo_program(
     loss: LossSettings,
     micro_batch_size: int,
     temperature: float,
-    completion_len: int,
     lora: LoraSettings,
 ) -> GrpoProgram:
     """Cached on hashable settings: runs in one process (tests, notebooks, resume) reuse the
-    compiled step instead of compiling it again."""
+    compiled steps instead of compiling them again."""
     optimizer = make_optimizer(optim)
-    update = make_grpo_step(
-        model_config,
-        optimizer,
-        mesh=mesh,
-        micro_batch_size=micro_batch_size,
-        temperature=temperature,
-        completion_len=completion_len,
-        loss_settings=loss,
-        lora=lora,
-    )
-    return GrpoProgram(optimizer, update, micro_batch_size, optim, lora)
+
+    @functools.cache
+    def update_for(completion_len: int) -> Callable:
+        return make_grpo_step(
+            model_config,
+            optimizer,
+            mesh=mesh,
+            micro_batch_size=micro_batch_size,
+            temperature=temperature,
+            completion_len=completion_len,
+            loss_settings=loss,
+            lora=lora,
+        )
+
+    return GrpoProgram(optimizer, update_for, micro_batch_size, optim, lora)
 
 
 def grpo_program(config, setup: RunSetup) -> GrpoProgram:
-    """The run's optimizer and GRPO step, from `config.optim`, `config.rl`, `config.rollout` and `config.lora`."""
+    """The run's optimizer and GRPO steps, from `config.optim`, `config.rl`, `config.rollout` and
+    `config.lora`. Dr. GRPO's per-sequence constant is max_new_tokens (the generation budget),
+    not the width of the batch, which the update cuts to the real lengths."""
     rl, ro = config.rl, config.rollout
     micro = int(rl.micro_batch_size) or int(rl.mini_batch_size * ro.num_samples)
     return _grpo_program(
         setup.model_config,
         setup.mesh,
         optimizer_settings(config),
-        loss_settings(config),
+        dataclasses.replace(loss_settings(config), norm_constant=float(ro.max_new_tokens)),
         micro,
         float(ro.temperature),
-        int(ro.max_new_tokens),
         lora_settings(config),
     )
 
@@ -175,24 +181,28 @@ def _combine_update_metrics(updates: list[dict]) -> dict:
     return out
 
 
-def _apply_updates(
+def apply_updates(
     config,
     setup: RunSetup,
     program: GrpoProgram,
     progress: Progress,
-    batch,
-    advantages,
-    loss_mask,
-    last_checkpoint: Callable[[], int | None],
+    batch: rollouts.RolloutBatch,
+    advantages: np.ndarray,
+    loss_mask: np.ndarray,
+    last_checkpoint: Callable[[], int | None] = lambda: None,
 ) -> list[dict]:
-    """Every optimizer update of one rollout batch, applied to `progress`; their metrics."""
+    """Every optimizer update of one rollout batch (advantages [N], loss_mask [N, T]), applied to
+    `progress`; their metrics. The updates run on the batch cut to `rollouts.update_width`
+    completion columns, so they cost what the real lengths need, not max_new_tokens."""
     rl = config.rl
+    width = rollouts.update_width(batch.lengths, config.rollout.max_new_tokens)
+    batch, loss_mask = batch.cut(width), loss_mask[:, : batch.prompt_width + width]
+    update = program.update_for(width)
     shuffle_rng = np.random.default_rng([int(config.seed), progress.step, 1])
     metrics = []
     for ppo_pass, mb in _update_batches(batch, advantages, loss_mask, rl.mini_batch_size, rl.ppo_epochs, shuffle_rng):
-        state, m = program.update(
-            progress.state, progress.ref, shard_batch(mb, setup.mesh, TRAIN_RULES, program.micro_batch_size)
-        )
+        sharded = shard_batch(mb, setup.mesh, TRAIN_RULES, program.micro_batch_size)
+        state, m = update(progress.state, progress.ref, sharded)
         m = jax.device_get(m)
         if not bool(m["finite"]):
             raise NonFiniteLossError(
@@ -245,7 +255,7 @@ def grpo_iteration(
     loss_mask = batch.loss_mask * informative[:, None] if rl.filter_zero_std_groups else batch.loss_mask
 
     t1 = time.perf_counter()
-    updates = _apply_updates(config, setup, program, progress, batch, advantages, loss_mask, last_checkpoint)
+    updates = apply_updates(config, setup, program, progress, batch, advantages, loss_mask, last_checkpoint)
     progress.step += 1
     t_update = time.perf_counter() - t1
     step_time = time.perf_counter() - t0

@@ -24,7 +24,7 @@ FORMAT_FAILURES = ("no_call_block", "bad_json", "bad_item_format", "missing_thin
 @dataclasses.dataclass(frozen=True)
 class RolloutBatch:
     """N = prompts x num_samples rows (row i*n + j is sample j of prompt i); T = P + R, with
-    P the left-padded prompt width and R = max_new_tokens.
+    P the left-padded prompt width and R = max_new_tokens (after `cut`, R = its width).
 
     input_ids [N, T] int32: left-padded prompt, then the completion, right-padded with pad_id.
     attention_mask [N, T] int32: 1 on real prompt and completion tokens (stop token included).
@@ -52,6 +52,21 @@ class RolloutBatch:
     def num_rows(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def cut(self, completion_width: int) -> RolloutBatch:
+        """The batch with its [N, T] arrays cut to P + `completion_width` columns, for an update
+        that costs what the real lengths need. Exact: every column removed is padding (loss mask
+        and attention mask 0), and a causal model's earlier positions never see it."""
+        if completion_width < int(np.max(self.lengths)):
+            raise ValueError(f"completion_width={completion_width} cuts a {int(np.max(self.lengths))}-token completion")
+        end = self.prompt_width + int(completion_width)
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids[:, :end],
+            attention_mask=self.attention_mask[:, :end],
+            loss_mask=self.loss_mask[:, :end],
+            old_logprobs=self.old_logprobs[:, :end],
+        )
+
     def summary(self) -> dict[str, float]:
         """Per-rollout metrics: reward mean, exact-call accuracy, format-failure rate, lengths,
         and how often and how long the completions reason (`rewards.reasoning_stats`)."""
@@ -72,11 +87,19 @@ def left_pad(
     """Token-id lists -> (ids [B, width] int32, mask [B, width] int32), padded on the left; the
     width defaults to the sampler's power-of-two bucket of the longest prompt."""
     longest = max(len(p) for p in prompt_ids)
-    width = width or sampling.prompt_bucket(longest)
+    width = width or sampling.length_bucket(longest)
     if longest > width:
         i = next(i for i, p in enumerate(prompt_ids) if len(p) > width)
         raise ValueError(f"prompt {i} has {len(prompt_ids[i])} tokens, more than the width {width}")
     return sampling.left_pad(prompt_ids, width, pad_id)
+
+
+def update_width(lengths: np.ndarray, max_new_tokens: int) -> int:
+    """The completion columns an update keeps: `sampling.length_bucket` of the longest of
+    `lengths` [N] on any process, capped at max_new_tokens. Every process must call this together
+    and gets the same width, since a global array has one shape on every host."""
+    longest = max(distributed.gather_ints(int(np.max(lengths, initial=0))))
+    return sampling.length_bucket(longest, cap=max_new_tokens)
 
 
 def decode_completions(tokenizer: Any, tokens: np.ndarray, lengths: np.ndarray, stops: Sequence[int]) -> list[str]:

@@ -44,7 +44,7 @@ from tooln1_jax.models.transformer import forward_cached, lm_head_weight
 from tooln1_jax.sharding import SAMPLE_RULES, batch_sharding
 from tooln1_jax.token_draw import SamplingFilters, row_uniforms, sample_logits
 
-MIN_PROMPT_BUCKET = 16
+MIN_BUCKET = 16
 # The decode loop runs in up to `decode_segments` (default DECODE_SEGMENTS) segments, the first
 # of at least MIN_SEGMENT steps (see `decode_windows`); each segment is one more compiled loop body.
 DECODE_SEGMENTS = 4
@@ -201,9 +201,14 @@ def decode_windows(max_new_tokens: int, segments: int = DECODE_SEGMENTS) -> tupl
     return tuple(sorted({max(first, -(-max_new_tokens >> i)) for i in range(segments)}))
 
 
-def prompt_bucket(length: int) -> int:
-    """The padded prompt length: the next power of two, at least MIN_PROMPT_BUCKET."""
-    return max(MIN_PROMPT_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+def length_bucket(length: int, cap: int | None = None) -> int:
+    """The padded width of a batch whose longest prompt (or completion) has `length` tokens: the
+    next power of two, at least MIN_BUCKET, at most `cap` (the completion's max_new_tokens).
+    The one rule for the prompt width (sampler and update) and the update's completion width:
+    powers of two keep the compiled programs to log2(cap / MIN_BUCKET) + 1 widths per side and
+    pad under 2x the real tokens. Requires length <= cap; the result is >= length."""
+    width = max(MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+    return width if cap is None else min(int(cap), width)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -284,7 +289,7 @@ def sample(
     _check(config, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_token_ids, decode_segments)
     if ADAPTER_KEY in params["layers"]:  # decode_weights reads the base weights only
         raise ValueError("sample: params carry LoRA adapters (lora.attach); sample from lora.merge(...) instead")
-    tokens, mask = left_pad(prompts, prompt_bucket(max(len(p) for p in prompts)), pad_id)
+    tokens, mask = left_pad(prompts, length_bucket(max(len(p) for p in prompts)), pad_id)
     stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)  # -1 never matches a token
     rules = (rules or SAMPLE_RULES) if mesh is not None else None
     params = sampling_params(config, params, mesh, rules)
