@@ -59,10 +59,6 @@ def get_config():
         distinct_tools=True,
     )
 
-    # Read only with LoRA on (--config.lora.rank=16): the random base's norms must train too, or its
-    # frozen 0.02-scale tied embeddings cap every logit (models/lora.py).
-    c.lora.train_norms = True
-
     c.sft.warm_start_steps = 1000
     c.sft.lr = 2e-3
     c.sft.batch_size = 16
