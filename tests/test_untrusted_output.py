@@ -191,5 +191,5 @@ def test_fuzz_scorers_never_raise_and_stay_fast(bfcl_items, text):
         bodies = _REGEX.findall(text)
         assert _block(text, "first") == (bodies[0] if bodies else None)
         assert _block(text, "last") == (bodies[-1] if bodies else None)
-    for name, fn in _scorers(bfcl_items):
-        assert _seconds(fn, text) < 1.0, name
+    for name, fn in _scorers(bfcl_items):  # best of 2: a slow scorer is slow twice, a stall of the machine is not
+        assert _seconds(fn, text, repeats=2) < 1.0, name
