@@ -90,16 +90,14 @@ def load_model(remat: str = "none"):
     return config.replace(remat=remat), params
 
 
-def rollout(args) -> None:
-    """Samples once and caches the rows' token arrays, the sampler's log-probs and the rewards."""
+def sample_w2(config, params, tokenizer, prompt_ids, records, args):
+    """W2's rollout with the project's sampler (`args.group` samples per prompt, temperature 0.7,
+    top_p 1, at most `args.max_new_tokens`, stopping at the model's stop ids), scored."""
     import jax
 
     from tooln1_jax.rollouts import generate_and_score
 
-    tokenizer, prompt_ids, records = tokenizer_and_prompts(args.prompts)
-    config, params = load_model()
-    t0 = time.perf_counter()
-    ro = generate_and_score(
+    return generate_and_score(
         config,
         params,
         tokenizer,
@@ -111,11 +109,24 @@ def rollout(args) -> None:
         top_p=TOP_P,
         rng=jax.random.key(args.seed),
     )
+
+
+def update_rewards(ro, seed: int) -> tuple[np.ndarray, bool]:
+    """(rewards [N], random?): the reward's own, or random {0, 1} when all rows are equal (an
+    update with zero advantages would measure nothing)."""
+    if np.all(ro.rewards == ro.rewards[0]):
+        return np.random.default_rng(seed).integers(0, 2, ro.num_rows).astype(np.float32), True
+    return ro.rewards, False
+
+
+def rollout(args) -> None:
+    """Samples once and caches the rows' token arrays, the sampler's log-probs and the rewards."""
+    tokenizer, prompt_ids, records = tokenizer_and_prompts(args.prompts)
+    config, params = load_model()
+    t0 = time.perf_counter()
+    ro = sample_w2(config, params, tokenizer, prompt_ids, records, args)
     seconds = time.perf_counter() - t0
-    rewards, random_rewards = ro.rewards, False
-    if np.all(rewards == rewards[0]):
-        rewards = np.random.default_rng(args.seed).integers(0, 2, ro.num_rows).astype(np.float32)
-        random_rewards = True
+    rewards, random_rewards = update_rewards(ro, args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
     np.savez(
         args.npz,

@@ -37,14 +37,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from grpo_step import TEMPERATURE, benchmark_step  # noqa: E402
-from lora_w2 import load_model, tokenizer_and_prompts  # noqa: E402
+from lora_w2 import load_model, sample_w2, tokenizer_and_prompts, update_rewards  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from w1 import load_avg, peak_rss_gb  # noqa: E402
 
 from tooln1_jax.assets import smollm2_hf_dir  # noqa: E402
 from tooln1_jax.data.prompt import pad_id_of, stop_token_ids  # noqa: E402
 from tooln1_jax.grpo import group_advantages  # noqa: E402
-from tooln1_jax.rollouts import generate_and_score  # noqa: E402
 
 CLIP, KL = 0.2, 1e-3
 
@@ -61,24 +60,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def our_rollout(config, params, tokenizer, prompt_ids, records, args):
-    """(batch, lengths, compile_s, run_s): two identical sampler calls, the second timed alone."""
-    run = lambda: generate_and_score(
-        config,
-        params,
-        tokenizer,
-        prompt_ids,
-        records,
-        num_samples=args.group,
-        max_new_tokens=args.max_new_tokens,
-        temperature=TEMPERATURE,
-        top_p=1.0,
-        rng=jax.random.key(args.seed),
-    )
+    """(rollout batch, compile_s, run_s): two identical sampler calls, the second timed alone."""
     t0 = time.perf_counter()
-    run()
+    sample_w2(config, params, tokenizer, prompt_ids, records, args)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ro = run()
+    ro = sample_w2(config, params, tokenizer, prompt_ids, records, args)
     second = time.perf_counter() - t0
     return ro, first - second, second
 
@@ -189,9 +176,7 @@ def main():
         flush=True,
     )
 
-    rewards = ro.rewards
-    if np.all(rewards == rewards[0]):
-        rewards = np.random.default_rng(args.seed).integers(0, 2, ro.num_rows).astype(np.float32)
+    rewards, _ = update_rewards(ro, args.seed)
     batch = dict(
         input_ids=ro.input_ids,
         attention_mask=ro.attention_mask,
