@@ -63,6 +63,11 @@ def _norms_tree(value) -> dict:
     return tree
 
 
+def _norm_of(tree: dict, name: str):
+    """The norm `name` of a params-shaped tree (stacked ones sit under "layers")."""
+    return (tree["layers"] if PARAM_SPECS[name].stacked else tree)[name]
+
+
 def adapter_shapes(config: ModelConfig, lora: LoraSettings) -> dict:
     """The adapters' tree with a shape tuple at each leaf: a [L, in, r], b [L, r, out] (and the
     norms' stored shapes with `train_norms`)."""
@@ -120,9 +125,7 @@ def init_adapters(config: ModelConfig, lora: LoraSettings, rng: jax.Array, base:
     if lora.train_norms:
         if base is None:
             raise ValueError("init_adapters: lora.train_norms starts the norms from the base; pass base=")
-        tree[NORMS_KEY] = _norms_tree(
-            lambda name: (base["layers"] if PARAM_SPECS[name].stacked else base)[name].astype(jnp.float32)
-        )
+        tree[NORMS_KEY] = _norms_tree(lambda name: _norm_of(base, name).astype(jnp.float32))
     return tree
 
 
@@ -197,9 +200,9 @@ def peft_tensors(config: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
             module = f"base_model.model.{_module_name(leaf, i)}"
             out[f"{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T, np.float32)
             out[f"{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T, np.float32)
-    norms = adapters.get(NORMS_KEY, {})
-    for name, w in {**norms.get("layers", {}), **{k: v for k, v in norms.items() if k != "layers"}}.items():
-        w, spec = to_host(w), PARAM_SPECS[name]
+    norms = adapters.get(NORMS_KEY)
+    for name in NORM_PARAMS if norms is not None else ():
+        w, spec = to_host(_norm_of(norms, name)), PARAM_SPECS[name]
         for i in range(config.num_layers) if spec.stacked else [None]:
             out[f"base_model.model.{spec.hf_tensor(i)}"] = np.ascontiguousarray(w[i] if spec.stacked else w, np.float32)
     return out
