@@ -230,6 +230,7 @@ LAYERS = (
     ("rollouts",),
     ("grpo",),
     ("optimizer", "train_step"),
+    ("bucketed_update",),
     ("checkpoint", "metrics"),
     ("cli",),
     ("run_setup", "resume"),

@@ -1,4 +1,5 @@
-"""The update's compiled programs: one per completion bucket, none after the buckets are seen."""
+"""The update's compiled programs: one `accumulate` per (prompt bucket, completion bucket) pair,
+one `zeros` and one `apply`, and none after the buckets are seen."""
 
 import types
 
@@ -15,16 +16,16 @@ from tooln1_jax.train_step import init_train_state
 CFG = ModelConfig(
     vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8
 )
-P, MAX_NEW, ROWS = 16, 64, 4
+P, MAX_NEW, ROWS = 32, 64, 4
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
-def rollout_of(lengths, rng) -> RolloutBatch:
-    """A [ROWS, P + MAX_NEW] rollout batch whose completions have `lengths` tokens."""
+def rollout_of(lengths, prompt_lengths, rng) -> RolloutBatch:
+    """A [ROWS, P + MAX_NEW] rollout batch whose prompts and completions have these lengths."""
     lengths = np.asarray(lengths, np.int32)
     cols = np.arange(MAX_NEW)[None]
     done = (cols < lengths[:, None]).astype(np.int32)
-    prompt = np.ones((ROWS, P), np.int32)
+    prompt = (np.arange(P)[None] >= P - np.asarray(prompt_lengths)[:, None]).astype(np.int32)
     ids = np.concatenate([prompt, rng.integers(1, CFG.vocab_size, (ROWS, MAX_NEW)) * done], 1).astype(np.int32)
     attn = np.concatenate([prompt, done], 1)
     loss = np.concatenate([np.zeros((ROWS, P)), done], 1).astype(np.float32)
@@ -35,7 +36,7 @@ def rollout_of(lengths, rng) -> RolloutBatch:
     )
 
 
-def test_update_compiles_once_per_completion_bucket():
+def test_update_compiles_once_per_bucket_pair():
     config = default_config()
     config.rollout.update(num_samples=2, max_new_tokens=MAX_NEW)
     config.rl.update(train_batch_size=2, mini_batch_size=2, kl_coef=0.0)
@@ -51,18 +52,22 @@ def test_update_compiles_once_per_completion_bucket():
     min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
     rng, new_per_batch = np.random.default_rng(0), []
-    # longest completion 5, 12 -> bucket 16; 30, 17 -> 32; 60, 33, 64 -> 64 (= max_new_tokens)
+    # (longest completion, longest prompt): completions 5, 12 -> bucket 16; 30, 17 -> 32;
+    # 60, 33, 64 -> 64 (= max_new_tokens); prompts 10 -> 16; 20, 32 -> 32 (= the prompt width)
+    shapes = [(5, 10), (30, 10), (12, 10), (60, 20), (17, 10), (33, 20), (64, 32), (5, 20), (30, 10)]
     try:
-        for longest in (5, 30, 12, 60, 17, 33, 64, 5, 30):
-            before = compiled.count("jit(step)")
+        for longest, longest_prompt in shapes:
+            before = compiled.count("jit(accumulate)")
             lengths = [longest] + [1 + longest // 3] * (ROWS - 1)
-            batch = rollout_of(lengths, rng)
+            batch = rollout_of(lengths, [longest_prompt] + [3] * (ROWS - 1), rng)
             advantages = np.array([-1, 1] * (ROWS // 2), np.float32)
-            metrics = apply_updates(config, setup, program, progress, batch, advantages, batch.loss_mask)
+            metrics = apply_updates(config, program, progress, batch, advantages, batch.loss_mask)
             assert len(metrics) == 1 and bool(metrics[0]["finite"])
-            new_per_batch.append(compiled.count("jit(step)") - before)
+            new_per_batch.append(compiled.count("jit(accumulate)") - before)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
-    assert new_per_batch == [1, 1, 0, 1, 0, 0, 0, 0, 0], (new_per_batch, compiled)
+    # new pairs: (16, 16), (16, 32), (32, 64), (32, 16)
+    assert new_per_batch == [1, 1, 0, 1, 0, 0, 0, 1, 0], (new_per_batch, compiled)
+    assert compiled.count("jit(zeros)") == 1 and compiled.count("jit(apply)") == 1, compiled
     assert progress.num_updates == 9

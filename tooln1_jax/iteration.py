@@ -20,14 +20,14 @@ import numpy as np
 import optax
 
 from tooln1_jax import rollouts
+from tooln1_jax.bucketed_update import BucketedUpdate, make_bucketed_update, update_on_real_lengths
 from tooln1_jax.config import lora_settings, loss_settings, optimizer_settings
 from tooln1_jax.grpo import LossSettings, group_advantages, nonzero_std_groups
 from tooln1_jax.models import ModelConfig
 from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
 from tooln1_jax.run_setup import RunSetup, policy_params
 from tooln1_jax.settings import LoraSettings
-from tooln1_jax.sharding import TRAIN_RULES
-from tooln1_jax.train_step import TrainState, make_grpo_step, shard_batch
+from tooln1_jax.train_step import TrainState
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,14 +56,14 @@ def step_rng(seed: int, step: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class GrpoProgram:
-    """The optimizer and the jitted GRPO steps of a run. `update_for(C)` is the step on batches
-    [B, P + C] whose log-probs cover the last C columns, one per completion width (see
-    `rollouts.update_width`), each built once. `micro_batch_size` counts sequences per
-    gradient-accumulation chunk (also the unit the batch sharding must divide). With `lora`
-    enabled the step trains adapters on the frozen base (`train_step`)."""
+    """The optimizer and the jitted GRPO update of a run (`bucketed_update`: each micro-batch
+    cut to the length buckets of its own rows, one optimizer step per mini-batch).
+    `micro_batch_size` counts sequences per gradient-accumulation chunk (also the unit the batch
+    sharding must divide). With `lora` enabled the update trains adapters on the frozen base
+    (`train_step`)."""
 
     optimizer: optax.GradientTransformation
-    update_for: Callable[[int], Callable]
+    update: BucketedUpdate
     micro_batch_size: int
     optimizer_settings: OptimizerSettings
     lora: LoraSettings
@@ -80,29 +80,24 @@ def _grpo_program(
     lora: LoraSettings,
 ) -> GrpoProgram:
     """Cached on hashable settings: runs in one process (tests, notebooks, resume) reuse the
-    compiled steps instead of compiling them again."""
+    compiled programs instead of compiling them again."""
     optimizer = make_optimizer(optim)
-
-    @functools.cache
-    def update_for(completion_len: int) -> Callable:
-        return make_grpo_step(
-            model_config,
-            optimizer,
-            mesh=mesh,
-            micro_batch_size=micro_batch_size,
-            temperature=temperature,
-            completion_len=completion_len,
-            loss_settings=loss,
-            lora=lora,
-        )
-
-    return GrpoProgram(optimizer, update_for, micro_batch_size, optim, lora)
+    update = make_bucketed_update(
+        model_config,
+        optimizer,
+        mesh=mesh,
+        micro_batch_size=micro_batch_size,
+        temperature=temperature,
+        loss_settings=loss,
+        lora=lora,
+    )
+    return GrpoProgram(optimizer, update, micro_batch_size, optim, lora)
 
 
 def grpo_program(config, setup: RunSetup) -> GrpoProgram:
     """The run's optimizer and GRPO steps, from `config.optim`, `config.rl`, `config.rollout` and
     `config.lora`. Dr. GRPO's per-sequence constant is max_new_tokens (the generation budget),
-    not the width of the batch, which the update cuts to the real lengths."""
+    not a width, since the update cuts each micro-batch to its rows' real lengths."""
     rl, ro = config.rl, config.rollout
     micro = int(rl.micro_batch_size) or int(rl.mini_batch_size * ro.num_samples)
     return _grpo_program(
@@ -183,7 +178,6 @@ def _combine_update_metrics(updates: list[dict]) -> dict:
 
 def apply_updates(
     config,
-    setup: RunSetup,
     program: GrpoProgram,
     progress: Progress,
     batch: rollouts.RolloutBatch,
@@ -192,17 +186,13 @@ def apply_updates(
     last_checkpoint: Callable[[], int | None] = lambda: None,
 ) -> list[dict]:
     """Every optimizer update of one rollout batch (advantages [N], loss_mask [N, T]), applied to
-    `progress`; their metrics. The updates run on the batch cut to `rollouts.update_width`
-    completion columns, so they cost what the real lengths need, not max_new_tokens."""
+    `progress`; their metrics. Each update runs its micro-batches cut to their own rows' length
+    buckets (`bucketed_update`), so it costs what the real lengths need, not the padded width."""
     rl = config.rl
-    width = rollouts.update_width(batch.lengths, config.rollout.max_new_tokens)
-    batch, loss_mask = batch.cut(width), loss_mask[:, : batch.prompt_width + width]
-    update = program.update_for(width)
     shuffle_rng = np.random.default_rng([int(config.seed), progress.step, 1])
     metrics = []
     for ppo_pass, mb in _update_batches(batch, advantages, loss_mask, rl.mini_batch_size, rl.ppo_epochs, shuffle_rng):
-        sharded = shard_batch(mb, setup.mesh, TRAIN_RULES, program.micro_batch_size)
-        state, m = update(progress.state, progress.ref, sharded)
+        state, m = update_on_real_lengths(program.update, progress.state, progress.ref, mb, batch.prompt_width)
         m = jax.device_get(m)
         if not bool(m["finite"]):
             raise NonFiniteLossError(
@@ -255,7 +245,7 @@ def grpo_iteration(
     loss_mask = batch.loss_mask * informative[:, None] if rl.filter_zero_std_groups else batch.loss_mask
 
     t1 = time.perf_counter()
-    updates = apply_updates(config, setup, program, progress, batch, advantages, loss_mask, last_checkpoint)
+    updates = apply_updates(config, program, progress, batch, advantages, loss_mask, last_checkpoint)
     progress.step += 1
     t_update = time.perf_counter() - t1
     step_time = time.perf_counter() - t0

@@ -52,21 +52,6 @@ class RolloutBatch:
     def num_rows(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def cut(self, completion_width: int) -> RolloutBatch:
-        """The batch with its [N, T] arrays cut to P + `completion_width` columns, for an update
-        that costs what the real lengths need. Exact: every column removed is padding (loss mask
-        and attention mask 0), and a causal model's earlier positions never see it."""
-        if completion_width < int(np.max(self.lengths)):
-            raise ValueError(f"completion_width={completion_width} cuts a {int(np.max(self.lengths))}-token completion")
-        end = self.prompt_width + int(completion_width)
-        return dataclasses.replace(
-            self,
-            input_ids=self.input_ids[:, :end],
-            attention_mask=self.attention_mask[:, :end],
-            loss_mask=self.loss_mask[:, :end],
-            old_logprobs=self.old_logprobs[:, :end],
-        )
-
     def summary(self) -> dict[str, float]:
         """Per-rollout metrics: reward mean, exact-call accuracy, format-failure rate, lengths,
         and how often and how long the completions reason (`rewards.reasoning_stats`)."""
@@ -92,14 +77,6 @@ def left_pad(
         i = next(i for i, p in enumerate(prompt_ids) if len(p) > width)
         raise ValueError(f"prompt {i} has {len(prompt_ids[i])} tokens, more than the width {width}")
     return sampling.left_pad(prompt_ids, width, pad_id)
-
-
-def update_width(lengths: np.ndarray, max_new_tokens: int) -> int:
-    """The completion columns an update keeps: `sampling.length_bucket` of the longest of
-    `lengths` [N] on any process, capped at max_new_tokens. Every process must call this together
-    and gets the same width, since a global array has one shape on every host."""
-    longest = max(distributed.gather_ints(int(np.max(lengths, initial=0))))
-    return sampling.length_bucket(longest, cap=max_new_tokens)
 
 
 def decode_completions(tokenizer: Any, tokens: np.ndarray, lengths: np.ndarray, stops: Sequence[int]) -> list[str]:

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tooln1_jax.grpo import (
     DEFAULT_LOSS,
     LossSettings,
+    LossTerms,
     combine_terms,
     empty_terms,
     finalize_terms,
@@ -190,34 +191,26 @@ def _split_micro(batch: dict, micro_batch_size: int, mesh: Mesh | None, rules: S
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(
+def grad_sums(
     model_config: ModelConfig,
     params: Any,
     ref_params: Any,
-    batch: dict,
+    micro: dict,
+    init: tuple[Any, LossTerms] | None = None,
     *,
-    micro_batch_size: int | None = None,
     temperature: float = 1.0,
     chunk_size: int = 128,
     completion_len: int | None = None,
-    mesh: Mesh | None = None,
-    rules: ShardingRules = TRAIN_RULES,
     loss_settings: LossSettings = DEFAULT_LOSS,
     lora: LoraSettings | None = None,
-) -> tuple[jax.Array, Any, dict]:
-    """GRPO loss, its gradient w.r.t. `params`, and metrics for one mini-batch (traceable; not
-    jitted here). Micro-batches run under `lax.scan`; gradients and loss terms are summed
-    and divided once by the whole batch's normaliser. With LoRA, `params` are the adapters and
-    `ref_params` the frozen base (needed even when kl_coef is 0): the policy is the base with the
-    adapters attached, the reference the base alone."""
-    missing = [k for k in BATCH_KEYS if k not in batch]
-    if missing:
-        raise KeyError(f"GRPO batch is missing {missing}; it has {sorted(batch)}")
+) -> tuple[Any, LossTerms]:
+    """(gradient sums, loss terms) of the *un-normalised* GRPO loss over micro-batches `micro`
+    (every leaf [n, m, ...]), run under `lax.scan` and added to `init` (default zeros).
+    Traceable, not jitted; `normalized_grads` divides once. The one description of a
+    micro-batch's gradient, for the scanned step and for the length-bucketed update."""
     kl_coef = loss_settings.kl_coef
     if (kl_coef != 0 or lora_on(lora)) and ref_params is None:
         raise ValueError("kl_coef != 0 needs ref_params" if not lora_on(lora) else "LoRA needs the frozen base")
-    b = batch["input_ids"].shape[0]
-    micro = _split_micro(batch, micro_batch_size or b, mesh, rules)
     lp_fn = functools.partial(
         sequence_logprobs, model_config, temperature=temperature, chunk_size=chunk_size, completion_len=completion_len
     )
@@ -241,13 +234,75 @@ def loss_and_grads(
         (_, mb_terms), mb_grads = jax.value_and_grad(micro_loss, has_aux=True)(params, mb, ref_lp)
         return (jax.tree.map(jnp.add, grads, mb_grads), combine_terms(terms, mb_terms)), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (grad_sums, terms), _ = jax.lax.scan(body, (zeros, empty_terms()), micro)
+    if init is None:
+        init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), empty_terms())
+    sums, _ = jax.lax.scan(body, init, micro)
+    return sums
+
+
+def normalized_grads(sums: Any, terms: LossTerms, params: Any) -> tuple[jax.Array, Any, dict]:
+    """(loss, gradients in the params' dtypes, metrics) from `grad_sums`: one division by the
+    whole batch's normaliser, so any split into micro-batches gives the one-batch result."""
     loss, metrics = finalize_terms(terms)
     norm = terms.normalizer
     scale = jnp.where(norm != 0, 1.0 / jnp.where(norm != 0, norm, 1.0), 0.0)
-    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grad_sums, params)
-    return loss, grads, metrics
+    return loss, jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), sums, params), metrics
+
+
+def loss_and_grads(
+    model_config: ModelConfig,
+    params: Any,
+    ref_params: Any,
+    batch: dict,
+    *,
+    micro_batch_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    completion_len: int | None = None,
+    mesh: Mesh | None = None,
+    rules: ShardingRules = TRAIN_RULES,
+    loss_settings: LossSettings = DEFAULT_LOSS,
+    lora: LoraSettings | None = None,
+) -> tuple[jax.Array, Any, dict]:
+    """GRPO loss, its gradient w.r.t. `params`, and metrics for one mini-batch (traceable; not
+    jitted here): `grad_sums` over its micro-batches, then `normalized_grads`. With LoRA,
+    `params` are the adapters and `ref_params` the frozen base (needed even when kl_coef is 0):
+    the policy is the base with the adapters attached, the reference the base alone."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"GRPO batch is missing {missing}; it has {sorted(batch)}")
+    micro = _split_micro(batch, micro_batch_size or batch["input_ids"].shape[0], mesh, rules)
+    sums, terms = grad_sums(
+        model_config,
+        params,
+        ref_params,
+        micro,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        completion_len=completion_len,
+        loss_settings=loss_settings,
+        lora=lora,
+    )
+    return normalized_grads(sums, terms, params)
+
+
+def apply_grads(
+    optimizer: optax.GradientTransformation, state: TrainState, loss: jax.Array, grads: Any, metrics: dict
+) -> tuple[TrainState, dict]:
+    """One optimizer step (traceable). A non-finite loss or gradient norm applies nothing
+    (params, optimizer state and step stay) and sets metrics["finite"] to False; metrics gain
+    grad_norm (before clipping), finite and step."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(
+        step=state.step + finite.astype(jnp.int32),
+        params=keep_if_finite(new_params, state.params),
+        opt_state=keep_if_finite(new_opt_state, state.opt_state),
+    )
+    return new_state, dict(metrics, grad_norm=grad_norm, finite=finite, step=new_state.step)
 
 
 def make_grpo_step(
@@ -272,9 +327,8 @@ def make_grpo_step(
     With `completion_len` C, log-probs are computed for the last C positions only, so the
     loss mask must be 0 before them (true when C >= the longest completion).
 
-    A non-finite loss or gradient norm applies no update (params, optimizer state and step
-    stay as they were) and sets metrics["finite"] to False. Metrics: those of `grpo_loss`
-    plus grad_norm (before clipping), finite, step.
+    A non-finite loss or gradient norm applies no update (`apply_grads`). Metrics: those of
+    `grpo_loss` plus grad_norm (before clipping), finite, step.
     """
 
     def step(state: TrainState, ref_params, batch: dict):
@@ -292,18 +346,7 @@ def make_grpo_step(
             loss_settings=loss_settings,
             lora=lora,
         )
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(
-            step=state.step + finite.astype(jnp.int32),
-            params=keep_if_finite(new_params, state.params),
-            opt_state=keep_if_finite(new_opt_state, state.opt_state),
-        )
-        metrics = dict(metrics, grad_norm=grad_norm, finite=finite, step=new_state.step)
-        return new_state, metrics
+        return apply_grads(optimizer, state, loss, grads, metrics)
 
     donate_argnums = (0,) if donate else ()
     if mesh is None:
