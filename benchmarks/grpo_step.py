@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from w1 import W1, load_avg, peak_rss_gb  # noqa: E402
 
+from tooln1_jax.bucketed_update import make_bucketed_update  # noqa: E402
 from tooln1_jax.grpo import (
     LossSettings,  # noqa: E402
     group_advantages,  # noqa: E402
@@ -86,11 +87,16 @@ def make_batch(seed: int = 0) -> dict:
     )
 
 
-def benchmark_step(config, params, lora_rank: int, *, ref_dtype, micro_batch_size, chunk_size, completion_len):
-    """The benchmarks' GRPO step on `params` (W1 here, W2 in `lora_w2.py`): AdamW lr 1e-6, clip
-    0.2, k3 KL 1e-3. Full (rank 0): the state trains `params`, the reference is a frozen copy in
-    `ref_dtype` (None: float32). LoRA (rank R, alpha 2R, every target): the state trains fresh
-    adapters and the base, in `ref_dtype`, is the reference (no copy). Returns (state, ref, step, lora)."""
+def benchmark_step(
+    config, params, lora_rank: int, *, ref_dtype, micro_batch_size, chunk_size, completion_len, bucketed=False
+):
+    """The benchmarks' GRPO step on `params` (W1 here, W2 in `lora_w2.py` and `w2.py`): AdamW lr
+    1e-6, clip 0.2, k3 KL 1e-3. Full (rank 0): the state trains `params`, the reference is a
+    frozen copy in `ref_dtype` (None: float32). LoRA (rank R, alpha 2R, every target): the state
+    trains fresh adapters and the base, in `ref_dtype`, is the reference (no copy). Returns
+    (state, ref, step, lora); with `bucketed`, `step` is the trainer's length-bucketed update
+    (`bucketed_update.make_bucketed_update`, run by `update_on_real_lengths`) instead of
+    `make_grpo_step`'s one-width step."""
     lora = LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank)
     optimizer = make_optimizer(OptimizerSettings(1e-6, weight_decay=0.01, grad_clip=1.0))
     if lora.enabled:
@@ -98,16 +104,11 @@ def benchmark_step(config, params, lora_rank: int, *, ref_dtype, micro_batch_siz
         state = init_train_state(init_adapters(config, lora, jax.random.key(1)), optimizer)
     else:
         ref, state = reference_params(params, dtype=ref_dtype), init_train_state(params, optimizer)
-    step = make_grpo_step(
-        config,
-        optimizer,
-        micro_batch_size=micro_batch_size,
-        temperature=TEMPERATURE,
-        chunk_size=chunk_size,
-        completion_len=completion_len,
-        loss_settings=LossSettings(clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3"),
-        lora=lora,
-    )
+    settings = LossSettings(clip_eps=0.2, kl_coef=1e-3, kl_estimator="k3")
+    kw = dict(micro_batch_size=micro_batch_size, temperature=TEMPERATURE, chunk_size=chunk_size)
+    if bucketed:
+        return state, ref, make_bucketed_update(config, optimizer, loss_settings=settings, lora=lora, **kw), lora
+    step = make_grpo_step(config, optimizer, completion_len=completion_len, loss_settings=settings, lora=lora, **kw)
     return state, ref, step, lora
 
 

@@ -1,7 +1,8 @@
-"""Cost follows real lengths: the W1 GRPO update (`grpo_step.benchmark_step`) on a batch whose
-longest completion is 40 tokens, padded to max_new_tokens = 256 and cut to its bucket
-(`sampling.length_bucket`, as the trainer does), against the same batch at max_new_tokens = 64,
-and against the uncut 256-column batch (the cost before buckets).
+"""Cost follows real lengths: the trainer's W1 GRPO update (`grpo_step.benchmark_step` with
+`bucketed=True`: `bucketed_update.update_on_real_lengths`, each micro-batch cut to the length
+buckets of its own rows) on a batch whose longest completion is 40 tokens, padded to
+max_new_tokens = 256, against the same batch at max_new_tokens = 64, and against the one-width
+step (`make_grpo_step`) on the uncut 256-column batch (the cost before buckets).
 
     python benchmarks/length_buckets.py [--rows 64] [--reps 3] [--micro-batch-size 16]
 """
@@ -21,8 +22,8 @@ import numpy as np  # noqa: E402
 from grpo_step import PROMPT_LEN, benchmark_step  # noqa: E402
 from w1 import W1, load_avg  # noqa: E402
 
+from tooln1_jax.bucketed_update import update_on_real_lengths  # noqa: E402
 from tooln1_jax.models import init_params  # noqa: E402
-from tooln1_jax.sampling import length_bucket  # noqa: E402
 
 LONGEST = 40
 
@@ -40,20 +41,24 @@ def batch_of(rows: int, width: int, seed: int = 0) -> dict:
     return dict(input_ids=ids * attn, attention_mask=attn, loss_mask=loss, advantages=adv, old_logprobs=-loss * 5)
 
 
-def time_update(params, rows: int, width: int, micro: int, reps: int) -> float:
+def time_update(params, rows: int, width: int, micro: int, reps: int, bucketed: bool) -> float:
+    """Median seconds of `reps` updates after a first (compiling) one."""
     state, ref, step, _ = benchmark_step(
-        W1, params, 0, ref_dtype=None, micro_batch_size=micro, chunk_size=128, completion_len=width
+        W1, params, 0, ref_dtype=None, micro_batch_size=micro, chunk_size=128, completion_len=width, bucketed=bucketed
     )
     batch = batch_of(rows, width)
-    state, m = step(state, ref, batch)  # compile + warm-up
-    jax.block_until_ready(m)
+    run = (
+        (lambda s: update_on_real_lengths(step, s, ref, batch, PROMPT_LEN))
+        if bucketed
+        else (lambda s: step(s, ref, batch))
+    )
     times = []
-    for _ in range(reps):
+    for _ in range(reps + 1):
         t0 = time.perf_counter()
-        state, m = step(state, ref, batch)
+        state, m = run(state)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times[1:])
 
 
 def main():
@@ -65,15 +70,15 @@ def main():
     params = init_params(W1, jax.random.key(0))
     print(f"W1 update, {args.rows} rows, prompt {PROMPT_LEN}, longest completion {LONGEST}; load avg {load_avg()}")
     cases = [
-        ("max_new_tokens=256, cut", length_bucket(LONGEST, 256)),
-        ("max_new_tokens=64", length_bucket(LONGEST, 64)),
-        ("max_new_tokens=256, uncut", 256),
+        ("max_new_tokens=256, trainer", 256, True),
+        ("max_new_tokens=64, trainer", 64, True),
+        ("max_new_tokens=256, one width", 256, False),
     ]
-    secs = {name: time_update(params, args.rows, w, args.micro_batch_size, args.reps) for name, w in cases}
-    for (name, w), s in zip(cases, secs.values()):
-        print(f"{name:28s} width {PROMPT_LEN + w:4d}: {s:.2f} s median of {args.reps}")
-    ratio = secs[cases[0][0]] / secs[cases[1][0]]
-    print(f"cut 256 / 64: {ratio:.2f} ({'within' if abs(ratio - 1) <= 0.25 else 'NOT within'} 25%); load {load_avg()}")
+    secs = [time_update(params, args.rows, w, args.micro_batch_size, args.reps, b) for _, w, b in cases]
+    for (name, w, _), s in zip(cases, secs):
+        print(f"{name:30s} batch width {PROMPT_LEN + w:4d}: {s:.2f} s median of {args.reps}")
+    ratio = secs[0] / secs[1]
+    print(f"256 / 64: {ratio:.2f} ({'within' if abs(ratio - 1) <= 0.25 else 'NOT within'} 25%); load {load_avg()}")
 
 
 if __name__ == "__main__":

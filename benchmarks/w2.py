@@ -14,10 +14,13 @@ same prompts, model and lengths, and the command line is printed with the figure
    transformers: `generate` on the same left-padded prompt ids, repeated `--group` times, same
    sampling settings and stop ids. Generated tokens count up to and including the stop.
 2. Update, on our rollout's sequences (rewards from the project's reward, or random {0, 1} when all
-   are equal). Ours: `grpo_step.benchmark_step` (clipped surrogate 0.2, k3 KL 1e-3 to a frozen
-   fp32 reference, AdamW lr 1e-6, weight decay 0.01, clip 1.0), loss on the completion columns;
-   the lowering and compile of the first step are timed apart from the `--reps` timed steps.
-   PyTorch: the same loss on the same rows with a `LlamaForCausalLM` policy and a frozen copy as
+   are equal). Ours: the trainer's update (`bucketed_update.update_on_real_lengths` with
+   `grpo_step.benchmark_step`'s settings: clipped surrogate 0.2, k3 KL 1e-3 to a frozen fp32
+   reference, AdamW lr 1e-6, weight decay 0.01, clip 1.0), loss on the completion tokens: rows
+   ordered by length, each micro-batch cut to its own length buckets. The first of the
+   `--reps` + 1 updates compiles; its extra time over the median of the others is reported.
+   PyTorch: the same loss on the same rows, padded to the batch's longest prompt and longest
+   completion (as a plain collator pads), with a `LlamaForCausalLM` policy and a frozen copy as
    the reference, micro-batches accumulated, `torch.optim.AdamW`, `clip_grad_norm_`.
 Prints tokens/s and seconds, the ratios (ours against theirs), the rows' lengths and the peak RSS.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -42,6 +46,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from w1 import load_avg, peak_rss_gb  # noqa: E402
 
 from tooln1_jax.assets import smollm2_hf_dir  # noqa: E402
+from tooln1_jax.bucketed_update import batch_plan, update_on_real_lengths  # noqa: E402
 from tooln1_jax.data.prompt import pad_id_of, stop_token_ids  # noqa: E402
 from tooln1_jax.grpo import group_advantages  # noqa: E402
 
@@ -97,8 +102,19 @@ def hf_rollout(model, prompt_ids, stops, pad_id, args):
     return lengths, seconds
 
 
+def trim_to_longest(batch: dict, prompt_width: int) -> tuple[dict, int]:
+    """(batch, completion columns): the [N, T] arrays cut to the batch's longest prompt and longest
+    completion, as a plain PyTorch update pads (one width for the whole batch)."""
+    mask = batch["attention_mask"]
+    left = prompt_width - int(mask[:, :prompt_width].sum(1).max())
+    completion = int(mask[:, prompt_width:].sum(1).max())
+    cut = {k: v if v.ndim == 1 else v[:, left : prompt_width + completion] for k, v in batch.items()}
+    return cut, completion
+
+
 def torch_update(policy, reference, optimizer, batch, completion_len: int, micro: int) -> float:
-    """One GRPO update in plain PyTorch (the loss of `grpo_step.benchmark_step`); returns seconds."""
+    """One GRPO update in plain PyTorch (the loss of `grpo_step.benchmark_step`) on `batch`, every
+    micro-batch at the batch's width; returns seconds."""
     ids = torch.tensor(batch["input_ids"], dtype=torch.long)
     attn = torch.tensor(batch["attention_mask"], dtype=torch.long)
     loss_mask = torch.tensor(batch["loss_mask"][:, -completion_len:])
@@ -131,27 +147,53 @@ def torch_update(policy, reference, optimizer, batch, completion_len: int, micro
     return time.perf_counter() - t0
 
 
-def our_update(config, params, batch, completion_len: int, args):
-    """(compile_s, [seconds per update]) of our GRPO step on the batch."""
-    state, ref, step, _ = benchmark_step(
+def our_update(config, params, batch, prompt_width: int, args):
+    """(compile_s, [seconds per update], plan) of the trainer's update (`update_on_real_lengths`):
+    micro-batches ordered by length, each cut to its own buckets. The first update compiles
+    every program it needs; its extra time over the median of the later ones is the compile time."""
+    state, ref, update, _ = benchmark_step(
         config,
         params,
         0,
         ref_dtype=None,
         micro_batch_size=args.micro_batch_size,
         chunk_size=128,
-        completion_len=completion_len,
+        completion_len=None,
+        bucketed=True,
     )
-    t0 = time.perf_counter()
-    compiled = step.lower(state, ref, batch).compile()
-    compile_s = time.perf_counter() - t0
     times = []
     for _ in range(args.reps + 1):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, ref, batch)
+        state, metrics = update_on_real_lengths(update, state, ref, batch, prompt_width)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
-    return compile_s, times
+    return times[0] - statistics.median(times[1:]), times, batch_plan(batch, prompt_width, args.micro_batch_size)
+
+
+def _best_seconds(run, reps: int) -> float:
+    run()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def layer_matmul_rates(config, tokens: int = 2048, reps: int = 5) -> str:
+    """float32 GFLOP/s of XLA (jnp.dot) and PyTorch (torch.mm) on the model's own layer products
+    ([tokens, D] x [D, F], [tokens, F] x [F, D], [tokens, D] x [D, D]), best of `reps` each:
+    what bounds an update at equal tokens on this machine."""
+    dot, out = jax.jit(jax.numpy.dot), []
+    d, f = config.hidden_size, config.intermediate_size
+    for k, n in ((d, f), (f, d), (d, d)):
+        a, b = np.random.rand(tokens, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
+        ja, jb, ta, tb = jax.numpy.asarray(a), jax.numpy.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        xla = _best_seconds(functools.partial(lambda x, y: dot(x, y).block_until_ready(), ja, jb), reps)
+        pt = _best_seconds(functools.partial(torch.mm, ta, tb), reps)
+        flop = 2 * tokens * k * n / 1e9
+        out.append(f"[{tokens},{k}]x[{k},{n}] XLA {flop / xla:.0f} / torch {flop / pt:.0f} GFLOP/s")
+    return "; ".join(out)
 
 
 def main():
@@ -160,6 +202,7 @@ def main():
     tokenizer, prompt_ids, records = tokenizer_and_prompts(args.prompts)
     config, params = load_model()
     stops, pad_id = stop_token_ids(tokenizer, config), pad_id_of(tokenizer)
+    print(f"layer matmuls: {layer_matmul_rates(config)}", flush=True)
 
     ro, ours_compile, ours_s = our_rollout(config, params, tokenizer, prompt_ids, records, args)
     model = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir(), dtype=torch.float32).eval()
@@ -184,21 +227,25 @@ def main():
         old_logprobs=ro.old_logprobs,
         advantages=np.asarray(group_advantages(rewards, args.group), np.float32),
     )
-    completion_len = args.max_new_tokens
-    compile_s, ours = our_update(config, params, batch, completion_len, args)
+    compile_s, ours, plan = our_update(config, params, batch, ro.prompt_width, args)
     del params
+    trimmed, completion_len = trim_to_longest(batch, ro.prompt_width)
     policy = model.train()
     reference = copy.deepcopy(model).eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
-    theirs = [torch_update(policy, reference, optimizer, batch, completion_len, args.micro_batch_size)]
-    theirs += [
-        torch_update(policy, reference, optimizer, batch, completion_len, args.micro_batch_size)
-        for _ in range(args.reps)
+    theirs = [
+        torch_update(policy, reference, optimizer, trimmed, completion_len, args.micro_batch_size)
+        for _ in range(args.reps + 1)
     ]
     ours_med, theirs_med = statistics.median(ours[1:]), statistics.median(theirs[1:])
+    real = int(batch["attention_mask"].sum())
+    ours_cols = sum(len(mb.rows) * (mb.prompt_cols + mb.completion_cols) for mb in plan)
+    widths = sorted({(mb.prompt_cols, mb.completion_cols) for mb in plan})
     print(
-        f"update on {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]}: ours "
-        f"{' / '.join(f'{t:.1f}' for t in ours)} s (first step compiled in {compile_s:.1f} s before it), "
+        f"update on {batch['input_ids'].shape[0]} rows, {real} real tokens: ours {ours_cols} padded tokens in "
+        f"{len(plan)} micro-batches of (prompt, completion) buckets {widths}; PyTorch "
+        f"{trimmed['input_ids'].size} ({trimmed['input_ids'].shape[1]} columns)\n"
+        f"update: ours {' / '.join(f'{t:.1f}' for t in ours)} s (the first compiles {compile_s:.1f} s more), "
         f"PyTorch {' / '.join(f'{t:.1f}' for t in theirs)} s: median {theirs_med / ours_med:.2f}x PyTorch's speed; "
         f"peak RSS {peak_rss_gb():.2f} GB; load avg {load_avg()}",
         flush=True,

@@ -99,7 +99,8 @@ CEILING = Workload()
 # Illustrative, not measured: prompts fit the 2,048 bucket and the longest response of a pass is
 # 2,048 tokens. An update on completions padded to max_new_tokens would see 2,048 + 8,192 tokens ...
 TYPICAL = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 8192)
-# ... the trainer cuts them to the bucket of the longest completion (rollouts.update_width): 2,048.
+# ... the trainer cuts each micro-batch to the buckets of its own rows (bucketed_update): at most 2,048
+# completion columns here (this plan counts every micro-batch at the longest).
 TRIMMED = Workload(prompt_len=2048, decode_steps=2048, train_len=2048 + 2048)
 SCENARIOS = (("ceiling", CEILING), ("typical", TYPICAL), ("typical, trimmed", TRIMMED))
 # A notebook's run: 8 prompts x 4 samples per step, two updates, prompts up to 1,024 tokens and
