@@ -5,8 +5,8 @@ prefilled cache in place (shared, never copied n times) and write their own toke
 continuation cache of R rows. Everything a decode loop can hoist is built once, outside it:
 the weights, fused and transposed (`decode_weights`), and the rotary tables
 (`rope_lookup_table`). The layers run under one `lax.scan` over the stacked weights and caches,
-so the step compiles one layer body at any depth (issue 16: unrolled, compile time grew
-linearly with depth). Numerically this is the same model as `transformer.py` (the
+fully unrolled for shallow models and one layer per iteration for deep ones (`layer_unroll`),
+so compile time stays bounded in depth (issue 16). Numerically this is the same model as `transformer.py` (the
 sampler's tests compare it with transformers and with the full forward).
 """
 
@@ -20,9 +20,24 @@ from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slo
 from tooln1_jax.models.layers import apply_rope, rope_at_positions
 from tooln1_jax.models.model_config import ModelConfig
 
-# Layers per iteration of the decode step's layer scan (`lax.scan`'s `unroll`); see
-# docs/performance_history.md for the measurements behind it.
-LAYER_UNROLL = 1
+# The deepest model whose decode step unrolls its layer scan fully; see `layer_unroll`.
+FULL_UNROLL_MAX_LAYERS = 32
+
+
+def layer_unroll(num_layers: int) -> int:
+    """`lax.scan`'s `unroll` for the decode step's layer scan: every layer (a straight-line step)
+    up to FULL_UNROLL_MAX_LAYERS layers, one layer per iteration above.
+
+    Why (issue 16; the measurements are in docs/performance_history.md): scanned one layer at a
+    time, the step compiles one layer body at any depth (decode compile about 10 CPU s from 8 to
+    48 layers at width 256), but on CPU it costs about 30% more CPU per generated token at W1,
+    most likely each iteration's dynamic slices of its layer's weights and cache out of the
+    stacked arrays (not checked in the HLO); unrolling 2 or 4 layers per iteration costs the same. Fully unrolled, the indices
+    are constants and the step costs what the old per-layer-tuple step did, while its compile
+    grows by about 0.25 CPU s per layer (12.6 s at 8 layers, 17.9 s at 30). So models up to 32
+    layers (SmolLM2's 30, Qwen2.5-0.5B's 24) keep the faster step, and compile stays bounded by
+    about twice the scan's; deeper ones scan."""
+    return num_layers if num_layers <= FULL_UNROLL_MAX_LAYERS else 1
 
 
 @flax.struct.dataclass
@@ -185,6 +200,8 @@ def group_decode_step(
         return (x_t, k_all, v_all), None
 
     carry = (weights.embed[tokens].astype(dt).T, cache.k, cache.v)
-    (x_t, k_all, v_all), _ = jax.lax.scan(layer, carry, jnp.arange(config.num_layers), unroll=LAYER_UNROLL)
+    (x_t, k_all, v_all), _ = jax.lax.scan(
+        layer, carry, jnp.arange(config.num_layers), unroll=layer_unroll(config.num_layers)
+    )
     logits_t = weights.head @ _rms_norm_columns(x_t, weights.final_norm, eps)  # [V, R]
     return logits_t.astype(jnp.float32), KVCache(k=k_all, v=v_all, mask=new_mask, index=start + 1)
