@@ -32,8 +32,9 @@ def layer_unroll(num_layers: int) -> int:
     time, the step compiles one layer body at any depth (decode compile about 10 CPU s from 8 to
     48 layers at width 256), but on CPU it costs about 30% more CPU per generated token at W1,
     most likely each iteration's dynamic slices of its layer's weights and cache out of the
-    stacked arrays (not checked in the HLO); unrolling 2 or 4 layers per iteration costs the same. Fully unrolled, the indices
-    are constants and the step costs what the old per-layer-tuple step did, while its compile
+    stacked arrays (not checked in the HLO); unrolling 2 or 4 layers per iteration costs the
+    same. Fully unrolled, the indices are constants and the step costs what the old per-layer-tuple
+    step did, while its compile
     grows by about 0.25 CPU s per layer (12.6 s at 8 layers, 17.9 s at 30). So models up to 32
     layers (SmolLM2's 30, Qwen2.5-0.5B's 24) keep the faster step, and compile stays bounded by
     about twice the scan's; deeper ones scan."""
