@@ -138,8 +138,7 @@ def matmul_floor(params):
 
     @jax.jit
     def matmuls(x_t, weights):
-        for i in range(W1.num_layers):  # each product feeds the next, as in the model
-            lp = jax.tree.map(lambda a, i=i: a[i], weights.layers)  # stacked [L, ...] -> layer i
+        for lp in weights.layers:  # each product feeds the next, as in the model
             qkv = lp["qkv"] @ x_t
             x_t = x_t + lp["o_proj"] @ qkv[: x_t.shape[0]]
             x_t = x_t + lp["down_proj"] @ (lp["gate_up"] @ x_t)[: W1.intermediate_size]

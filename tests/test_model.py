@@ -1,7 +1,5 @@
 """The decoder against transformers' PyTorch Qwen2/Llama, the KV cache, dtypes, remat, presets."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,6 @@ from tooln1_jax.models import (
     PRESETS,
     ModelConfig,
     forward_cached,
-    group_decode,
     init_cache,
     init_params,
     lm_head_weight,
@@ -258,13 +255,10 @@ def test_bad_configs_are_rejected_with_the_field_named():
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("unrolled", [True, False], ids=["unrolled", "scanned"])
-def test_group_decode_step_equals_full_forward(name, unrolled, monkeypatch):
+def test_group_decode_step_equals_full_forward(name):
     """The sampler's step (fused, transposed weights; n rows sharing a prompt's cache; the
     rotary table) gives the full forward's next-token logits, for left-padded prompts of
-    different lengths, on both of its layer paths (`group_decode.layer_unroll`): fully unrolled,
-    as for shallow models, and scanned one layer per iteration, as for deep ones."""
-    monkeypatch.setattr(group_decode, "FULL_UNROLL_MAX_LAYERS", 10**6 if unrolled else 0)
+    different lengths."""
     config = CONFIGS[name]
     shapes = init_params(config, jax.random.key(0))
     leaves, treedef = jax.tree.flatten(shapes)
@@ -277,7 +271,7 @@ def test_group_decode_step_equals_full_forward(name, unrolled, monkeypatch):
     prefill = jax.jit(forward_cached, static_argnums=0)
     _, prefix = prefill(config, params, jnp.asarray(ids), jnp.asarray(mask), init_cache(config, 2, ids.shape[1]))
     weights = decode_weights(config, params)
-    step = jax.jit(functools.partial(group_decode_step), static_argnums=0)  # a fresh trace per path
+    step = jax.jit(group_decode_step, static_argnums=0)
     rng = np.random.default_rng(6)
     new = rng.integers(0, config.vocab_size, (2 * n, steps))
     cache = init_cache(config, 2 * n, steps)

@@ -142,10 +142,10 @@ def test_sharded_kv_cache_prefill_and_decode():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     cache = init_cache(CONFIG, 4, 8)
     shardings = cache_sharding(cache, mesh, SAMPLE_RULES)
-    assert shardings.k.spec == P(None, ("data", "fsdp"), "tensor", None, None)  # [L, B, K, hd, S]
+    assert shardings.k[0].spec == P(("data", "fsdp"), "tensor", None, None)
     assert shardings.mask.spec == P(("data", "fsdp"), None) and shardings.index.spec == P()
     cache = jax.device_put(cache, shardings)
-    assert {s.data.shape for s in cache.k.addressable_shards} == {(2, 1, 1, 8, 8)}
+    assert {s.data.shape for s in cache.k[1].addressable_shards} == {(1, 1, 8, 8)}
     sp = shard_params(params, CONFIG, mesh, SAMPLE_RULES)
     rows = batch_sharding(mesh, SAMPLE_RULES, 2, 4)
     hidden, cache = step(CONFIG, sp, jax.device_put(ids, rows), jax.device_put(mask, rows), cache)

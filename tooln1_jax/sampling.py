@@ -158,7 +158,7 @@ def _prefill(config, params, prompt_tokens, prompt_mask, rng, temperature, top_p
 def _decode(config, params, state, temperature, top_p, stop_ids, *, plan, decode_segments) -> SamplingState:
     """Runs the decode loops until every row is done or `max_new_tokens` columns are filled."""
     max_new_tokens, mesh, rules = plan.max_new_tokens, plan.mesh, plan.rules
-    weights = decode_weights(config, params)  # fused and transposed once, outside the loop
+    weights = decode_weights(config, params)  # sliced, fused and transposed once, outside the loop
     rope = rope_lookup_table(config, state.prefix.max_len + max_new_tokens)
 
     def body(s: SamplingState):

@@ -3,10 +3,8 @@
 R = B * n rows continue B prompts, n rows each. The n rows of a group read their prompt's
 prefilled cache in place (shared, never copied n times) and write their own tokens into a
 continuation cache of R rows. Everything a decode loop can hoist is built once, outside it:
-the weights, fused and transposed (`decode_weights`), and the rotary tables
-(`rope_lookup_table`). The layers run under one `lax.scan` over the stacked weights and caches,
-fully unrolled for shallow models and one layer per iteration for deep ones (`layer_unroll`),
-so compile time stays bounded in depth (issue 16). Numerically this is the same model as `transformer.py` (the
+the weights, sliced per layer, fused and transposed (`decode_weights`), and the rotary tables
+(`rope_lookup_table`). Numerically this is the same model as `transformer.py` (the
 sampler's tests compare it with transformers and with the full forward).
 """
 
@@ -20,26 +18,6 @@ from tooln1_jax.models.kv_cache import KVCache, write_key_slots, write_value_slo
 from tooln1_jax.models.layers import apply_rope, rope_at_positions
 from tooln1_jax.models.model_config import ModelConfig
 
-# The deepest model whose decode step unrolls its layer scan fully; see `layer_unroll`.
-FULL_UNROLL_MAX_LAYERS = 32
-
-
-def layer_unroll(num_layers: int) -> int:
-    """`lax.scan`'s `unroll` for the decode step's layer scan: every layer (a straight-line step)
-    up to FULL_UNROLL_MAX_LAYERS layers, one layer per iteration above.
-
-    Why (issue 16; the measurements are in docs/performance_history.md): scanned one layer at a
-    time, the step compiles one layer body at any depth (decode compile about 10 CPU s from 8 to
-    48 layers at width 256), but on CPU it costs about 30% more CPU per generated token at W1,
-    most likely each iteration's dynamic slices of its layer's weights and cache out of the
-    stacked arrays (not checked in the HLO); unrolling 2 or 4 layers per iteration costs the
-    same. Fully unrolled, the indices are constants and the step costs what the old per-layer-tuple
-    step did, while its compile
-    grows by about 0.25 CPU s per layer (12.6 s at 8 layers, 17.9 s at 30). So models up to 32
-    layers (SmolLM2's 30, Qwen2.5-0.5B's 24) keep the faster step, and compile stays bounded by
-    about twice the scan's; deeper ones scan."""
-    return num_layers if num_layers <= FULL_UNROLL_MAX_LAYERS else 1
-
 
 @flax.struct.dataclass
 class DecodeWeights:
@@ -47,8 +25,8 @@ class DecodeWeights:
     nn.Linear layout), because the step keeps its activations feature-major, [D, R]."""
 
     embed: jax.Array  # [V, D]
-    layers: dict  # stacked over layers: qkv [L, K*(g+2)*hd, D], qkv_bias [L, K*(g+2)*hd],
-    #   o_proj [L, D, H*hd], gate_up [L, 2F, D], down_proj [L, D, F], input_norm and post_attn_norm [L, D]
+    layers: tuple  # per layer: qkv [K*(g+2)*hd, D], qkv_bias [K*(g+2)*hd], o_proj [D, H*hd],
+    #                gate_up [2F, D], down_proj [D, F], input_norm and post_attn_norm [D]
     final_norm: jax.Array  # [D]
     head: jax.Array  # [V, D]: the output projection's rows (the embedding itself when tied)
 
@@ -64,7 +42,7 @@ def decode_weights(config: ModelConfig, params: dict) -> DecodeWeights:
       tensor-parallel shards stay local: per kv head its g query heads, then its key, then its
       value; gate and up rows interleaved;
     - weights are [out, in] and activations [D, R], so a step computes `W @ x`;
-    - stacked [L, ...], so the step's layer scan reads layer i's weights at index i."""
+    - one slice per layer, so the loop body reads each layer's weights directly."""
     c = config
     g = c.num_heads // c.num_kv_heads
     dt = jnp.dtype(c.dtype)
@@ -93,7 +71,7 @@ def decode_weights(config: ModelConfig, params: dict) -> DecodeWeights:
             out["qkv_bias"] = jnp.concatenate([qb, kb, vb], axis=-1).reshape(-1)
         return out
 
-    layers = jax.vmap(one)(jax.tree.map(lambda a: a.astype(dt), params["layers"]))
+    layers = tuple(one(jax.tree.map(lambda a, i=i: a[i].astype(dt), params["layers"])) for i in range(c.num_layers))
     head = params["embed"] if "lm_head" not in params else params["lm_head"].T
     # The barrier makes XLA materialise the transposed copies, rather than fold each transpose
     # into the dot that reads it (which brings back the slower [in, out] operand).
@@ -179,30 +157,22 @@ def group_decode_step(
 
     g = config.num_heads // config.num_kv_heads
     eps = config.rms_norm_eps
-
-    def layer(carry, i):
-        x_t, k_all, v_all = carry  # x_t [D, R]: feature-major (see `decode_weights`)
-        lp, prefix_k, prefix_v = jax.tree.map(
-            lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), (weights.layers, prefix.k, prefix.v)
-        )
+    x_t = weights.embed[tokens].astype(dt).T  # [D, R]: feature-major (see `decode_weights`)
+    ks, vs = [], []
+    for i, lp in enumerate(weights.layers):
         qkv = lp["qkv"] @ _rms_norm_columns(x_t, lp["input_norm"], eps)  # [K*(g+2)*hd, R]
         if config.attention_bias:
             qkv = qkv + lp["qkv_bias"][:, None]
         qkv = qkv.T.reshape(r, config.num_kv_heads, g + 2, config.head_dim)
         q = apply_rope(qkv[:, :, :g], sin, cos)  # [R, K, g, hd]
         k = apply_rope(qkv[:, :, g : g + 1], sin, cos)  # [R, K, 1, hd]
-        k_all = write_key_slots(k_all, jnp.swapaxes(k, 1, 2), i, start)
-        v_all = write_value_slots(v_all, jnp.swapaxes(qkv[:, :, g + 1 :], 1, 2), i, start)
-        k_buf, v_buf = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (k_all, v_all))
-        attn = _prefix_suffix_attention(q, prefix_k, prefix_v, prefix.mask, k_buf, v_buf, new_mask)  # [R, H*hd]
+        k_buf = write_key_slots(cache.k[i], jnp.swapaxes(k, 1, 2), start)
+        v_buf = write_value_slots(cache.v[i], jnp.swapaxes(qkv[:, :, g + 1 :], 1, 2), start)
+        attn = _prefix_suffix_attention(q, prefix.k[i], prefix.v[i], prefix.mask, k_buf, v_buf, new_mask)  # [R, H*hd]
         x_t = x_t + lp["o_proj"] @ attn.T
         gate_up = (lp["gate_up"] @ _rms_norm_columns(x_t, lp["post_attn_norm"], eps)).reshape(-1, 2, r)  # [F, 2, R]
         x_t = x_t + lp["down_proj"] @ (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1])
-        return (x_t, k_all, v_all), None
-
-    carry = (weights.embed[tokens].astype(dt).T, cache.k, cache.v)
-    (x_t, k_all, v_all), _ = jax.lax.scan(
-        layer, carry, jnp.arange(config.num_layers), unroll=layer_unroll(config.num_layers)
-    )
+        ks.append(k_buf)
+        vs.append(v_buf)
     logits_t = weights.head @ _rms_norm_columns(x_t, weights.final_norm, eps)  # [V, R]
-    return logits_t.astype(jnp.float32), KVCache(k=k_all, v=v_all, mask=new_mask, index=start + 1)
+    return logits_t.astype(jnp.float32), KVCache(k=tuple(ks), v=tuple(vs), mask=new_mask, index=start + 1)

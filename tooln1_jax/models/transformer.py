@@ -1,8 +1,8 @@
 """The Qwen2.5 / Llama decoder as pure functions of a params pytree (its leaves: `params.PARAM_SPECS`).
 
-Both forwards run the stacked layers under one `lax.scan`, so compile time does not grow with
-depth: the full forward (`hidden_states`, `logits`) and the cached one (`forward_cached`, whose
-scan carries the stacked `KVCache` buffers and writes each layer's new slots in place).
+The full forward (`hidden_states`, `logits`) runs the stacked layers under one `lax.scan`, so
+compile time does not grow with depth. The cached forward (`forward_cached`) runs them as an
+unrolled Python loop, because the `KVCache` holds one buffer per layer.
 """
 
 from __future__ import annotations
@@ -102,31 +102,6 @@ def logits(
     return (h @ lm_head_weight(params).astype(h.dtype)).astype(jnp.float32)
 
 
-def layer_params(params: dict, layer) -> dict:
-    """Layer `layer` (an int or a traced index) of the stacked layer params: each leaf's [L, ...] -> [...]."""
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params["layers"])
-
-
-def cached_decoder_layer(config, lp, carry, layer, sin, cos, new_mask, start, last_only=False):
-    """One layer of `forward_cached`. carry = (x [B, T, D], keys [L, B, K, hd, S], values
-    [L, B, K, S, hd]) -> the same, with this layer's keys and values written at slots
-    start ... start+T-1 of buffer `layer`. `last_only` runs attention, o_proj and the MLP for the
-    last position only (x [B, 1, D] out), after writing every position's keys and values."""
-    x, k_all, v_all = carry
-    dt, t = x.dtype, x.shape[1]
-    h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
-    q, k, v = project_qkv(config, lp, h, sin, cos)
-    k_all, v_all = write_key_slots(k_all, k, layer, start), write_value_slots(v_all, v, layer, start)
-    query_start = start  # token t at cache slot start + t; its keys: every valid slot up to it
-    if last_only:
-        x, q, query_start = x[:, -1:], q[:, -1:], start + t - 1
-    k_buf, v_buf = (jax.lax.dynamic_index_in_dim(a, layer, keepdims=False) for a in (k_all, v_all))
-    # [B, S, K, hd] for the prefill attention: one transpose per prefill, not per token
-    keys, values = k_buf.transpose(0, 3, 1, 2).astype(dt), jnp.swapaxes(v_buf, 1, 2).astype(dt)
-    attn = attention(config.attention_impl, q, keys, values, new_mask, query_start)
-    return attention_out_and_mlp(config, lp, x, attn), k_all, v_all
-
-
 def forward_cached(
     config: ModelConfig, params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCache, last_only: bool = False
 ):
@@ -135,26 +110,31 @@ def forward_cached(
 
     `last_only` (a prefill that needs only the next token's logits) returns hidden [B, 1, D] for
     the last position: the last layer still writes every position's keys and values, but runs
-    attention, o_proj and the MLP for that one position (about 10% of a W1 prefill's FLOPs).
-    The layers run under one `lax.scan` (the last one after it, when `last_only`), so a prefill
-    compiles one or two layer bodies at any depth."""
+    attention, o_proj and the MLP for that one position (about 10% of a W1 prefill's FLOPs)."""
     dt = jnp.dtype(config.dtype)
-    t = tokens.shape[1]
+    b, t = tokens.shape
     start = cache.index
     # Position of each new token = real tokens before it in this row.
     positions = jnp.sum(cache.mask, axis=1, keepdims=True) + jnp.cumsum(token_mask, axis=1) - 1
     sin, cos = rope_at_positions(jnp.maximum(positions, 0), config.head_dim, config.rope_theta)
     new_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask.astype(jnp.int32), (0, start))
+    query_start = start  # token t at cache slot start + t; its keys: every valid slot up to it
 
-    def body(carry, layer):
-        return cached_decoder_layer(config, layer_params(params, layer), carry, layer, sin, cos, new_mask, start), None
-
-    scanned = config.num_layers - 1 if last_only else config.num_layers
-    carry = (params["embed"][tokens].astype(dt), cache.k, cache.v)
-    carry, _ = jax.lax.scan(body, carry, jnp.arange(scanned))
-    if last_only:
-        lp = layer_params(params, scanned)
-        carry = cached_decoder_layer(config, lp, carry, scanned, sin, cos, new_mask, start, last_only=True)
-    x, k_all, v_all = carry
+    x = params["embed"][tokens].astype(dt)
+    ks, vs = [], []
+    for i in range(config.num_layers):
+        lp = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+        h = rms_norm(x, lp["input_norm"], config.rms_norm_eps)
+        q, k, v = project_qkv(config, lp, h, sin, cos)
+        k_buf = write_key_slots(cache.k[i], k, start)
+        v_buf = write_value_slots(cache.v[i], v, start)
+        if last_only and i == config.num_layers - 1:
+            x, q, query_start = x[:, -1:], q[:, -1:], start + t - 1
+        # [B, S, K, hd] for the prefill attention: one transpose per prefill, not per token
+        keys, values = k_buf.transpose(0, 3, 1, 2).astype(dt), jnp.swapaxes(v_buf, 1, 2).astype(dt)
+        attn = attention(config.attention_impl, q, keys, values, new_mask, query_start)
+        x = attention_out_and_mlp(config, lp, x, attn)
+        ks.append(k_buf)
+        vs.append(v_buf)
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    return x, KVCache(k=k_all, v=v_all, mask=new_mask, index=start + t)
+    return x, KVCache(k=tuple(ks), v=tuple(vs), mask=new_mask, index=start + t)
