@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from grpo_step import TEMPERATURE, benchmark_step  # noqa: E402
+from layer_profile import best_seconds  # noqa: E402
 from lora_w2 import load_model, sample_w2, tokenizer_and_prompts, update_rewards  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from w1 import load_avg, peak_rss_gb  # noqa: E402
@@ -170,16 +171,6 @@ def our_update(config, params, batch, prompt_width: int, args):
     return times[0] - statistics.median(times[1:]), times, batch_plan(batch, prompt_width, args.micro_batch_size)
 
 
-def _best_seconds(run, reps: int) -> float:
-    run()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def layer_matmul_rates(config, tokens: int = 2048, reps: int = 5) -> str:
     """float32 GFLOP/s of XLA (jnp.dot) and PyTorch (torch.mm) on the model's own layer products
     ([tokens, D] x [D, F], [tokens, F] x [F, D], [tokens, D] x [D, D]), best of `reps` each:
@@ -189,8 +180,8 @@ def layer_matmul_rates(config, tokens: int = 2048, reps: int = 5) -> str:
     for k, n in ((d, f), (f, d), (d, d)):
         a, b = np.random.rand(tokens, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
         ja, jb, ta, tb = jax.numpy.asarray(a), jax.numpy.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
-        xla = _best_seconds(functools.partial(lambda x, y: dot(x, y).block_until_ready(), ja, jb), reps)
-        pt = _best_seconds(functools.partial(torch.mm, ta, tb), reps)
+        xla = best_seconds(functools.partial(lambda x, y: dot(x, y).block_until_ready(), ja, jb), reps)
+        pt = best_seconds(functools.partial(torch.mm, ta, tb), reps)
         flop = 2 * tokens * k * n / 1e9
         out.append(f"[{tokens},{k}]x[{k},{n}] XLA {flop / xla:.0f} / torch {flop / pt:.0f} GFLOP/s")
     return "; ".join(out)
