@@ -58,13 +58,12 @@ def step_rng(seed: int, step: int) -> jax.Array:
 class GrpoProgram:
     """The optimizer and the jitted GRPO update of a run (`bucketed_update`: each micro-batch
     cut to the length buckets of its own rows, one optimizer step per mini-batch).
-    `micro_batch_size` counts sequences per gradient-accumulation chunk (also the unit the batch
-    sharding must divide). With `lora` enabled the update trains adapters on the frozen base
+    `update.micro_batch_size` counts sequences per gradient-accumulation chunk (also the unit the
+    batch sharding must divide). With `lora` enabled the update trains adapters on the frozen base
     (`train_step`)."""
 
     optimizer: optax.GradientTransformation
     update: BucketedUpdate
-    micro_batch_size: int
     optimizer_settings: OptimizerSettings
     lora: LoraSettings
 
@@ -91,7 +90,7 @@ def _grpo_program(
         loss_settings=loss,
         lora=lora,
     )
-    return GrpoProgram(optimizer, update, micro_batch_size, optim, lora)
+    return GrpoProgram(optimizer, update, optim, lora)
 
 
 def grpo_program(config, setup: RunSetup) -> GrpoProgram:
