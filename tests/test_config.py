@@ -95,6 +95,8 @@ BAD_FIELDS = [
     (None, ("checkpoint", "keep", 0), "config.checkpoint.keep=0 must be positive"),
     (None, ("sft", "stop_accuracy", 1.5), "config.sft.stop_accuracy=1.5 must be in [0, 1]"),
     (None, ("sft", "probe_every", 0), "config.sft.probe_every=0 must be positive"),
+    (("sft", "stop_accuracy", 0.3), ("sft", "stop_accuracy_max", 0.2), "config.sft.stop_accuracy_max=0.2 must be in"),
+    (None, ("sft", "stop_format_failure_max", -0.1), "config.sft.stop_format_failure_max=-0.1 must be in [0, 1]"),
     (("data", "source", "mixed"), ("data", "toolace_path", ""), "config.data.toolace_path='' is empty"),
     (("rl", "total_steps", 0), ("rl", "total_epochs", 0), "config.rl.total_steps=0 and config.rl.total_epochs=0"),
 ]
@@ -131,8 +133,11 @@ FLOAT_FIELDS = [
     "rollout.top_p",
     "sft.lr",
     "sft.stop_accuracy",
+    "sft.stop_accuracy_max",
+    "sft.stop_format_failure_max",
     "data.val_fraction",
     "model.random.rope_theta",
+    "model.random.initializer_range",
     "lora.alpha",
     "lora.dropout",
 ]

@@ -123,31 +123,48 @@ def test_a_few_sft_steps_lower_the_loss(tok, records):
 
 
 def test_warm_start_stops_at_the_first_probe_inside_the_band(tok, records):
-    """The stop rule: a probe every `probe_every` steps, SFT ends at the first reading >= stop_accuracy
-    (here the third), with the params of a plain run of that many steps; a band never reached runs
-    to the cap."""
+    """The stop rule: a probe every `probe_every` steps, SFT ends at the first reading with the format
+    learnt and accuracy >= stop_accuracy (here the fourth: the third is accurate enough but fails
+    the format too often), with the params of a plain run of that many steps; a probe past the
+    band's top stops SFT outside the band; a band never reached runs to the cap."""
     config = default_config()
     config.sft.update(lr=3e-3, batch_size=4, max_completion_length=64, warm_start_steps=12, probe_every=2)
-    config.sft.stop_accuracy = 0.3
+    config.sft.update(stop_accuracy=0.3, stop_accuracy_max=0.6, stop_format_failure_max=0.1)
     mc = _model(tok)
     start = init_params(mc, jax.random.key(4))
     data = encode_sft(tok, records[:8], max_prompt_length=512, max_completion_length=64)
-    readings = iter([0.0, 0.12, 0.34, 0.9])
+    readings = iter([(0.0, 0.9), (0.12, 0.2), (0.31, 0.15), (0.34, 0.05), (0.9, 0.0)])
     probed = []
 
     def probe(params):
         probed.append(params)
-        return {"accuracy": next(readings), "format_failure_rate": 0.0, "num_scored": 50}
+        accuracy, format_failure_rate = next(readings)
+        return {"accuracy": accuracy, "format_failure_rate": format_failure_rate, "num_scored": 50}
 
     stopped, metrics = run_sft(config, mc, start, tok, records, data=data, probe=probe)
-    assert metrics["sft_steps"] == 6 and metrics["sft_stopped_by_probe"]
-    assert [(p["sft_steps"], p["accuracy"]) for p in metrics["sft_probes"]] == [(2, 0.0), (4, 0.12), (6, 0.34)]
-    assert len(metrics["sft_losses"]) == 6 and len(probed) == 3
-    plain, _ = run_sft(config, mc, start, tok, records, data=data, steps=6)  # no probe: a fixed count
+    assert metrics["sft_steps"] == 8 and metrics["sft_stopped_by_probe"] and metrics["sft_stopped_in_band"]
+    steps_read = [(p["sft_steps"], p["accuracy"]) for p in metrics["sft_probes"]]
+    assert steps_read == [(2, 0.0), (4, 0.12), (6, 0.31), (8, 0.34)]
+    assert len(metrics["sft_losses"]) == 8 and len(probed) == 4
+    config.sft.warm_start_steps = 8  # the comparison below is a plain run of as many steps
+    plain, _ = run_sft(config, mc, start, tok, records, data=data)  # no probe: a fixed count
     for a, b in zip(jax.tree.leaves(stopped), jax.tree.leaves(plain)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    config.sft.stop_accuracy = 0.95  # never reached: the cap ends it
+    config.sft.warm_start_steps = 12
+    jump = iter([0.1, 0.8])  # over the band's top: stopped by the probe, but not inside the band
+    _, over = run_sft(
+        config,
+        mc,
+        start,
+        tok,
+        records,
+        data=data,
+        probe=lambda p: {"accuracy": next(jump), "format_failure_rate": 0.0, "num_scored": 50},
+    )
+    assert over["sft_steps"] == 4 and over["sft_stopped_by_probe"] and not over["sft_stopped_in_band"]
+
+    config.sft.update(stop_accuracy=0.95, stop_accuracy_max=1.0)  # never reached: the cap ends it
     _, capped = run_sft(
         config,
         mc,
@@ -157,7 +174,8 @@ def test_warm_start_stops_at_the_first_probe_inside_the_band(tok, records):
         data=data,
         probe=lambda p: {"accuracy": 0.5, "format_failure_rate": 0.0, "num_scored": 50},
     )
-    assert capped["sft_steps"] == 12 and not capped["sft_stopped_by_probe"] and len(capped["sft_probes"]) == 6
+    assert capped["sft_steps"] == 12 and not capped["sft_stopped_by_probe"] and len(capped["sft_probes"]) == 5
+    assert not capped["sft_stopped_in_band"]
 
 
 def test_sft_on_an_8_device_mesh_matches_one_device(tok, records):

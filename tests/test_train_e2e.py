@@ -66,7 +66,8 @@ def demo_config(output_dir):
     c.data.max_prompt_length = 256  # keep every held-out prompt: the counts below are exact
     c.sft.warm_start_steps = 2
     c.sft.batch_size = 8
-    c.sft.stop_accuracy, c.sft.probe_every, c.sft.probe_examples = 1.0, 1, 4  # probed, never stops early
+    c.sft.stop_accuracy, c.sft.stop_accuracy_max = 1.0, 1.0  # probed, never stops early
+    c.sft.probe_every, c.sft.probe_examples = 1, 4
     c.data.val_fraction = 0.25  # 10 held-out records: 4 evaluated, 4 probed
     c.data.synthetic.phrasing = "seen"  # and an out-of-distribution set in the held-out wording
     if "max_completion_length" not in c.sft:  # SFT targets are longer than the test's rollouts
@@ -113,8 +114,8 @@ def test_demo_config_runs_end_to_end(tmp_path):
     assert all(0.0 <= e["ood_accuracy"] <= 1.0 and e["ood_num_scored"] == 4 for e in evals)
     assert summary["accuracy_start"] == evals[0]["accuracy"] and summary["accuracy_end"] == evals[1]["accuracy"]
     assert summary["sft"]["sft_steps"] == 2
-    assert [p["sft_steps"] for p in summary["sft"]["sft_probes"]] == [1, 2]
-    assert not summary["sft"]["sft_stopped_by_probe"]
+    assert [p["sft_steps"] for p in summary["sft"]["sft_probes"]] == [1]  # none at the cap
+    assert not summary["sft"]["sft_stopped_by_probe"] and not summary["sft"]["sft_stopped_in_band"]
 
     png = os.path.join(tmp_path, "reward_curve.png")
     assert summary["curve_png"] == png

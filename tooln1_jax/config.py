@@ -74,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
                 tie_word_embeddings=True,
                 max_position_embeddings=1024,
                 rope_theta=1_000_000.0,
+                initializer_range=0.02,  # stddev of the random init's weights
             ),
         )
     )
@@ -137,7 +138,8 @@ def default_config() -> ml_collections.ConfigDict:
     # max_completion_length 0 = rollout.max_new_tokens. stop_accuracy > 0: see sft.run_sft.
     c.sft = ml_collections.ConfigDict(
         dict(warm_start_steps=0, lr=1e-4, batch_size=16, warmup_steps=0, max_completion_length=0, log_every=25)
-        | dict(stop_accuracy=0.0, probe_every=100, probe_examples=100)  # the warm start's stop rule
+        | dict(stop_accuracy=0.0, stop_accuracy_max=1.0, stop_format_failure_max=1.0)  # the stop band
+        | dict(probe_every=100, probe_examples=100)  # the probe it is measured on
     )
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))  # 0 = never (but once if interrupted)
@@ -249,6 +251,7 @@ def _check_model_and_tokenizer(c) -> None:
             f"{r}.num_kv_heads",
             f"{r}.head_dim",
             f"{r}.max_position_embeddings",
+            f"{r}.initializer_range",
         )
         if c.model.random.num_heads % c.model.random.num_kv_heads:
             _fail(
@@ -356,6 +359,10 @@ def _check_optim_and_sft(c) -> None:
         _positive(c, "sft.lr", "sft.batch_size")
     if not 0.0 <= c.sft.stop_accuracy <= 1.0:
         _fail("sft.stop_accuracy", c.sft.stop_accuracy, "must be in [0, 1] (0 = no early stop)")
+    if not c.sft.stop_accuracy <= c.sft.stop_accuracy_max <= 1.0:
+        _fail("sft.stop_accuracy_max", c.sft.stop_accuracy_max, "must be in [sft.stop_accuracy, 1]")
+    if not 0.0 <= c.sft.stop_format_failure_max <= 1.0:
+        _fail("sft.stop_format_failure_max", c.sft.stop_format_failure_max, "must be in [0, 1]")
 
 
 def total_rl_steps(config: ml_collections.ConfigDict, num_train: int) -> int:

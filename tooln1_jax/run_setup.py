@@ -229,8 +229,9 @@ def setup_run(config, *, load_weights: bool = True) -> RunSetup:
 
 
 def _check_probe(config, val: list) -> None:
-    """The SFT stop probe needs its own held-out records after the evaluation's: checked at start."""
-    if config.sft.stop_accuracy and config.sft.warm_start_steps:
+    """The SFT stop probe needs its own held-out records after the evaluation's: checked at start.
+    A warm start no longer than `sft.probe_every` steps is never probed (a toy run)."""
+    if config.sft.stop_accuracy and config.sft.warm_start_steps > config.sft.probe_every:
         room = len(val) - int(config.eval.num_examples)
         if room < int(config.sft.probe_examples):
             raise ConfigError(

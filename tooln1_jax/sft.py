@@ -254,9 +254,10 @@ def run_sft(
 
     With `probe(trained) -> {"accuracy", "format_failure_rate", ...}` (`trained`: the params, or
     with LoRA the adapters) and `sft.stop_accuracy` > 0, the probe runs every `sft.probe_every`
-    steps and SFT ends at the first one reaching that accuracy: the warm start then stops once
-    sampled groups hold right answers as well as wrong ones, whatever the seed, instead of after a
-    fixed count (`metrics["sft_probes"]`)."""
+    steps before the cap and SFT ends at the first one inside the stop band (`in_stop_band`): the warm start then
+    stops once sampled groups hold right answers as well as wrong ones, whatever the seed, instead
+    of after a fixed count (`metrics["sft_probes"]`; `sft_stopped_in_band` is False when the cap
+    came first or a probe overshot the band's top)."""
     steps = int(config.sft.warm_start_steps if steps is None else steps)
     data = data or encode_for_run(config, tokenizer, records)
     lora = lora_settings(config)
@@ -283,7 +284,7 @@ def run_sft(
         )
         parts.append(part)
         done += part["sft_steps"]
-        if part["interrupted"] or not stop_accuracy:
+        if part["interrupted"] or not stop_accuracy or done >= steps:  # a probe at the cap decides nothing
             break
         acc = probe(state.params)
         probes.append(
@@ -291,13 +292,27 @@ def run_sft(
         )
         if log_fn is not None:
             log_fn(start_step + done, {"sft_probe_accuracy": acc["accuracy"]})
-        if acc["accuracy"] >= stop_accuracy:
+        if reached_stop_band(config, acc):
             break
     metrics = _joined(parts, data)
     if stop_accuracy:
         metrics["sft_probes"] = probes
-        metrics["sft_stopped_by_probe"] = bool(probes) and probes[-1]["accuracy"] >= stop_accuracy
+        metrics["sft_stopped_by_probe"] = bool(probes) and reached_stop_band(config, probes[-1])
+        metrics["sft_stopped_in_band"] = metrics["sft_stopped_by_probe"] and in_stop_band(config, probes[-1])
     return state.params, metrics
+
+
+def reached_stop_band(config, probe: dict) -> bool:
+    """Whether a probe ends the warm start: the format is learnt (`format_failure_rate` at most
+    `sft.stop_format_failure_max`) and exact-call accuracy is at least `sft.stop_accuracy`."""
+    s = config.sft
+    return probe["format_failure_rate"] <= s.stop_format_failure_max and probe["accuracy"] >= s.stop_accuracy
+
+
+def in_stop_band(config, probe: dict) -> bool:
+    """Whether a probe lies inside the band GRPO learns from: stop-worthy, and accuracy at most
+    `sft.stop_accuracy_max`, so that sampled groups still hold wrong answers."""
+    return reached_stop_band(config, probe) and probe["accuracy"] <= config.sft.stop_accuracy_max
 
 
 def _joined(parts: list[dict], data: SFTData) -> dict:
