@@ -29,6 +29,7 @@ class ModelConfig:
     head_dim: int
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02  # stddev of a random init's weights (transformers' name)
     tie_word_embeddings: bool = False
     attention_bias: bool = True  # q/k/v bias: True for Qwen2, False for Llama
     mlp_bias: bool = False
@@ -101,6 +102,7 @@ class ModelConfig:
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rope_theta=float(rope_theta),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            initializer_range=hf.get("initializer_range", 0.02),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
@@ -127,6 +129,7 @@ class ModelConfig:
             "head_dim": self.head_dim,
             "rope_theta": self.rope_theta,
             "rms_norm_eps": self.rms_norm_eps,
+            "initializer_range": self.initializer_range,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",

@@ -24,7 +24,6 @@ from tooln1_jax.models.model_config import ModelConfig
 from tooln1_jax.sharding import ShardingRules, logical_to_sharding
 
 INITS = ("normal", "zeros", "ones")
-INIT_STDDEV = 0.02
 
 
 def _always(config: ModelConfig) -> bool:
@@ -39,7 +38,7 @@ class ParamSpec:
 
     shape: Callable[[ModelConfig], tuple[int, ...]]
     logical_axes: tuple[str, ...]
-    init: str  # one of INITS; "normal" draws normal(0, INIT_STDDEV)
+    init: str  # one of INITS; "normal" draws normal(0, config.initializer_range)
     hf_name: str
     hf_transposed: bool  # the checkpoint holds it as torch's [out, in]
     stacked: bool = False
@@ -166,7 +165,8 @@ def abstract_params(config: ModelConfig, mesh: Mesh, dtype, rules: ShardingRules
 
 
 def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
-    """Random params, each leaf by its spec's `init`: normal(0, 0.02) weights, zero biases, unit norms."""
+    """Random params, each leaf by its spec's `init`: normal(0, `config.initializer_range`) weights,
+    zero biases, unit norms."""
     flat, treedef = jax.tree.flatten(param_specs(config), is_leaf=is_param_spec)
     keys = jax.random.split(rng, len(flat))
     leaves = []
@@ -177,7 +177,7 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
         elif spec.init == "zeros":
             leaves.append(jnp.zeros(shape, dtype))
         else:
-            leaves.append((INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+            leaves.append((config.initializer_range * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
     return jax.tree.unflatten(treedef, leaves)
 
 
