@@ -3,8 +3,8 @@ trains rank-16 LoRA adapters (alpha 32, all seven projections) on it.
 
     python benchmarks/lora_demo.py [--out runs/tiny_cpu_lora] [--lr 3e-4] [--rank 16] [--alpha 32]
 
-1. SFT: `configs/tiny_cpu.py`'s warm start (full fine-tuning, `sft.warm_start_steps` steps, the
-   same seed and data as the demo), saved as an HF folder, `<out>/sft_base` (skipped if present).
+1. SFT: `configs/tiny_cpu.py`'s warm start (full fine-tuning, stopped by the demo's probe band,
+   the same seed and data as the demo), saved as an HF folder, `<out>/sft_base` (skipped if present).
 2. GRPO with LoRA: the same config with `model.name_or_path=<out>/sft_base`, no warm start,
    `lora.rank` / `lora.alpha`, GRPO at `--lr`; everything else as the demo. Held-out accuracy is
    measured before GRPO (the base) and after, as the demo measures it; `<out>/grpo` holds the run.
@@ -29,9 +29,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tooln1_jax.models import save_pretrained  # noqa: E402
-from tooln1_jax.run_setup import setup_run  # noqa: E402
-from tooln1_jax.sft import run_sft  # noqa: E402
+from benchmarks.grpo_sweep import warm_start  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
 
 
@@ -43,24 +41,10 @@ def demo_config():
 
 
 def sft_base(out: str) -> str:
-    """The demo's warm start, saved as an HF folder (once)."""
+    """The demo's warm start (stopped by its probe band, as in the demo), saved as an HF folder (once)."""
     path = os.path.join(out, "sft_base")
-    if os.path.exists(os.path.join(path, "config.json")):
-        print(f"SFT base: reusing {path}", flush=True)
-        return path
-    config = demo_config()
-    setup = setup_run(config)
-    params, metrics = run_sft(
-        config,
-        setup.model_config,
-        setup.params,
-        setup.tokenizer,
-        setup.train_records,
-        mesh=setup.mesh,
-        log_fn=lambda s, m: print(f"sft step {s}: loss {m['sft_loss']:.4f}", flush=True),
-    )
-    save_pretrained(setup.model_config, params, path)
-    print(f"SFT base: {metrics['sft_steps']} steps, loss {metrics['sft_final_loss']:.4f}, saved {path}", flush=True)
+    metrics = warm_start(demo_config(), path)
+    print(f"SFT base: {metrics['sft_steps']} steps, loss {metrics['sft_final_loss']:.4f}, in {path}", flush=True)
     return path
 
 

@@ -25,7 +25,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.demo_control import control  # noqa: E402
 from tooln1_jax import cli  # noqa: E402
-from tooln1_jax.metrics import read_jsonl  # noqa: E402
+from tooln1_jax.metrics import EVAL_FILE, METRICS_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds (run and synthetic data).")
@@ -45,20 +45,39 @@ def one_seed(config, seed: int) -> dict:
     config.output_dir = os.path.join(config.output_dir, f"seed{seed}")
     summary = train(config)
     start, end = summary["eval_start"], summary["eval_end"]
+    steps = read_jsonl(os.path.join(summary["log_dir"], METRICS_FILE))
+    first, last = steps[: len(steps) // 4], steps[-(len(steps) // 4) :]  # the first and last quarter
+
+    def mean(rows, key):
+        return round(sum(r[key] for r in rows) / max(len(rows), 1), 4)
+
     ctrl = control(config, warm_steps=summary["sft"]["sft_steps"], grpo_steps=int(config.rl.total_steps))
     return {
         "seed": seed,
         "sft_steps": summary["sft"]["sft_steps"],
         "sft_probes": summary["sft"].get("sft_probes"),
+        "sft_stopped_in_band": summary["sft"].get("sft_stopped_in_band"),
         "grpo_steps": summary["steps_done"],
         "control_extra_sft_steps": ctrl["extra_sft_steps"],
         "wall_s": summary["wall_s"],
-        "sft": {"id": start["accuracy"], "ood": start["ood_accuracy"], "think_frac": start["think_frac"]},
-        "grpo": {"id": end["accuracy"], "ood": end["ood_accuracy"], "think_frac": end["think_frac"]},
+        "sft": {"id": start["accuracy"], "ood": start["ood_accuracy"], **_reasoning(start)},
+        "grpo": {"id": end["accuracy"], "ood": end["ood_accuracy"], **_reasoning(end)},
+        # GRPO's training signal, first and last quarter of its steps (sampled at temperature)
+        "train": {k: [mean(first, k), mean(last, k)] for k in ("reward_mean", "zero_std_group_frac", "think_chars")},
+        "accuracy_curve": [(e["step"], e["accuracy"], e.get("ood_accuracy")) for e in _evals(summary)],
         "control": {"id": ctrl["accuracy_more_sft"], "ood": ctrl["ood_accuracy_more_sft"]},
         "control_warm_check": ctrl["accuracy_warm"],  # the re-trained warm start: equals sft.id
         "num_scored": {"id": end["num_scored"], "ood": end["ood_num_scored"]},
     }
+
+
+def _reasoning(evaluation: dict) -> dict:
+    """How often greedy completions reason, and how long (`<think>` characters)."""
+    return {"think_frac": evaluation["think_frac"], "think_chars": evaluation["think_chars"]}
+
+
+def _evals(summary: dict) -> list[dict]:
+    return read_jsonl(os.path.join(summary["log_dir"], EVAL_FILE))
 
 
 def report(rows: list[dict], plot_path: str) -> str:
@@ -74,6 +93,17 @@ def report(rows: list[dict], plot_path: str) -> str:
             cells.append(f"{sum(v) / len(v):.1f}% ({min(v):.1f}..{max(v):.1f})")
         per_seed = ", ".join(f"{r['seed']}: {100 * r[key]['id']:.1f} / {100 * r[key]['ood']:.1f}" for r in rows)
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {per_seed} |")
+    lines += [
+        "",
+        "| seed | SFT steps | after SFT | after GRPO | gain | zero-variance groups, first / last quarter |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        zero = r["train"]["zero_std_group_frac"]
+        lines.append(
+            f"| {r['seed']} | {r['sft_steps']} | {100 * r['sft']['id']:.1f}% | {100 * r['grpo']['id']:.1f}% "
+            f"| {100 * (r['grpo']['id'] - r['sft']['id']):+.1f} | {zero[0]:.2f} / {zero[1]:.2f} |"
+        )
     from matplotlib.figure import Figure  # only the report draws
 
     fig = Figure(figsize=(7, 3.5))
