@@ -242,17 +242,8 @@ def _check_model_and_tokenizer(c) -> None:
         r = "model.random"
         _one_of(c, f"{r}.model_type", MODEL_TYPES)
         _non_negative(c, f"{r}.vocab_size")
-        _positive(
-            c,
-            f"{r}.hidden_size",
-            f"{r}.intermediate_size",
-            f"{r}.num_layers",
-            f"{r}.num_heads",
-            f"{r}.num_kv_heads",
-            f"{r}.head_dim",
-            f"{r}.max_position_embeddings",
-            f"{r}.initializer_range",
-        )
+        sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        _positive(c, *(f"{r}.{f}" for f in (*sizes, "max_position_embeddings", "initializer_range")))
         if c.model.random.num_heads % c.model.random.num_kv_heads:
             _fail(
                 f"{r}.num_heads",
@@ -357,12 +348,10 @@ def _check_optim_and_sft(c) -> None:
     _positive(c, "sft.log_every", "sft.probe_every", "sft.probe_examples")
     if c.sft.warm_start_steps:
         _positive(c, "sft.lr", "sft.batch_size")
-    if not 0.0 <= c.sft.stop_accuracy <= 1.0:
-        _fail("sft.stop_accuracy", c.sft.stop_accuracy, "must be in [0, 1] (0 = no early stop)")
-    if not c.sft.stop_accuracy <= c.sft.stop_accuracy_max <= 1.0:
-        _fail("sft.stop_accuracy_max", c.sft.stop_accuracy_max, "must be in [sft.stop_accuracy, 1]")
-    if not 0.0 <= c.sft.stop_format_failure_max <= 1.0:
-        _fail("sft.stop_format_failure_max", c.sft.stop_format_failure_max, "must be in [0, 1]")
+    band = (("stop_accuracy", 0.0, "0"), ("stop_accuracy_max", c.sft.stop_accuracy, "sft.stop_accuracy"))
+    for name, low, low_text in (*band, ("stop_format_failure_max", 0.0, "0")):  # the SFT stop band
+        if not low <= c.sft[name] <= 1.0:
+            _fail(f"sft.{name}", c.sft[name], f"must be in [{low_text}, 1]")
 
 
 def total_rl_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
