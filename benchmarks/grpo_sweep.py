@@ -23,7 +23,7 @@ from absl import app, flags  # noqa: E402
 from tooln1_jax import cli  # noqa: E402
 from tooln1_jax.metrics import EVAL_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.models import save_pretrained  # noqa: E402
-from tooln1_jax.run_setup import held_out_accuracy, probe_records, setup_run  # noqa: E402
+from tooln1_jax.run_setup import setup_run, sft_stop_probe  # noqa: E402
 from tooln1_jax.sft import run_sft  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
 
@@ -48,7 +48,7 @@ def warm_start(config, folder: str) -> dict:
         setup.tokenizer,
         setup.train_records,
         mesh=setup.mesh,
-        probe=lambda p: held_out_accuracy(config, setup, p, records=probe_records(config, setup)),
+        probe=sft_stop_probe(config, setup),
     )
     save_pretrained(setup.model_config, params, folder)
     kept = {k: v for k, v in metrics.items() if k not in ("sft_losses", "sft_step_times")}

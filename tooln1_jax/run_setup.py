@@ -266,6 +266,15 @@ def held_out_accuracy(config, setup: RunSetup, params, *, records: Sequence[Tool
     )
 
 
+def sft_stop_probe(config, setup: RunSetup):
+    """The warm start's stop probe for `sft.run_sft`: `trained` (the params, or with LoRA the
+    adapters on `setup.params`) -> greedy accuracy of that policy on `probe_records`."""
+    records = probe_records(config, setup)
+    return lambda trained: held_out_accuracy(
+        config, setup, policy_params(config, setup.model_config, trained, setup.params, setup.mesh), records=records
+    )
+
+
 def log_directory(config) -> str:
     """The local folder for metrics.jsonl, eval.jsonl, summary.json and the reward curve:
     `log.dir`, else `output_dir`; with a gs:// output_dir and no `log.dir`, runs/<run name>."""

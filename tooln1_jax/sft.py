@@ -254,7 +254,7 @@ def run_sft(
 
     With `probe(trained) -> {"accuracy", "format_failure_rate", ...}` (`trained`: the params, or
     with LoRA the adapters) and `sft.stop_accuracy` > 0, the probe runs every `sft.probe_every`
-    steps before the cap and SFT ends at the first one inside the stop band (`in_stop_band`): the warm start then
+    steps before the cap and SFT ends at the first one reaching the stop band (`reached_stop_band`): the warm start then
     stops once sampled groups hold right answers as well as wrong ones, whatever the seed, instead
     of after a fixed count (`metrics["sft_probes"]`; `sft_stopped_in_band` is False when the cap
     came first or a probe overshot the band's top)."""

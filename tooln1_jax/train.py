@@ -35,13 +35,12 @@ from tooln1_jax.models import shard_params
 from tooln1_jax.resume import abstract_train_state, agreed_step, check_resumed_config, checkpoint_meta
 from tooln1_jax.run_setup import (
     RunSetup,
-    held_out_accuracy,
     held_out_results,
     initial_adapters,
     log_directory,
     policy_params,
-    probe_records,
     setup_run,
+    sft_stop_probe,
 )
 from tooln1_jax.sft import run_sft
 from tooln1_jax.sharding import TRAIN_RULES
@@ -136,12 +135,7 @@ def _start(
             should_stop=stop.requested,
             log_fn=_print_sft if is_main else None,
             adapters=params if program.lora.enabled else None,
-            probe=lambda trained: held_out_accuracy(
-                config,
-                setup,
-                policy_params(config, setup.model_config, trained, setup.params, setup.mesh),
-                records=probe_records(config, setup),
-            ),
+            probe=sft_stop_probe(config, setup),
         )
         summary["sft"] = {k: v for k, v in sft_metrics.items() if k not in ("sft_losses", "sft_step_times")}
         summary["sft"]["sft_steps"] += sft_done
