@@ -332,7 +332,8 @@ def _joined(parts: list[dict], data: SFTData) -> dict:
 
 def sft_baseline(config) -> dict:
     """SFT only (the paper's SFT baseline) for `sft.warm_start_steps` steps, then greedy held-out
-    accuracy. On every process of a multi-host run; process 0 prints and writes
+    accuracy. The stop band (`sft.stop_*`) is not applied: it ends a warm start for GRPO, and a
+    baseline trains its whole budget. On every process of a multi-host run; process 0 prints and writes
     `<output_dir>/sft_summary.json`. Returns that summary."""
     distributed.initialize_from_config(config.distributed)
     main_process = distributed.is_main()
