@@ -67,7 +67,8 @@ def get_config():
     )
 
     c.sft.warm_start_steps = 1000  # the cap; the stop band below usually ends the warm start sooner
-    c.sft.stop_accuracy, c.sft.stop_accuracy_max = 0.15, 0.6  # the band GRPO learns from
+    # The band GRPO learns from. Its bottom was 15%: warm starts stopped under 26% gained 2-3 points (README).
+    c.sft.stop_accuracy, c.sft.stop_accuracy_max = 0.3, 0.6
     c.sft.stop_format_failure_max = 0.1
     c.sft.probe_every, c.sft.probe_examples = 100, 100
     c.sft.lr = 2e-3
