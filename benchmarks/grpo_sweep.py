@@ -24,7 +24,7 @@ from tooln1_jax import cli  # noqa: E402
 from tooln1_jax.metrics import EVAL_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.models import save_pretrained  # noqa: E402
 from tooln1_jax.run_setup import setup_run, sft_stop_probe  # noqa: E402
-from tooln1_jax.sft import run_sft  # noqa: E402
+from tooln1_jax.sft import run_sft, summary_metrics  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["4", "5"], "Seeds to tune on (not the seed study's).")
@@ -51,7 +51,7 @@ def warm_start(config, folder: str) -> dict:
         probe=sft_stop_probe(config, setup),
     )
     save_pretrained(setup.model_config, params, folder)
-    kept = {k: v for k, v in metrics.items() if k not in ("sft_losses", "sft_step_times")}
+    kept = summary_metrics(metrics)
     with open(done, "w", encoding="utf-8") as f:
         json.dump(kept, f)
     return kept

@@ -315,6 +315,12 @@ def in_stop_band(config, probe: dict) -> bool:
     return reached_stop_band(config, probe) and probe["accuracy"] <= config.sft.stop_accuracy_max
 
 
+def summary_metrics(metrics: dict) -> dict:
+    """`run_sft`'s metrics without the per-step lists (`sft_losses`, `sft_step_times`): what a
+    run's summary.json keeps of its warm start."""
+    return {k: v for k, v in metrics.items() if k not in ("sft_losses", "sft_step_times")}
+
+
 def _joined(parts: list[dict], data: SFTData) -> dict:
     """One metrics dict for consecutive `sft_loop` calls on `data` (none: no step was run)."""
     losses = [x for p in parts for x in p["sft_losses"]]

@@ -42,7 +42,7 @@ from tooln1_jax.run_setup import (
     setup_run,
     sft_stop_probe,
 )
-from tooln1_jax.sft import run_sft
+from tooln1_jax.sft import run_sft, summary_metrics
 from tooln1_jax.sharding import TRAIN_RULES
 from tooln1_jax.train_step import TrainState, init_train_state, reference_params
 
@@ -137,7 +137,7 @@ def _start(
             adapters=params if program.lora.enabled else None,
             probe=sft_stop_probe(config, setup),
         )
-        summary["sft"] = {k: v for k, v in sft_metrics.items() if k not in ("sft_losses", "sft_step_times")}
+        summary["sft"] = summary_metrics(sft_metrics)
         summary["sft"]["sft_steps"] += sft_done
     if not program.lora.enabled:
         params = shard_params(params, setup.model_config, setup.mesh, TRAIN_RULES)  # SFT may leave other shardings
