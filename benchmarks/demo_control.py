@@ -13,10 +13,12 @@
 Matching (`--match`):
 - `flops` (default; machine- and load-independent): model FLOPs counted as token passes of
   the decoder, a training token (forward + backward) = 3 forward passes. A GRPO step costs
-  B*P (prefill) + N*R (decode) + 3*N*(P+R)*ppo_epochs (update) [+ N*(P+R) reference forward if
-  kl_coef > 0], with B prompts, N = B*n rows, P the rollout prompt width (the power-of-two
-  bucket of the longest training prompt, what the sampler pads to), R = max_new_tokens. An
-  SFT step costs 3*batch*(P_sft + C). Attention's length-dependent part is ignored.
+  B*P (prefill) + B*n*R (decode) + 3*G*n*(P+R)*ppo_epochs (update) [+ G*n*(P+R) reference
+  forward if kl_coef > 0], with B prompts sampled (`rl.rollout_batch_size`), n samples each,
+  G groups trained (all B, or with `rl.filter_zero_std_groups` those of the demo's
+  `trained_groups` log), P the rollout prompt width (the power-of-two bucket of the longest
+  training prompt, what the sampler pads to), R = max_new_tokens. An SFT step costs
+  3*batch*(P_sft + C). Attention's length-dependent part is ignored.
 - `wallclock`: the sum of the demo's per-step `step_time` (rollouts + updates, no evals), spent
   on SFT in this process right after (noisy on a shared machine).
 Writes `<output_dir>/control_<match>.json`.
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from tooln1_jax import cli  # noqa: E402
+from tooln1_jax.config import rollout_prompts  # noqa: E402
 from tooln1_jax.metrics import METRICS_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.run_setup import held_out_results, setup_run  # noqa: E402
 from tooln1_jax.sampling import length_bucket  # noqa: E402
@@ -45,15 +48,24 @@ _MATCH = flags.DEFINE_enum("match", "flops", ["flops", "wallclock"], "How the co
 _NO_DEMO = flags.DEFINE_bool("no_demo", False, "With --match=flops: run the control only.")
 
 
-def matched_sft_steps(config, grpo_steps: int, rl_prompt_width: int, sft_width: int) -> tuple[int, dict]:
-    """SFT steps with the token-pass FLOPs of `grpo_steps` GRPO steps (see the module doc)."""
-    b, n, r = int(config.rl.train_batch_size), int(config.rollout.num_samples), int(config.rollout.max_new_tokens)
-    rows, t = b * n, rl_prompt_width + r
-    grpo = b * rl_prompt_width + rows * r + 3 * rows * t * int(config.rl.ppo_epochs)
+def matched_sft_steps(
+    config, grpo_steps: int, rl_prompt_width: int, sft_width: int, trained_groups: int | None = None
+) -> tuple[int, dict]:
+    """SFT steps with the token-pass FLOPs of `grpo_steps` GRPO steps that trained
+    `trained_groups` groups in all (None: every step trained `rl.train_batch_size`); module doc."""
+    b, n, r = rollout_prompts(config), int(config.rollout.num_samples), int(config.rollout.max_new_tokens)
+    trained = grpo_steps * int(config.rl.train_batch_size) if trained_groups is None else int(trained_groups)
+    t = rl_prompt_width + r
+    grpo = grpo_steps * (b * rl_prompt_width + b * n * r) + 3 * trained * n * t * int(config.rl.ppo_epochs)
     if config.rl.kl_coef:
-        grpo += rows * t
+        grpo += trained * n * t
     sft = 3 * int(config.sft.batch_size) * sft_width
-    return max(1, round(grpo_steps * grpo / sft)), {"grpo_step_token_passes": grpo, "sft_step_token_passes": sft}
+    return max(1, round(grpo / sft)), {"grpo_token_passes": grpo, "sft_step_token_passes": sft}
+
+
+def grpo_trained_groups(output_dir: str) -> int:
+    """Groups the demo's updates trained on, summed over its steps (metrics.jsonl's `trained_groups`)."""
+    return int(sum(r["trained_groups"] for r in read_jsonl(os.path.join(output_dir, METRICS_FILE)) if "step_time" in r))
 
 
 def grpo_seconds(output_dir: str) -> tuple[float, int]:
@@ -65,11 +77,17 @@ def grpo_seconds(output_dir: str) -> tuple[float, int]:
 
 
 def control(
-    config, *, warm_steps: int | None = None, seconds: float | None = None, grpo_steps: int | None = None
+    config,
+    *,
+    warm_steps: int | None = None,
+    seconds: float | None = None,
+    grpo_steps: int | None = None,
+    trained_groups: int | None = None,
 ) -> dict:
     """Warm start as in the demo (`warm_steps` SFT steps, the demo's own count when its warm start
     stopped on the probe), then more SFT for `seconds` (wall-clock matching) or for the FLOPs of
-    `grpo_steps` GRPO steps; held-out (and out-of-distribution) accuracy after each."""
+    `grpo_steps` GRPO steps that trained `trained_groups` groups (`matched_sft_steps`); held-out
+    (and out-of-distribution) accuracy after each."""
     setup = setup_run(config)
     data = encode_for_run(config, setup.tokenizer, setup.train_records)
     state, optimizer = init_sft_state(config, setup.model_config, setup.params, mesh=setup.mesh)
@@ -80,7 +98,7 @@ def control(
     flops = {}
     if seconds is None:
         rl_width = length_bucket(max(len(p) for p in setup.train_prompt_ids))
-        steps, flops = matched_sft_steps(config, grpo_steps, rl_width, data.input_ids.shape[1])
+        steps, flops = matched_sft_steps(config, grpo_steps, rl_width, data.input_ids.shape[1], trained_groups)
         flops.update(rl_prompt_width=rl_width, sft_width=int(data.input_ids.shape[1]))
     t0 = time.perf_counter()
     state, m_more = sft_loop(
@@ -133,7 +151,8 @@ def main(_):
         if not config.rl.total_steps:
             raise SystemExit("--match=flops needs config.rl.total_steps (the GRPO steps to match)")
         steps, seconds = int(config.rl.total_steps), None
-        ctrl = control(config, warm_steps=warm, grpo_steps=steps)
+        trained = grpo_trained_groups(out) if summary else None  # --no_demo: every step's whole batch
+        ctrl = control(config, warm_steps=warm, grpo_steps=steps, trained_groups=trained)
     result = {
         "accuracy_after_sft": summary.get("accuracy_start"),
         "accuracy_after_grpo": summary.get("accuracy_end"),

@@ -51,7 +51,10 @@ def one_seed(config, seed: int) -> dict:
     def mean(rows, key):
         return round(sum(r[key] for r in rows) / max(len(rows), 1), 4)
 
-    ctrl = control(config, warm_steps=summary["sft"]["sft_steps"], grpo_steps=int(config.rl.total_steps))
+    trained = sum(r["trained_groups"] for r in steps)
+    ctrl = control(
+        config, warm_steps=summary["sft"]["sft_steps"], grpo_steps=int(config.rl.total_steps), trained_groups=trained
+    )
     return {
         "seed": seed,
         "sft_steps": summary["sft"]["sft_steps"],
@@ -59,6 +62,7 @@ def one_seed(config, seed: int) -> dict:
         "sft_stopped_in_band": summary["sft"].get("sft_stopped_in_band"),
         "grpo_steps": summary["steps_done"],
         "control_extra_sft_steps": ctrl["extra_sft_steps"],
+        "grpo_trained_groups": trained,
         "wall_s": summary["wall_s"],
         "sft": {"id": start["accuracy"], "ood": start["ood_accuracy"], **_reasoning(start)},
         "grpo": {"id": end["accuracy"], "ood": end["ood_accuracy"], **_reasoning(end)},

@@ -9,7 +9,7 @@ import pytest
 from absl.flags import IllegalFlagValueError
 
 from tooln1_jax.cli import parse_config_args
-from tooln1_jax.config import ConfigError, default_config, total_rl_steps, validate_config
+from tooln1_jax.config import ConfigError, default_config, rollout_prompts, total_rl_steps, validate_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not p.endswith("__init__.py"))
@@ -77,14 +77,14 @@ BAD_FIELDS = [
     (None, ("rollout", "num_samples", 1), "config.rollout.num_samples=1 must be >= 2"),
     (None, ("rollout", "temperature", 0.0), "config.rollout.temperature=0.0 must be positive"),
     (None, ("rollout", "decode_segments", 0), "config.rollout.decode_segments=0 must be positive"),
-    (None, ("rl", "micro_batch_size", 3), "config.rl.micro_batch_size=3 must divide the mini-batch's sequences"),
+    (None, ("rl", "micro_batch_size", 3), "config.rl.micro_batch_size=3 must divide the mini-batch's 20 sequences"),
     (None, ("mesh", "fsdp", 0), "config.mesh.fsdp=0 must be positive or -1"),
     (("mesh", "data", -1), ("mesh", "fsdp", -1), "has more than one -1 size"),
     (None, ("model", "remat", "some"), "config.model.remat='some'"),
     (
         None,
         ("rollout", "prompts_per_call", 3),
-        "config.rollout.prompts_per_call=3 must divide config.rl.train_batch_size=8",
+        "config.rollout.prompts_per_call=3 must divide the 8 prompts per rollout",
     ),
     (
         None,
@@ -99,6 +99,13 @@ BAD_FIELDS = [
     (None, ("sft", "stop_format_failure_max", -0.1), "config.sft.stop_format_failure_max=-0.1 must be in [0, 1]"),
     (("data", "source", "mixed"), ("data", "toolace_path", ""), "config.data.toolace_path='' is empty"),
     (("rl", "total_steps", 0), ("rl", "total_epochs", 0), "config.rl.total_steps=0 and config.rl.total_epochs=0"),
+    (None, ("rl", "rollout_batch_size", 4), "config.rl.rollout_batch_size=4 must be 0 or >= rl.train_batch_size=8"),
+    (
+        None,
+        ("rl", "rollout_batch_size", 16),
+        "config.rl.rollout_batch_size=16 must be 0 or >= rl.train_batch_size=8; "
+        "the surplus replaces the groups config.rl.filter_zero_std_groups=True drops",
+    ),
 ]
 
 
@@ -118,6 +125,14 @@ def test_bad_field_fails_naming_it(first, change, message):
     with pytest.raises(ConfigError) as err:
         validate_config(config)
     assert message in str(err.value)
+
+
+def test_rollout_surplus_comes_with_the_group_filter():
+    config = default_config()
+    config.rl.rollout_batch_size, config.rl.filter_zero_std_groups = 12, True  # 12 sampled, up to 8 trained
+    assert rollout_prompts(validate_config(config)) == 12
+    config.rl.rollout_batch_size = 0
+    assert rollout_prompts(validate_config(config)) == config.rl.train_batch_size
 
 
 FLOAT_FIELDS = [

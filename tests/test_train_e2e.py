@@ -22,6 +22,7 @@ STEP_METRICS = (
     "accuracy",
     "format_failure_rate",
     "zero_std_group_frac",
+    "trained_groups",
     "response_length",
     "response_length_max",
     "truncated_frac",
@@ -73,6 +74,7 @@ def demo_config(output_dir):
     if "max_completion_length" not in c.sft:  # SFT targets are longer than the test's rollouts
         c.sft.max_completion_length = 96
     c.rl.train_batch_size = 4
+    c.rl.rollout_batch_size, c.rl.filter_zero_std_groups = 0, False  # every group trains
     c.rl.mini_batch_size = 2
     c.rl.micro_batch_size = 0
     c.rl.total_steps = 2
@@ -126,6 +128,22 @@ def test_demo_config_runs_end_to_end(tmp_path):
         saved = json.load(f)
     assert saved["steps_done"] == 2 and saved["num_updates"] == 4
     assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(summary["params"]))
+
+
+def test_group_filter_trains_only_the_groups_with_reward_spread(tmp_path):
+    """DAPO's dynamic sampling end to end: 8 prompts sampled per step, at most 4 groups trained,
+    only those whose rewards differ, in mini-batches of 2 groups (the last one may be short)."""
+    config = demo_config(tmp_path)
+    config.rl.rollout_batch_size, config.rl.filter_zero_std_groups = 8, True
+    config.eval.at_start = config.eval.at_end = False
+    train_lib.train(config)
+    rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    updates = 0
+    for row in rows:
+        spread = round((1.0 - row["zero_std_group_frac"]) * 8)
+        assert row["trained_groups"] == min(4, spread)
+        updates += -(-row["trained_groups"] // 2)
+        assert row["num_updates"] == updates and math.isfinite(row["loss"])
 
 
 def test_rollout_batch_layout_and_on_policy_logprobs():

@@ -5,9 +5,9 @@ Config files under `configs/` start from `default_config()`, change fields, and 
 
     python -m tooln1_jax.train --config configs/tiny_cpu.py --config.rl.kl_coef=0.0
 
-Units: `rl.train_batch_size` and `rl.mini_batch_size` count PROMPTS (each gives `rollout.num_samples`
-sequences); `rl.micro_batch_size` counts SEQUENCES. A "step" of the loop is one rollout batch; it
-makes `train_batch_size / mini_batch_size * ppo_epochs` optimizer updates.
+Units: `rl.rollout_batch_size`, `rl.train_batch_size` and `rl.mini_batch_size` count PROMPTS (each
+gives `rollout.num_samples` sequences); `rl.micro_batch_size` counts SEQUENCES. A "step" of the
+loop is one rollout batch; it makes up to `train_batch_size / mini_batch_size * ppo_epochs` updates.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.rl = ml_collections.ConfigDict(
         dict(
-            train_batch_size=8,  # prompts per rollout batch
+            train_batch_size=8,  # prompts per rollout batch whose groups the update trains on (at most)
+            rollout_batch_size=0,  # prompts sampled per step (0 = train_batch_size); see filter_zero_std_groups
             mini_batch_size=4,  # prompts per optimizer update
             micro_batch_size=0,  # sequences per gradient-accumulation chunk; 0 = whole mini-batch
             ppo_epochs=1,
@@ -126,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
             total_steps=0,  # rollout batches; 0 = total_epochs over the training split
             **_LOSS_FIELDS,  # clip_eps, kl_coef, kl_estimator, entropy_coef, aggregation
             reward_variant="binary",
-            filter_zero_std_groups=False,
+            filter_zero_std_groups=False,  # train only groups with reward spread (DAPO's dynamic sampling)
             unbiased_std=True,
             ref_in_bf16=False,
         )
@@ -321,18 +322,15 @@ def _check_rl(c) -> None:
         )
     rows = c.rl.mini_batch_size * c.rollout.num_samples
     if c.rl.micro_batch_size and rows % c.rl.micro_batch_size:
-        _fail(
-            "rl.micro_batch_size",
-            c.rl.micro_batch_size,
-            f"must divide the mini-batch's sequences (config.rl.mini_batch_size={c.rl.mini_batch_size} "
-            f"x config.rollout.num_samples={c.rollout.num_samples} = {rows})",
-        )
-    if c.rollout.prompts_per_call and c.rl.train_batch_size % c.rollout.prompts_per_call:
-        _fail(
-            "rollout.prompts_per_call",
-            c.rollout.prompts_per_call,
-            f"must divide config.rl.train_batch_size={c.rl.train_batch_size}",
-        )
+        why = f"(config.rl.mini_batch_size={c.rl.mini_batch_size} x config.rollout.num_samples={c.rollout.num_samples})"
+        _fail("rl.micro_batch_size", c.rl.micro_batch_size, f"must divide the mini-batch's {rows} sequences {why}")
+    _non_negative(c, "rl.rollout_batch_size")
+    sampled, trained = rollout_prompts(c), c.rl.train_batch_size
+    if sampled < trained or (sampled > trained and not c.rl.filter_zero_std_groups):
+        why = "the surplus replaces the groups config.rl.filter_zero_std_groups=True drops, so it needs that"
+        _fail("rl.rollout_batch_size", c.rl.rollout_batch_size, f"must be 0 or >= rl.train_batch_size={trained}; {why}")
+    if c.rollout.prompts_per_call and sampled % c.rollout.prompts_per_call:
+        _fail("rollout.prompts_per_call", c.rollout.prompts_per_call, f"must divide the {sampled} prompts per rollout")
     _one_of(c, "rl.kl_estimator", KL_ESTIMATORS)
     _one_of(c, "rl.aggregation", AGGREGATIONS)
     _one_of(c, "rl.reward_variant", REWARD_VARIANTS)
@@ -354,16 +352,19 @@ def _check_optim_and_sft(c) -> None:
             _fail(f"sft.{name}", c.sft[name], f"must be in [{low_text}, 1]")
 
 
+def rollout_prompts(config: ml_collections.ConfigDict) -> int:
+    """Prompts sampled per GRPO step: `rl.rollout_batch_size`, 0 meaning `rl.train_batch_size`."""
+    return int(config.rl.rollout_batch_size or config.rl.train_batch_size)
+
+
 def total_rl_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
     """Rollout batches in the run: `rl.total_steps`, or `rl.total_epochs` passes over
-    `num_train` prompts (whole batches only)."""
+    `num_train` prompts (whole rollout batches only)."""
     if config.rl.total_steps:
         return int(config.rl.total_steps)
-    per_epoch = num_train // config.rl.train_batch_size
+    per_epoch = num_train // rollout_prompts(config)
     if per_epoch == 0:
-        raise ConfigError(
-            f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {num_train} training prompts"
-        )
+        raise ConfigError(f"the {rollout_prompts(config)} prompts per rollout exceed the {num_train} training prompts")
     return int(config.rl.total_epochs * per_epoch)
 
 

@@ -21,7 +21,7 @@ import optax
 
 from tooln1_jax import rollouts
 from tooln1_jax.bucketed_update import BucketedUpdate, make_bucketed_update, update_on_real_lengths
-from tooln1_jax.config import lora_settings, loss_settings, optimizer_settings
+from tooln1_jax.config import lora_settings, loss_settings, optimizer_settings, rollout_prompts
 from tooln1_jax.grpo import LossSettings, group_advantages, nonzero_std_groups
 from tooln1_jax.models import ModelConfig
 from tooln1_jax.optimizer import OptimizerSettings, make_optimizer
@@ -125,28 +125,45 @@ class Progress:
 # ----------------------------------------------------------------------------- one iteration
 
 
+def trained_groups(rewards: np.ndarray, num_samples: int, train_batch_size: int, informative_only: bool) -> np.ndarray:
+    """Indices of the groups (rewards [N], N = groups x num_samples) the update trains on, in
+    rollout order: the first `train_batch_size`, or with `informative_only` (DAPO's dynamic
+    sampling) the first `train_batch_size` whose rewards differ. A group of equal rewards has
+    zero advantage everywhere, so it is left out rather than computed with its loss masked."""
+    spread = np.asarray(nonzero_std_groups(rewards, num_samples)).reshape(-1, num_samples)[:, 0]
+    groups = np.flatnonzero(spread) if informative_only else np.arange(len(spread))
+    return groups[:train_batch_size]
+
+
 def _update_batches(
     rollout: rollouts.RolloutBatch,
+    groups: np.ndarray,
     advantages: np.ndarray,
-    loss_mask: np.ndarray,
     mini_batch_size: int,
+    micro_batch_size: int,
     ppo_epochs: int,
     rng: np.random.Generator,
 ):
-    """Yields (ppo pass, mini-batch dict) for every update of one rollout batch. Groups stay
-    together; the first pass keeps the rollout order, later passes reshuffle the groups."""
+    """Yields (ppo pass, mini-batch dict) for every update on the rollout's `groups`. Groups stay
+    together; the first pass keeps their order, later passes reshuffle them. A short last
+    mini-batch is padded to a multiple of `micro_batch_size` rows with rows whose loss mask is
+    empty, which add nothing to the loss sums or to their normaliser (`grpo.grpo_loss_terms`)."""
     n = rollout.num_samples
-    groups = rollout.num_rows // n
     for ppo_pass in range(ppo_epochs):
-        order = np.arange(groups) if ppo_pass == 0 else rng.permutation(groups)
-        for start in range(0, groups, mini_batch_size):
+        order = groups if ppo_pass == 0 else rng.permutation(groups)
+        for start in range(0, len(order), mini_batch_size):
             rows = (order[start : start + mini_batch_size, None] * n + np.arange(n)).reshape(-1)
+            loss_mask = rollout.loss_mask[rows]
+            pad = -len(rows) % micro_batch_size
+            if pad:
+                rows = np.concatenate([rows, np.full(pad, rows[0])])
+                loss_mask = np.concatenate([loss_mask, np.zeros((pad, loss_mask.shape[1]), loss_mask.dtype)])
             yield (
                 ppo_pass,
                 {
                     "input_ids": rollout.input_ids[rows],
                     "attention_mask": rollout.attention_mask[rows],
-                    "loss_mask": loss_mask[rows],
+                    "loss_mask": loss_mask,
                     "advantages": advantages[rows],
                     "old_logprobs": rollout.old_logprobs[rows],
                 },
@@ -167,6 +184,8 @@ _MEAN_KEYS = (
 
 
 def _combine_update_metrics(updates: list[dict]) -> dict:
+    if not updates:  # no group to train on: the metrics of an empty batch (`grpo.finalize_terms`)
+        return {**{k: 0.0 for k in _MEAN_KEYS}, "ratio_min": 1.0, "ratio_max": 1.0, "first_ratio_max_dev": 0.0}
     out = {k: float(np.mean([u[k] for u in updates])) for k in _MEAN_KEYS}
     out["ratio_min"] = float(min(u["ratio_min"] for u in updates))
     out["ratio_max"] = float(max(u["ratio_max"] for u in updates))
@@ -181,16 +200,19 @@ def apply_updates(
     progress: Progress,
     batch: rollouts.RolloutBatch,
     advantages: np.ndarray,
-    loss_mask: np.ndarray,
+    groups: np.ndarray,
     last_checkpoint: Callable[[], int | None] = lambda: None,
 ) -> list[dict]:
-    """Every optimizer update of one rollout batch (advantages [N], loss_mask [N, T]), applied to
+    """Every optimizer update on the `groups` of one rollout batch (advantages [N]), applied to
     `progress`; their metrics. Each update runs its micro-batches cut to their own rows' length
     buckets (`bucketed_update`), so it costs what the real lengths need, not the padded width."""
     rl = config.rl
     shuffle_rng = np.random.default_rng([int(config.seed), progress.step, 1])
     metrics = []
-    for ppo_pass, mb in _update_batches(batch, advantages, loss_mask, rl.mini_batch_size, rl.ppo_epochs, shuffle_rng):
+    micro = program.update.micro_batch_size
+    for ppo_pass, mb in _update_batches(
+        batch, groups, advantages, rl.mini_batch_size, micro, rl.ppo_epochs, shuffle_rng
+    ):
         state, m = update_on_real_lengths(program.update, progress.state, progress.ref, mb, batch.prompt_width)
         m = jax.device_get(m)
         if not bool(m["finite"]):
@@ -218,7 +240,7 @@ def grpo_iteration(
     rl, ro = config.rl, config.rollout
     t0 = time.perf_counter()
     data_epoch, _, idx = step_prompt_indices(
-        int(config.seed), progress.step, len(setup.train_records), rl.train_batch_size
+        int(config.seed), progress.step, len(setup.train_records), rollout_prompts(config)
     )
     batch = rollouts.generate_and_score(
         setup.model_config,
@@ -241,10 +263,10 @@ def grpo_iteration(
     rewards = jnp.asarray(batch.rewards)
     advantages = np.asarray(group_advantages(rewards, ro.num_samples, unbiased=bool(rl.unbiased_std)), np.float32)
     informative = np.asarray(nonzero_std_groups(rewards, ro.num_samples))
-    loss_mask = batch.loss_mask * informative[:, None] if rl.filter_zero_std_groups else batch.loss_mask
+    groups = trained_groups(batch.rewards, ro.num_samples, rl.train_batch_size, bool(rl.filter_zero_std_groups))
 
     t1 = time.perf_counter()
-    updates = apply_updates(config, program, progress, batch, advantages, loss_mask, last_checkpoint)
+    updates = apply_updates(config, program, progress, batch, advantages, groups, last_checkpoint)
     progress.step += 1
     t_update = time.perf_counter() - t1
     step_time = time.perf_counter() - t0
@@ -253,6 +275,7 @@ def grpo_iteration(
         **batch.summary(),
         "reward_std": float(np.std(batch.rewards)),
         "zero_std_group_frac": float(1.0 - np.mean(informative)),
+        "trained_groups": len(groups),
         **_combine_update_metrics(updates),
         "lr": program.optimizer_settings.applied_lr(progress.num_updates),
         "data_epoch": data_epoch,

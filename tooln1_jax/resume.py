@@ -33,6 +33,8 @@ RUN_DEFINING = (
     "tokenizer.",
     "data.",
     "rl.train_batch_size",
+    "rl.rollout_batch_size",
+    "rl.filter_zero_std_groups",
     "rl.mini_batch_size",
     "rl.micro_batch_size",
     "rl.ppo_epochs",

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from tooln1_jax import distributed, rollouts
 from tooln1_jax.assets import default_cache_dir
-from tooln1_jax.config import ConfigError, lora_settings, settings_from, validate_config
+from tooln1_jax.config import ConfigError, lora_settings, rollout_prompts, settings_from, validate_config
 from tooln1_jax.data import sources, synthetic
 from tooln1_jax.data.prompt import encode_prompts
 from tooln1_jax.data.records import DropCounts, ToolRecord, train_val_split
@@ -212,9 +212,9 @@ def setup_run(config, *, load_weights: bool = True) -> RunSetup:
             tokenizer, train, max_prompt_length=int(config.data.max_prompt_length)
         )
         drops = drops.merged(DropCounts({f"train/{k}": v for k, v in prompt_drops.items()}))
-        if len(kept) < config.rl.train_batch_size:
+        if len(kept) < rollout_prompts(config):
             raise ConfigError(
-                f"config.rl.train_batch_size={config.rl.train_batch_size} exceeds the {len(kept)} "
+                f"the {rollout_prompts(config)} prompts per rollout (config.rl) exceed the {len(kept)} "
                 f"training prompts left after filtering ({dict(drops)})"
             )
         _check_probe(config, val)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from tooln1_jax import checkpoint as ckpt_lib
 from tooln1_jax import cli, distributed, interrupt
-from tooln1_jax.config import lora_settings, total_rl_steps, validate_config
+from tooln1_jax.config import lora_settings, rollout_prompts, total_rl_steps, validate_config
 from tooln1_jax.iteration import GrpoProgram, Progress, grpo_iteration, grpo_program, step_prompt_indices
 from tooln1_jax.metrics import EVAL_FILE, MetricsLogger, read_jsonl
 from tooln1_jax.models import shard_params
@@ -162,7 +162,7 @@ def _start(
 
 def _save(config, setup: RunSetup, checkpointer, progress: Progress, summary: dict) -> None:
     data_epoch, index, _ = step_prompt_indices(
-        int(config.seed), progress.step, len(setup.train_records), config.rl.train_batch_size
+        int(config.seed), progress.step, len(setup.train_records), rollout_prompts(config)
     )
     meta = checkpoint_meta(
         config,
