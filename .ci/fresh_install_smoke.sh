@@ -13,13 +13,14 @@ ROOT=$PWD
 QUICKSTART='pip install -e . && python -m tooln1_jax.train'
 
 # The commands, given the scratch folder $1. Toy size: the demo's own config (configs/tiny_cpu.py)
-# with 40 synthetic tasks, a 2-step SFT warm start, 2 GRPO steps of 4 prompts x 4 samples, a
+# with 40 synthetic tasks, a 2-step SFT warm start, 2 GRPO steps of 8 prompts x 4 samples (up to 4 trained), a
 # 4-prompt held-out eval and 16 new tokens, written under the scratch folder.
 commands() {
   local w=$1
   TOY="--config.output_dir=$w/demo --config.data.synthetic.num_examples=40 --config.sft.warm_start_steps=2"
   TOY+=" --config.sft.batch_size=8 --config.rl.total_steps=2 --config.rl.train_batch_size=4"
-  TOY+=" --config.rl.mini_batch_size=2 --config.rollout.num_samples=4 --config.rollout.max_new_tokens=16"
+  TOY+=" --config.rl.rollout_batch_size=8 --config.rl.mini_batch_size=2 --config.rl.micro_batch_size=8"
+  TOY+=" --config.rollout.num_samples=4 --config.rollout.max_new_tokens=16"
   TOY+=" --config.eval.every_steps=0 --config.eval.num_examples=4 --config.eval.batch_size=4"
   TOY+=" --config.eval.max_new_tokens=16 --config.log.progress_bar=False"
   DEMO="$QUICKSTART $TOY"

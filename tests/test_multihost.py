@@ -44,7 +44,8 @@ launch = _load_launch()
 CONFIG = "configs/tiny_cpu.py"
 # The demo's pipeline at toy size: a 1-layer model, 2 SFT steps, 4 prompts x 4 samples of 8
 # tokens per GRPO step, a held-out evaluation and a checkpoint every step. The entropy bonus and
-# the KL term give every update a non-zero gradient while the toy model earns no reward.
+# the KL term give every update a non-zero gradient while the toy model earns no reward, so every
+# group trains (the demo's group filter would train none).
 TOY = [
     "--config.data.synthetic.num_examples=200",
     "--config.model.random.hidden_size=32",
@@ -57,6 +58,9 @@ TOY = [
     "--config.sft.batch_size=8",
     "--config.rl.train_batch_size=4",
     "--config.rl.mini_batch_size=2",
+    "--config.rl.micro_batch_size=0",
+    "--config.rl.rollout_batch_size=0",
+    "--config.rl.filter_zero_std_groups=False",
     "--config.rl.entropy_coef=0.01",
     "--config.rl.kl_coef=0.01",
     "--config.rollout.num_samples=4",
