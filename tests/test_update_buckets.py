@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from tooln1_jax.config import default_config
+from tooln1_jax.grpo import nonzero_std_groups
 from tooln1_jax.iteration import Progress, apply_updates, grpo_program, trained_groups
 from tooln1_jax.models import ModelConfig, init_params
 from tooln1_jax.rollouts import RolloutBatch
@@ -77,10 +78,11 @@ def test_update_compiles_once_per_bucket_pair():
 
 def test_trained_groups_are_the_first_with_reward_spread():
     rewards = np.array([0, 0, 0, 1, 1, 1, 1, 0, 0, 1], np.float32)  # groups of 2: spread in groups 1, 3, 4
-    assert trained_groups(rewards, 2, 2, informative_only=True).tolist() == [1, 3]
-    assert trained_groups(rewards, 2, 8, informative_only=True).tolist() == [1, 3, 4]
-    assert trained_groups(rewards, 2, 2, informative_only=False).tolist() == [0, 1]
-    assert trained_groups(np.ones(6, np.float32), 2, 3, informative_only=True).tolist() == []
+    spread = np.asarray(nonzero_std_groups(rewards, 2)).reshape(-1, 2)[:, 0]
+    assert trained_groups(spread, 2, informative_only=True).tolist() == [1, 3]
+    assert trained_groups(spread, 8, informative_only=True).tolist() == [1, 3, 4]
+    assert trained_groups(spread, 2, informative_only=False).tolist() == [0, 1]
+    assert trained_groups(np.zeros(3, bool), 3, informative_only=True).tolist() == []
 
 
 def test_dropping_flat_groups_equals_masking_them():
@@ -96,7 +98,7 @@ def test_dropping_flat_groups_equals_masking_them():
     batch = rollout_of([9, 20, 31, 5, 12, 40, 7, 3], [10, 20, 5, 30, 12, 8, 16, 4], rng)
     batch.rewards[:] = [0, 1, 1, 1, 1, 0, 0, 0]  # spread in groups 0 and 2
     advantages = np.array([-1, 1, 0, 0, 1, -1, 0, 0], np.float32)
-    groups = trained_groups(batch.rewards, 2, 4, informative_only=True)
+    groups = trained_groups(np.array([True, False, True, False]), 4, informative_only=True)
     assert groups.tolist() == [0, 2]
 
     def one_update(batch, groups):

@@ -52,7 +52,8 @@ def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-6, unb
 
 def nonzero_std_groups(rewards: jax.Array, group_size: int) -> jax.Array:
     """rewards [N] -> bool [N]: True for samples whose group has differing rewards (a learning
-    signal). The loop can zero the loss mask of the others to drop them from the update."""
+    signal). With `rl.filter_zero_std_groups` the loop leaves the others out of the update
+    (`iteration.trained_groups`)."""
     r = _grouped(rewards, group_size)
     keep = jnp.max(r, axis=1) != jnp.min(r, axis=1)
     return jnp.repeat(keep, group_size)

@@ -125,12 +125,11 @@ class Progress:
 # ----------------------------------------------------------------------------- one iteration
 
 
-def trained_groups(rewards: np.ndarray, num_samples: int, train_batch_size: int, informative_only: bool) -> np.ndarray:
-    """Indices of the groups (rewards [N], N = groups x num_samples) the update trains on, in
-    rollout order: the first `train_batch_size`, or with `informative_only` (DAPO's dynamic
-    sampling) the first `train_batch_size` whose rewards differ. A group of equal rewards has
-    zero advantage everywhere, so it is left out rather than computed with its loss masked."""
-    spread = np.asarray(nonzero_std_groups(rewards, num_samples)).reshape(-1, num_samples)[:, 0]
+def trained_groups(spread: np.ndarray, train_batch_size: int, informative_only: bool) -> np.ndarray:
+    """Indices of the groups the update trains on (spread: bool [groups], True where a group's
+    rewards differ), in rollout order: the first `train_batch_size`, or with `informative_only`
+    (DAPO's dynamic sampling) the first `train_batch_size` with spread. A group of equal rewards
+    has zero advantage everywhere, so it is left out rather than computed with its loss masked."""
     groups = np.flatnonzero(spread) if informative_only else np.arange(len(spread))
     return groups[:train_batch_size]
 
@@ -262,8 +261,8 @@ def grpo_iteration(
     t_rollout = time.perf_counter() - t0
     rewards = jnp.asarray(batch.rewards)
     advantages = np.asarray(group_advantages(rewards, ro.num_samples, unbiased=bool(rl.unbiased_std)), np.float32)
-    informative = np.asarray(nonzero_std_groups(rewards, ro.num_samples))
-    groups = trained_groups(batch.rewards, ro.num_samples, rl.train_batch_size, bool(rl.filter_zero_std_groups))
+    spread = np.asarray(nonzero_std_groups(rewards, ro.num_samples)).reshape(-1, ro.num_samples)[:, 0]  # [groups]
+    groups = trained_groups(spread, rl.train_batch_size, bool(rl.filter_zero_std_groups))
 
     t1 = time.perf_counter()
     updates = apply_updates(config, program, progress, batch, advantages, groups, last_checkpoint)
@@ -274,7 +273,7 @@ def grpo_iteration(
     return {
         **batch.summary(),
         "reward_std": float(np.std(batch.rewards)),
-        "zero_std_group_frac": float(1.0 - np.mean(informative)),
+        "zero_std_group_frac": float(1.0 - np.mean(spread)),
         "trained_groups": len(groups),
         **_combine_update_metrics(updates),
         "lr": program.optimizer_settings.applied_lr(progress.num_updates),
