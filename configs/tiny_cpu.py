@@ -7,22 +7,22 @@ Held-out exact-call accuracy (greedy, binary reward) is measured after the SFT w
 after GRPO; the run prints both, and writes metrics.jsonl, summary.json and the reward curve
 PNG under output_dir. The whole run is sized for a 2-core CPU in at most 15 minutes.
 
-Intended mechanism: the SFT warm start stops when the model already writes the answer format
-but gets the exact call right only part of the time (the stop band, `sft.stop_*`, probed every
-100 steps on held-out prompts the evaluation does not use); sampling at temperature 1.0 then gives
+Intended mechanism: the SFT warm start stops when the model already writes the answer format but
+gets the exact call right only part of the time (the stop band, `sft.stop_*`, probed every 100
+steps on held-out prompts the evaluation does not use); sampling at temperature 1.0 then gives
 groups with both right and wrong answers, which is what GRPO learns from. What decides when that
 happens is the step at which the 2-layer model learns to copy argument values out of the query;
-`initializer_range=0.06` brings it to 200-700 SFT steps on every seed tried, where Qwen's 0.02
-left it anywhere from 700 to past 1,200 (docs/experiments). A tiny model needs a far larger RL
-learning rate than the paper's 1e-6. Most groups
-(60-80%) are all right or all wrong and carry no advantage, so each GRPO step samples 32 prompts
-and trains on up to 16 groups whose rewards differ (DAPO's dynamic sampling); a sampled group
-costs about a tenth of a trained one here. Two tools per prompt (one target, a look-alike distractor
-most of the time) and the tiny tokenizer's phrase tokens keep prompts near 110 tokens; the ~14%
-over 128 are dropped (counted), so every rollout pads to 128. Training uses all but the last
-query wording of each tool (`phrasing="seen"`); every evaluation also scores problems in that
-held-out wording (`ood_accuracy`). `benchmarks/demo_control.py` spends the GRPO phase's compute on
-more SFT instead, for comparison; `benchmarks/seed_study.py` runs the three arms over seeds.
+`initializer_range=0.06` brings it to 200-700 SFT steps on every seed tried, where Qwen's 0.02 left
+it anywhere from 700 to past 1,200 (docs/experiments). A tiny model needs a far larger RL learning
+rate than the paper's 1e-6. Most groups (60-80%) are all right or all wrong and carry no advantage,
+so each GRPO step samples 32 prompts and trains on up to 16 groups whose rewards differ (DAPO's
+dynamic sampling); a sampled group costs about a tenth of a trained one here. Two tools per prompt
+(one target, a look-alike distractor most of the time) and the tiny tokenizer's phrase tokens keep
+prompts near 110 tokens; the ~14% over 128 are dropped (counted), so every rollout pads to 128.
+Training uses all but the last query wording of each tool (`phrasing="seen"`); every evaluation
+also scores problems in that held-out wording (`ood_accuracy`). `benchmarks/demo_control.py` spends
+the GRPO phase's compute on more SFT instead, for comparison; `benchmarks/seed_study.py` runs the
+three arms over seeds.
 
 Its measured results are in the README (and their history in docs/performance_history.md).
 """
