@@ -46,7 +46,7 @@ def test_equal_groups_get_exactly_zero_and_can_be_filtered():
     adv = np.asarray(group_advantages(rewards, 3))
     assert np.all(adv[:3] == 0.0) and np.all(adv[6:] == 0.0)
     assert np.all(adv[3:6] != 0.0)
-    np.testing.assert_array_equal(nonzero_std_groups(rewards, 3), [False] * 3 + [True] * 3 + [False] * 3)
+    np.testing.assert_array_equal(nonzero_std_groups(rewards, 3), [False, True, False])
     assert np.all(np.asarray(group_advantages(np.ones(4, np.float32), 1)) == 0.0)  # groups of one
 
 

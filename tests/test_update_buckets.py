@@ -78,7 +78,7 @@ def test_update_compiles_once_per_bucket_pair():
 
 def test_trained_groups_are_the_first_with_reward_spread():
     rewards = np.array([0, 0, 0, 1, 1, 1, 1, 0, 0, 1], np.float32)  # groups of 2: spread in groups 1, 3, 4
-    spread = np.asarray(nonzero_std_groups(rewards, 2)).reshape(-1, 2)[:, 0]
+    spread = np.asarray(nonzero_std_groups(rewards, 2))
     assert trained_groups(spread, 2, informative_only=True).tolist() == [1, 3]
     assert trained_groups(spread, 8, informative_only=True).tolist() == [1, 3, 4]
     assert trained_groups(spread, 2, informative_only=False).tolist() == [0, 1]

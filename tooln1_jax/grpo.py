@@ -51,12 +51,11 @@ def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-6, unb
 
 
 def nonzero_std_groups(rewards: jax.Array, group_size: int) -> jax.Array:
-    """rewards [N] -> bool [N]: True for samples whose group has differing rewards (a learning
-    signal). With `rl.filter_zero_std_groups` the loop leaves the others out of the update
-    (`iteration.trained_groups`)."""
+    """rewards [N] -> bool [N // group_size]: True for the groups whose rewards differ (a
+    learning signal). With `rl.filter_zero_std_groups` the loop trains only those
+    (`iteration.trained_groups`); every step logs the share of the others."""
     r = _grouped(rewards, group_size)
-    keep = jnp.max(r, axis=1) != jnp.min(r, axis=1)
-    return jnp.repeat(keep, group_size)
+    return jnp.max(r, axis=1) != jnp.min(r, axis=1)
 
 
 # ----------------------------------------------------------------------------- log-probs

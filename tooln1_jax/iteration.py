@@ -261,7 +261,7 @@ def grpo_iteration(
     t_rollout = time.perf_counter() - t0
     rewards = jnp.asarray(batch.rewards)
     advantages = np.asarray(group_advantages(rewards, ro.num_samples, unbiased=bool(rl.unbiased_std)), np.float32)
-    spread = np.asarray(nonzero_std_groups(rewards, ro.num_samples)).reshape(-1, ro.num_samples)[:, 0]  # [groups]
+    spread = np.asarray(nonzero_std_groups(rewards, ro.num_samples))  # [groups]
     groups = trained_groups(spread, rl.train_batch_size, bool(rl.filter_zero_std_groups))
 
     t1 = time.perf_counter()
