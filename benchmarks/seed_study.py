@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.demo_control import control  # noqa: E402
+from benchmarks.demo_control import control, grpo_trained_groups  # noqa: E402
 from tooln1_jax import cli  # noqa: E402
 from tooln1_jax.metrics import EVAL_FILE, METRICS_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
@@ -51,7 +51,7 @@ def one_seed(config, seed: int) -> dict:
     def mean(rows, key):
         return round(sum(r[key] for r in rows) / max(len(rows), 1), 4)
 
-    trained = sum(r["trained_groups"] for r in steps)
+    trained = grpo_trained_groups(summary["log_dir"])
     ctrl = control(
         config, warm_steps=summary["sft"]["sft_steps"], grpo_steps=int(config.rl.total_steps), trained_groups=trained
     )
