@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 import tooln1_jax.train as train_lib
-from tooln1_jax import run_setup
+from tooln1_jax import rollouts, run_setup
 from tooln1_jax.config import default_config, validate_config
 from tooln1_jax.metrics import read_jsonl
 from tooln1_jax.sharding import make_mesh
@@ -22,6 +22,7 @@ STEP_METRICS = (
     "accuracy",
     "format_failure_rate",
     "zero_std_group_frac",
+    "unsolved_group_frac",
     "trained_groups",
     "response_length",
     "response_length_max",
@@ -141,6 +142,7 @@ def test_group_filter_trains_only_the_groups_with_reward_spread(tmp_path):
     updates = 0
     for row in rows:
         spread = round((1.0 - row["zero_std_group_frac"]) * 8)
+        assert 0.0 <= row["unsolved_group_frac"] <= row["zero_std_group_frac"]
         assert row["trained_groups"] == min(4, spread)
         updates += -(-row["trained_groups"] // 2)
         assert row["num_updates"] == updates and math.isfinite(row["loss"])
@@ -200,3 +202,9 @@ def test_rollout_batch_layout_and_on_policy_logprobs():
     on = batch.loss_mask == 1
     assert on.sum() > 2 * n
     assert np.max(np.abs(np.exp(recomputed[on] - batch.old_logprobs[on]) - 1.0)) < 1e-5
+
+
+def test_group_coverage_counts_unsolved_mixed_and_solved_groups():
+    """What the per-step `unsolved_group_frac` reads: 4 groups of 4 samples, rows grouped by prompt."""
+    correct = np.array([0, 0, 0, 0, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0], np.float32)
+    assert rollouts.group_coverage(correct, 4) == {"unsolved_frac": 0.5, "mixed_frac": 0.25, "solved_frac": 0.25}

@@ -274,6 +274,8 @@ def grpo_iteration(
         **batch.summary(),
         "reward_std": float(np.std(batch.rewards)),
         "zero_std_group_frac": float(1.0 - np.mean(spread)),
+        # The all-wrong part of it: problems no sample solves, which GRPO cannot learn from at all.
+        "unsolved_group_frac": rollouts.group_coverage(batch.correct, ro.num_samples)["unsolved_frac"],
         "trained_groups": len(groups),
         **_combine_update_metrics(updates),
         "lr": program.optimizer_settings.applied_lr(progress.num_updates),

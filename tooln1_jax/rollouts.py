@@ -207,6 +207,18 @@ def generate_and_score(
     )
 
 
+def group_coverage(correct: np.ndarray, num_samples: int) -> dict[str, float]:
+    """correct [prompts * num_samples] (binary exact-call, row i*n + j = sample j of prompt i) ->
+    the share of groups no sample solved (`unsolved_frac`: nothing for GRPO to reinforce), solved
+    by some samples only (`mixed_frac`: what GRPO learns from), and solved by all (`solved_frac`)."""
+    right = np.asarray(correct, np.float32).reshape(-1, num_samples).sum(axis=1)
+    return {
+        "unsolved_frac": float(np.mean(right == 0)),
+        "mixed_frac": float(np.mean((right > 0) & (right < num_samples))),
+        "solved_frac": float(np.mean(right == num_samples)),
+    }
+
+
 def greedy_completions(
     model_config,
     params,
