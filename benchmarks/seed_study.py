@@ -26,11 +26,15 @@ from absl import app, flags  # noqa: E402
 from benchmarks.demo_control import control, grpo_trained_groups  # noqa: E402
 from tooln1_jax import cli  # noqa: E402
 from tooln1_jax.metrics import EVAL_FILE, METRICS_FILE, read_jsonl  # noqa: E402
+from tooln1_jax.run_setup import log_directory  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["12", "13", "14"], "Seeds (run and synthetic data).")
 _OUT = flags.DEFINE_string("out", "runs/seed_study.jsonl", "JSON lines, one per seed (appended).")
 _REPORT = flags.DEFINE_bool("report", False, "Only print the table and write the plot from --out.")
+_REUSE = flags.DEFINE_bool(
+    "reuse_runs", False, "Read a finished demo (summary.json in <output_dir>/seed<s>) instead of training it again."
+)
 _CONFIG = cli.define_config_flag()
 
 ARMS = (("sft", "SFT only"), ("grpo", "SFT then GRPO"), ("control", "SFT, more SFT (equal compute)"))
@@ -43,7 +47,12 @@ def one_seed(config, seed: int) -> dict:
     with config.unlocked():  # train on the "seen" wordings: the held-out one is the OOD split
         config.data.synthetic.phrasing = "seen"
     config.output_dir = os.path.join(config.output_dir, f"seed{seed}")
-    summary = train(config)
+    finished = os.path.join(log_directory(config), "summary.json")
+    if _REUSE.value and os.path.exists(finished):  # the demo already ran: only the control is left
+        with open(finished, encoding="utf-8") as f:
+            summary = json.load(f)
+    else:
+        summary = train(config)
     start, end = summary["eval_start"], summary["eval_end"]
     steps = read_jsonl(os.path.join(summary["log_dir"], METRICS_FILE))
     first, last = steps[: len(steps) // 4], steps[-(len(steps) // 4) :]  # the first and last quarter
