@@ -36,7 +36,7 @@ from tooln1_jax import cli, rollouts  # noqa: E402
 from tooln1_jax.data.prompt import encode_prompts  # noqa: E402
 from tooln1_jax.metrics import EVAL_FILE, read_jsonl  # noqa: E402
 from tooln1_jax.models import load_pretrained, save_pretrained  # noqa: E402
-from tooln1_jax.rewards import parse_tool_calls  # noqa: E402
+from tooln1_jax.rewards import canonical_json, parse_tool_calls  # noqa: E402
 from tooln1_jax.run_setup import probe_records, setup_run, sft_stop_probe  # noqa: E402
 from tooln1_jax.sft import run_sft, summary_metrics  # noqa: E402
 from tooln1_jax.train import train  # noqa: E402
@@ -74,7 +74,9 @@ def warm_start(config, folder: str) -> dict:
 
 def argument_hits(records, completions: list[str], num_samples: int) -> dict[str, list[bool]]:
     """JSON type of each ground-truth argument -> one flag per (argument, sample): the sample
-    called the right tool (first call) with that argument's value."""
+    called the right tool (first call) with that argument's value, equal as the reward judges
+    (`canonical_json`: the integer 1 is not `true`). `completions` holds `num_samples` per record,
+    record by record."""
     hits = collections.defaultdict(list)
     for i, record in enumerate(records):
         truth = record.answer[0]
@@ -83,7 +85,8 @@ def argument_hits(records, completions: list[str], num_samples: int) -> dict[str
             first = calls[0] if isinstance(calls[0], dict) else {}
             got = first.get("arguments") if first.get("name") == truth["name"] else None
             for key, value in truth["arguments"].items():
-                hits[type(value).__name__].append(isinstance(got, dict) and got.get(key) == value)
+                hit = isinstance(got, dict) and key in got and canonical_json(got[key]) == canonical_json(value)
+                hits[type(value).__name__].append(hit)
     return hits
 
 

@@ -154,9 +154,15 @@ def parse_tool_calls(text: str, block: str = "last") -> list[dict] | None:
     return calls if status == "ok" else None
 
 
+def canonical_json(value: Any) -> str:
+    """The form in which the reward compares values: `1`, `1.0` and `true` all differ, and key
+    order does not matter."""
+    return json.dumps(value, sort_keys=True)
+
+
 def _call_key(call: dict) -> tuple[str, str]:
-    # json.dumps on the name too, so an unhashable (list) name cannot crash the Counter.
-    return json.dumps(call["name"], sort_keys=True), json.dumps(call["arguments"], sort_keys=True)
+    # canonical on the name too, so an unhashable (list) name cannot crash the Counter.
+    return canonical_json(call["name"]), canonical_json(call["arguments"])
 
 
 def _normalise_ground_truth(ground_truth: Any) -> list[dict] | None:
