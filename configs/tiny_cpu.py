@@ -12,7 +12,7 @@ gets the exact call right only part of the time (the stop band, `sft.stop_*`, pr
 steps on held-out prompts the evaluation does not use); sampling at temperature 1.0 then gives
 groups with both right and wrong answers, which is what GRPO learns from. What decides when that
 happens is the step at which the 2-layer model learns to copy argument values out of the query;
-`initializer_range=0.06` brings it to 200-700 SFT steps on every seed tried, where Qwen's 0.02 left
+`initializer_range=0.06` brings it to 200-800 SFT steps on every seed tried, where Qwen's 0.02 left
 it anywhere from 700 to past 1,200 (docs/experiments). A tiny model needs a far larger RL learning
 rate than the paper's 1e-6. Most groups (60-80%) are all right or all wrong and carry no advantage,
 so each GRPO step samples 32 prompts and trains on up to 16 groups whose rewards differ (DAPO's
